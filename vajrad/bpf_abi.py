@@ -1,0 +1,53 @@
+"""ctypes mirror of bpf/vajra.h, the one place Python learns the event layout.
+
+BpfProgram passes the sizes below to the compiler, where _Static_assert
+rejects a header that drifted from this file.
+"""
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_char, c_uint32, c_uint64
+
+ARGS_MAX = 4096
+PATH_MAX = 4096
+NAME_MAX = 256
+DATA_SIZE = 16384
+
+EV_EXEC = 1
+
+F_ARGS_TRUNCATED = 1 << 0
+F_CWD_TRUNCATED = 1 << 1
+F_EXE_TRUNCATED = 1 << 2
+F_READ_FAILED = 1 << 3
+
+
+class ProcHeader(ctypes.Structure):
+    _fields_ = [
+        ("type", c_uint32), ("flags", c_uint32), ("ktime_ns", c_uint64),
+        ("pid", c_uint32), ("tid", c_uint32), ("ppid", c_uint32),
+        ("uid", c_uint32), ("gid", c_uint32), ("_pad", c_uint32),
+        ("cgroup_id", c_uint64),
+    ]
+
+
+class ExecEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", ProcHeader), ("duration_ns", c_uint64), ("old_tid", c_uint32),
+        ("args_len", c_uint32), ("cwd_len", c_uint32), ("exe_len", c_uint32),
+        ("pos", c_uint32),
+        ("data", c_char * (DATA_SIZE + NAME_MAX)),
+    ]
+
+
+EXEC_DATA_OFFSET = ExecEvent.data.offset
+
+# -D flags that make the C side check this mirror at compile time.
+SIZE_CHECKS = {"VAJRA_EXPECT_EXEC_EVENT_SIZE": ctypes.sizeof(ExecEvent)}
+
+
+def join_components(raw: bytes) -> str:
+    """Leaf-first NUL-terminated components, as walk_path writes them, to a path."""
+    parts = raw.split(b"\0")[:-1] if raw else []
+    if not parts:
+        return "/"
+    return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts) if p != b"/")

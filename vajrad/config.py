@@ -1,0 +1,232 @@
+"""Configuration: a JSON file in osquery's shape, overridden by osquery-style flags.
+
+Every option is declared once in OPTIONS; the flag parser, the file loader,
+`vajrad --help` and docs/configuration.md all follow that list.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from . import __version__
+from .errors import ConfigError
+
+DEFAULT_CONFIG_PATH = "/etc/vajra/vajra.conf"
+
+# Used when the default config file does not exist: the daemon then runs
+# with these, which is what `make run` relies on.
+EMBEDDED_CONFIG: dict = {"options": {}}
+
+
+def _dbus_value(value: str) -> str | None:
+    if value in ("system", "session", "none") or "=" in value:
+        return None
+    return "must be system, session, none or a D-Bus address such as unix:path=/run/bus"
+
+
+def _nonempty(value: str) -> str | None:
+    return None if value else "must not be empty"
+
+
+def _absolute(value: str) -> str | None:
+    return None if value.startswith("/") else "must be an absolute path"
+
+
+@dataclass(frozen=True)
+class Option:
+    name: str
+    type: type
+    default: Any
+    help: str
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple = ()
+    minimum: int | None = None
+    reloadable: bool = False
+    in_file: bool = True   # may appear under "options" in the config file
+
+    def parse(self, raw: Any, source: str) -> Any:
+        """A value from a flag (str) or the file (JSON), checked; ConfigError names the key."""
+        value = raw
+        if self.type is bool:
+            if isinstance(raw, str):
+                low = raw.strip().lower()
+                if low in ("true", "t", "1", "yes"):
+                    value = True
+                elif low in ("false", "f", "0", "no"):
+                    value = False
+                else:
+                    raise ConfigError(self.name, f"expected true or false, got {raw!r}", source)
+            elif not isinstance(raw, bool):
+                raise ConfigError(self.name, f"expected a boolean, got {raw!r}", source)
+        elif self.type is int:
+            if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+                raise ConfigError(self.name, f"expected an integer, got {raw!r}", source)
+            try:
+                value = int(raw)
+            except ValueError:
+                raise ConfigError(self.name, f"expected an integer, got {raw!r}", source) from None
+            if self.minimum is not None and value < self.minimum:
+                raise ConfigError(self.name, f"must be >= {self.minimum}, got {value}", source)
+        elif not isinstance(raw, str):
+            raise ConfigError(self.name, f"expected a string, got {raw!r}", source)
+        if self.choices and value not in self.choices:
+            raise ConfigError(self.name, f"must be one of {', '.join(self.choices)}, got {value!r}",
+                              source)
+        if self.check and (problem := self.check(value)):
+            raise ConfigError(self.name, f"{problem}, got {value!r}", source)
+        return value
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("config_path", str, DEFAULT_CONFIG_PATH,
+           "JSON config file. When the default path is missing, the embedded defaults apply.",
+           check=_absolute, in_file=False),
+    Option("api_socket", str, "/run/vajra/vajra.sock", "Path of the JSON-lines API socket.",
+           check=_absolute),
+    Option("database_path", str, "/var/lib/vajra/events.db", "Path of the SQLite event store.",
+           check=_absolute),
+    Option("dbus", str, "system", "Bus to serve org.vajra.Vajra1 on: system, session, none or an address.",
+           check=_dbus_value),
+    Option("host_identifier", str, "hostname",
+           "Host identifier stored with each event: hostname, uuid, or any other string used as given.",
+           check=_nonempty, reloadable=True),
+    Option("disable_events", bool, False, "Disable event collection (the store stays readable)."),
+    Option("enable_bpf_events", bool, True, "Attach the eBPF collectors."),
+    Option("events_expiry", int, 3600, "Seconds to keep events; 0 keeps them regardless of age.",
+           minimum=0, reloadable=True),
+    Option("events_max", int, 50000, "Rows to keep per table; 0 means no limit.",
+           minimum=0, reloadable=True),
+    Option("bpf_output", str, "auto",
+           "Kernel-to-user channel: ringbuf (5.8+), perf (older kernels), or auto.",
+           choices=("auto", "ringbuf", "perf")),
+    Option("verbose", bool, False, "Log debug messages.", reloadable=True),
+)
+OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
+TOP_LEVEL_KEYS = ("options",)
+
+
+class Config:
+    """Resolved options. Attribute access by option name."""
+
+    def __init__(self, values: dict[str, Any], explicit: set[str]):
+        self._values = values
+        self.explicit = explicit     # options set by a flag, which a reload must not override
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def changed(self, other: "Config") -> set[str]:
+        return {k for k in self._values if self._values[k] != other._values[k]}
+
+
+def parse_flags(argv: list[str]) -> dict[str, Any]:
+    """osquery/gflags style: --name=value, --name value, --name (true), --noname (false)."""
+    flags: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        if not arg.startswith("-") or arg in ("-", "--"):
+            raise ConfigError(arg, "unexpected argument", "command line")
+        body = arg.lstrip("-")
+        name, has_value, value = body.partition("=")
+        option = OPTIONS_BY_NAME.get(name)
+        if option is None and name.startswith("no") and name[2:] in OPTIONS_BY_NAME \
+                and OPTIONS_BY_NAME[name[2:]].type is bool and not has_value:
+            flags[name[2:]] = False
+            continue
+        if option is None:
+            raise ConfigError("--" + name, "unknown flag", "command line")
+        if not has_value:
+            if option.type is bool:
+                value = "true"
+            elif i < len(argv):
+                value = argv[i]
+                i += 1
+            else:
+                raise ConfigError("--" + name, "needs a value", "command line")
+        flags[name] = option.parse(value, "command line")
+    return flags
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The `options` of a config file, validated; ConfigError names the bad key."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise ConfigError("config_path", f"cannot read {path}: {e.strerror}") from e
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError("config_path", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}",
+                          path) from e
+    return validate_document(doc, path)
+
+
+def validate_document(doc: Any, source: str) -> dict[str, Any]:
+    if not isinstance(doc, dict):
+        raise ConfigError("config_path", "the config must be a JSON object", source)
+    for key in doc:
+        if key not in TOP_LEVEL_KEYS:
+            raise ConfigError(key, f"unknown top-level key (known: {', '.join(TOP_LEVEL_KEYS)})", source)
+    options = doc.get("options", {})
+    if not isinstance(options, dict):
+        raise ConfigError("options", "must be a JSON object", source)
+    out = {}
+    for key, raw in options.items():
+        option = OPTIONS_BY_NAME.get(key)
+        if option is None or not option.in_file:
+            raise ConfigError(f"options.{key}", "unknown option", source)
+        out[key] = option.parse(raw, source)
+    return out
+
+
+def load(argv: list[str], previous_flags: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the config file, then flags. Raises ConfigError."""
+    flags = parse_flags(argv) if previous_flags is None else previous_flags
+    path = flags.get("config_path", DEFAULT_CONFIG_PATH)
+    if "config_path" not in flags and not os.path.exists(path):
+        file_opts = validate_document(EMBEDDED_CONFIG, "embedded config")
+    else:
+        file_opts = read_config_file(path)
+    values = {o.name: o.default for o in OPTIONS}
+    values.update(file_opts)
+    values.update(flags)
+    values["config_path"] = path
+    return Config(values, set(flags))
+
+
+def resolve_host_identifier(setting: str) -> str:
+    """osquery's meaning: `hostname`, `uuid`, or a literal identifier."""
+    if setting == "hostname":
+        return socket.gethostname()
+    if setting == "uuid":
+        for path in ("/sys/class/dmi/id/product_uuid", "/etc/machine-id"):
+            try:
+                with open(path) as f:
+                    raw = f.read().strip()
+                if raw:
+                    return str(uuid.UUID(raw)).upper()
+            except (OSError, ValueError):
+                continue
+        return str(uuid.uuid5(uuid.NAMESPACE_DNS, socket.gethostname())).upper()
+    return setting
+
+
+def help_text() -> str:
+    lines = [f"vajrad {__version__}: eBPF security telemetry for osquery", "", "Flags:"]
+    for o in OPTIONS:
+        default = str(o.default).lower() if o.type is bool else o.default
+        lines.append(f"  --{o.name}={default}\n      {o.help}")
+    return "\n".join(lines)

@@ -1,0 +1,163 @@
+"""vajractl: the operator's view of a running vajrad, through its socket."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import shutil
+import sys
+import time
+
+from .client import ClientError, RemoteError, VajraClient
+from .schema import TABLES
+
+# Columns shown by `vajractl events` without --json, per table.
+SUMMARY = {
+    "bpf_process_events": ("pid", "parent", "uid", "syscall", "path", "cmdline"),
+}
+
+
+def parse_since(value: str) -> int:
+    """SECONDS ago, or an absolute time (ISO 8601, or unix seconds prefixed with @)."""
+    value = value.strip()
+    if value.isdigit():
+        return max(0, int(time.time()) - int(value))
+    if value.startswith("@") and value[1:].isdigit():
+        return int(value[1:])
+    try:
+        when = dt.datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--since: {value!r} is neither a number of seconds nor a time like 2026-11-21T10:00:00") from None
+    if when.tzinfo is None:
+        when = when.astimezone()
+    return int(when.timestamp())
+
+
+def _fmt_time(t) -> str:
+    return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t is not None else "-"
+
+
+class EventPrinter:
+    def __init__(self, as_json: bool, out=sys.stdout):
+        self.as_json, self.out = as_json, out
+        self.width = shutil.get_terminal_size((160, 24)).columns
+        self.header_done = False
+
+    def __call__(self, event: dict) -> None:
+        if self.as_json:
+            self.out.write(json.dumps(event, ensure_ascii=False) + "\n")
+        else:
+            if not self.header_done:
+                self.out.write(f"{'TIME':<19} {'TABLE':<20} {'EID':>8}  DETAILS\n")
+                self.header_done = True
+            cols = SUMMARY.get(event["table"]) or [c.name for c in TABLES[event["table"]].columns
+                                                   if not c.hidden][:6]
+            details = " ".join(f"{c}={event.get(c)}" for c in cols if event.get(c) not in (None, ""))
+            line = f"{_fmt_time(event.get('time'))} {event['table']:<20} {event['eid']:>8}  {details}"
+            self.out.write(line[:max(self.width, 80)] + "\n")
+        self.out.flush()
+
+
+def cmd_status(client: VajraClient, args) -> int:
+    status = client.call("status")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    ev = status["events"]
+    print(f"vajrad {status['version']} (pid {status['pid']}), up {status['uptime']} s, "
+          f"host {status['host_identifier']}")
+    print(f"events: captured {ev['captured']}, stored {ev['stored']}, lost {ev['lost']} "
+          f"(kernel {ev['lost_kernel']}, collector {ev['lost_collector']}, store {ev['lost_store']})")
+    for name, c in status["collectors"].items():
+        extra = f" error: {c['error']}" if c.get("error") else ""
+        print(f"collector {name}: {c['state']}, captured {c['captured']}{extra}")
+    print(f"store: {status['store'].get('path')}, pending {status['store'].get('pending')}")
+    print(f"D-Bus: {status['dbus']}; socket: {status['api']['socket']}, "
+          f"{status['api']['subscribers']} subscriber(s)")
+    return 0
+
+
+def cmd_tables(client: VajraClient, args) -> int:
+    tables = client.call("tables")
+    if args.json:
+        print(json.dumps(tables, indent=2))
+        return 0
+    for t in tables:
+        print(f"{t['name']}: {t['description']}")
+        for c in t["columns"]:
+            flags = ",".join(f for f in ("hidden", "additional", "index") if c[f])
+            print(f"  {c['name']:<16} {c['type']:<8} {flags:<10} {c['description']}")
+    return 0
+
+
+def cmd_events(client: VajraClient, args) -> int:
+    printer = EventPrinter(args.json)
+    flt = {"start_time": args.since if args.since is not None else 0}
+    if not args.follow:
+        for event in client.iter_events(flt, args.table):
+            printer(event)
+        return 0
+    # Subscribe first, then list, so nothing falls between the two.
+    follower = VajraClient(client.path).connect()
+    stream = follower.subscribe(args.table)
+    seen: dict[str, int] = {}
+    for event in client.iter_events(flt, args.table):
+        printer(event)
+        seen[event["table"]] = max(seen.get(event["table"], 0), event["eid"])
+    try:
+        for msg in stream:
+            if msg["method"] == "missed":
+                print(f"-- {msg['params']['count']} events missed: this terminal was too slow --",
+                      file=sys.stderr)
+                continue
+            event = msg["params"]["event"]
+            if event["eid"] > seen.get(event["table"], 0):
+                printer(event)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        follower.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vajractl", description="Query a running vajrad.")
+    p.add_argument("--socket", help="vajrad's API socket (default: $VAJRA_SOCKET or /run/vajra/vajra.sock)")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("status", help="daemon, collector and store state with event counters")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    t = sub.add_parser("tables", help="the tables and their columns")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_tables)
+    e = sub.add_parser("events", help="list stored events, optionally following new ones")
+    e.add_argument("--table", choices=sorted(n for n, t in TABLES.items() if t.evented))
+    e.add_argument("--since", type=parse_since, metavar="SECONDS|TIME",
+                   help="events of the last SECONDS, or since TIME (ISO 8601 or @unix)")
+    e.add_argument("--json", action="store_true", help="one JSON object per line")
+    e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    e.set_defaults(func=cmd_events)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    client = VajraClient(args.socket)
+    try:
+        with client:
+            return args.func(client, args)
+    except ClientError as e:
+        print(f"vajractl: {e}", file=sys.stderr)
+        return 1
+    except RemoteError as e:
+        print(f"vajractl: vajrad refused the request: {e}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

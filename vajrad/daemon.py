@@ -1,0 +1,243 @@
+"""vajrad: wires the store, the collectors and the API surfaces together."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+import time
+
+from . import __version__, config, kernel, logs
+from .api import ApiServer
+from .collectors import Collector
+from .dbus_service import DbusService
+from .errors import ConfigError, VajraError
+from .hub import EventHub
+from .notify import Notifier
+from .schema import TABLES
+from .service import VajraService
+from .store import EventStore
+
+log = logging.getLogger("vajrad")
+
+STATUS_INTERVAL = 2.0
+EXIT_CONFIG, EXIT_STARTUP = 2, 1
+
+
+class Vajrad:
+    def __init__(self, argv: list[str]):
+        self.flags = config.parse_flags(argv)
+        self.config = config.load(argv, self.flags)
+        self.host_id = config.resolve_host_identifier(self.config.host_identifier)
+        self.notifier = Notifier()
+        self.started = time.time()
+        self.kenv: kernel.KernelEnv | None = None
+        self.collectors: list[Collector] = []
+        self.store: EventStore | None = None
+        self.hub = EventHub()
+        self.api: ApiServer | None = None
+        self.dbus: DbusService | None = None
+        self._pumps: list[asyncio.Task] = []
+        self._stop = asyncio.Event()
+        self._last_tick = time.monotonic()
+        self._background: set[asyncio.Task] = set()
+
+    # --- status -------------------------------------------------------------
+    def counters(self) -> tuple[int, int]:
+        """(captured, lost) for the D-Bus properties."""
+        s = self.status()["events"]
+        return s["captured"], s["lost"]
+
+    def status(self) -> dict:
+        collectors = {c.name: c.stats() for c in self.collectors}
+        kernel_lost = sum(s.get("kernel_lost", 0) for s in collectors.values())
+        collector_dropped = sum(s["dropped"] for s in collectors.values())
+        store = self.store.stats() if self.store else {}
+        store_dropped = store.get("dropped", 0)
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "uptime": int(time.time() - self.started),
+            "host_identifier": self.host_id,
+            "events_enabled": not self.config.disable_events,
+            "bpf_enabled": self.config.enable_bpf_events,
+            "kernel": self.kenv.describe() if self.kenv else {},
+            "collectors": collectors,
+            "store": store,
+            "api": {"socket": self.config.api_socket,
+                    "connections": self.api.connections if self.api else 0,
+                    "subscribers": len(self.hub.subscribers),
+                    "subscriber_missed": self.hub.missed_total},
+            "dbus": self.dbus.state if self.dbus else "stopped",
+            "events": {
+                "captured": sum(c.captured for c in self.collectors),
+                "stored": store.get("stored", 0),
+                "lost": kernel_lost + collector_dropped + store_dropped,
+                "lost_kernel": kernel_lost,
+                "lost_collector": collector_dropped,
+                "lost_store": store_dropped,
+            },
+        }
+
+    def status_line(self) -> str:
+        e = self.status()["events"]
+        return f"captured {e['captured']}, stored {e['stored']}, lost {e['lost']}"
+
+    # --- start-up -------------------------------------------------------------
+    def _build_collectors(self) -> list[Collector]:
+        if self.config.disable_events:
+            log.info("events are disabled (--disable_events): no collector runs")
+            return []
+        found: list[Collector] = []
+        if self.config.enable_bpf_events:
+            from .collectors.process import ProcessCollector
+            kernel.ensure_tracefs()
+            runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/vajra").split(":")[0]
+            self.kenv = kernel.probe(runtime)
+            found.append(ProcessCollector(self.kenv, self.config.bpf_output))
+        else:
+            log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
+        return found
+
+    async def _start(self) -> None:
+        cfg = self.config
+        self.store = EventStore(cfg.database_path, TABLES, expiry=cfg.events_expiry,
+                                max_rows=cfg.events_max)
+        self.store.open()
+        loop = asyncio.get_running_loop()
+        self.store.on_commit = lambda batches: loop.call_soon_threadsafe(self.hub.publish, batches)
+        self.store.start()
+        for collector in self._build_collectors():
+            await collector.start()
+            self.collectors.append(collector)
+            self._pumps.append(asyncio.create_task(self._pump(collector)))
+        service = VajraService(self.store, TABLES, self.status)
+        self.api = ApiServer(cfg.api_socket, service, self.hub)
+        await self.api.start()
+        self.dbus = DbusService(cfg.dbus, service, self.counters)
+        await self.dbus.start()
+
+    async def _pump(self, collector: Collector) -> None:
+        async for table, rows in collector.events():
+            host_id = self.host_id
+            for row in rows:
+                row["host_identifier"] = host_id
+                row["is_open"] = 0
+            self.store.submit(table, rows)
+
+    # --- running ------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        t0 = time.monotonic()
+        try:
+            await self._start()
+        except VajraError as e:
+            log.error("%s", e)
+            await self._shutdown()
+            return EXIT_CONFIG if isinstance(e, ConfigError) else EXIT_STARTUP
+        loop.add_signal_handler(signal.SIGTERM, self._stop.set)
+        loop.add_signal_handler(signal.SIGINT, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        self.notifier.ready(self.status_line())
+        log.info("vajrad %s ready in %.2f s: socket %s, %s", __version__, time.monotonic() - t0,
+                 self.config.api_socket,
+                 ", ".join(c.name for c in self.collectors) or "no collectors")
+        self._spawn(self._report_status())
+        if self.notifier.watchdog_interval:
+            self._spawn(self._watchdog(self.notifier.watchdog_interval))
+        await self._stop.wait()
+        log.info("stopping")
+        self.notifier.stopping()
+        await self._shutdown()
+        return 0
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _report_status(self) -> None:
+        while True:
+            await asyncio.sleep(STATUS_INTERVAL)
+            self.notifier.status(self.status_line())
+
+    def unhealthy(self) -> list[str]:
+        problems = []
+        lag = time.monotonic() - self._last_tick
+        if self.store is None or not self.store.healthy:
+            problems.append("event store writer is not healthy")
+        problems += [f"collector {c.name} is {c.state}" for c in self.collectors if not c.healthy]
+        return problems + ([f"event loop lagged {lag:.1f} s"] if lag > 5 else [])
+
+    async def _watchdog(self, interval: float) -> None:
+        """WATCHDOG=1 only while the loop turns and every part is healthy, so
+        that systemd restarts a daemon that is wedged rather than one that is slow."""
+        while True:
+            self._last_tick = time.monotonic()
+            await asyncio.sleep(interval)
+            problems = self.unhealthy()
+            if problems:
+                log.warning("withholding watchdog ping: %s", "; ".join(problems))
+                self.notifier.status("unhealthy: " + "; ".join(problems))
+            else:
+                self.notifier.watchdog()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the config file. Flags given at start still win; a bad
+        file is reported and the running config stays."""
+        self.notifier.reloading()
+        try:
+            new = config.load([], self.flags)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration: %s", e)
+            self.notifier.ready(self.status_line())
+            return
+        changed = self.config.changed(new)
+        for name in sorted(changed):
+            if not config.OPTIONS_BY_NAME[name].reloadable:
+                log.warning("option %s changed; restart vajrad to apply it", name)
+        if "host_identifier" in changed:
+            self.host_id = config.resolve_host_identifier(new.host_identifier)
+        if self.store:
+            self.store.expiry, self.store.max_rows = new.events_expiry, new.events_max
+        logs.set_verbose(new.verbose)
+        self.config = new
+        log.info("configuration reloaded from %s (%s)", new.config_path,
+                 ", ".join(sorted(changed)) or "no changes")
+        self.notifier.ready(self.status_line())
+
+    async def _shutdown(self) -> None:
+        if self.api:
+            await self.api.stop()
+        if self.dbus:
+            await self.dbus.stop()
+        for collector in self.collectors:
+            await collector.stop()
+        if self._pumps:
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+        if self.store:
+            await asyncio.to_thread(self.store.stop)
+            log.info("event store flushed: %d events stored in total this run", self.store.stored)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(config.help_text())
+        return 0
+    if "--version" in argv:
+        print(f"vajrad {__version__}")
+        return 0
+    logs.configure("--verbose" in argv or "--verbose=true" in argv)
+    try:
+        daemon = Vajrad(argv)
+    except ConfigError as e:
+        log.error("configuration error: %s", e)
+        return EXIT_CONFIG
+    logs.set_verbose(daemon.config.verbose)
+    return asyncio.run(daemon.run())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""What the running kernel offers the collectors, and how BCC gets to compile.
+
+No header package matches a self-built or cloud kernel, and offsets compiled
+from mismatched headers are wrong. So struct offsets come from BTF, while any
+installed header tree of the right architecture is good enough for BCC's own
+helper headers. Such a tree is split by Debian into an arch dir and a -common
+dir; BCC_KERNEL_SOURCE takes a single dir, so we merge the two with symlinks
+in our runtime directory rather than touching /lib/modules.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+
+from .btf import Btf
+from .errors import KernelSupportError
+
+log = logging.getLogger(__name__)
+
+BTF_PATH = "/sys/kernel/btf/vmlinux"
+TRACEFS = "/sys/kernel/tracing"
+HEADERS_ROOT = "/usr/src"
+
+# Kernel struct members the BPF programs read: macro suffix -> (struct, member path).
+# bpf/vajra.h falls back to offsetof() for each when no -D value is given.
+KERNEL_FIELDS: dict[str, tuple[str, str]] = {
+    "TASK_REAL_PARENT": ("task_struct", "real_parent"),
+    "TASK_TGID": ("task_struct", "tgid"),
+    "TASK_MM": ("task_struct", "mm"),
+    "TASK_FS": ("task_struct", "fs"),
+    "MM_ARG_START": ("mm_struct", "arg_start"),
+    "MM_ARG_END": ("mm_struct", "arg_end"),
+    "MM_EXE_FILE": ("mm_struct", "exe_file"),
+    "FILE_F_PATH": ("file", "f_path"),
+    "FS_PWD": ("fs_struct", "pwd"),
+    "PATH_MNT": ("path", "mnt"),
+    "PATH_DENTRY": ("path", "dentry"),
+    "DENTRY_D_PARENT": ("dentry", "d_parent"),
+    "DENTRY_D_NAME": ("dentry", "d_name"),
+    "QSTR_NAME": ("qstr", "name"),
+    "VFSMOUNT_MNT_ROOT": ("vfsmount", "mnt_root"),
+    # struct mount is private to fs/ and absent from header packages: without
+    # BTF the path walk cannot cross mount points (see vajra.h).
+    "MOUNT_MNT": ("mount", "mnt"),
+    "MOUNT_MNT_PARENT": ("mount", "mnt_parent"),
+    "MOUNT_MNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
+}
+
+
+def _release_tuple(release: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", release)[:3])
+
+
+@dataclass
+class KernelEnv:
+    release: str
+    offsets: dict[str, int] = field(default_factory=dict)
+    offsets_source: str = ""          # "btf" or "headers"
+    headers: str = ""                 # the tree BCC compiles against
+    headers_match: bool = False
+    has_ringbuf: bool = False
+
+    @property
+    def cflags(self) -> list[str]:
+        flags = [f"-DVAJRA_OFF_{k}={v}" for k, v in sorted(self.offsets.items())]
+        if self.offsets_source == "btf":
+            flags.append("-DVAJRA_HAVE_MOUNT_LAYOUT=1")
+        return flags
+
+    def describe(self) -> dict:
+        return {"release": self.release, "offsets": self.offsets_source,
+                "headers": self.headers, "headers_match": self.headers_match,
+                "output": "ringbuf" if self.has_ringbuf else "perf"}
+
+
+def ensure_tracefs() -> None:
+    """BCC reads tracepoint formats from tracefs; mount it when nobody has."""
+    for path in (TRACEFS, "/sys/kernel/debug/tracing"):
+        if os.path.exists(os.path.join(path, "events")):
+            return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mount(b"tracefs", TRACEFS.encode(), b"tracefs", 0, None) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+    except OSError as e:
+        raise KernelSupportError(
+            f"tracefs is not mounted and mounting it on {TRACEFS} failed ({e.strerror}); "
+            f"run: mount -t tracefs tracefs {TRACEFS}") from e
+
+
+def _header_pairs(root: str, arch_suffix: str) -> list[tuple[str, str]]:
+    """(arch dir, common dir) of every Debian-style header tree, newest first."""
+    found = []
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    for name in names:
+        arch_dir = os.path.join(root, name)
+        if not name.startswith("linux-headers-") or not name.endswith(arch_suffix):
+            continue
+        if not os.path.isdir(os.path.join(arch_dir, "include", "generated")):
+            continue
+        common = ""
+        try:
+            with open(os.path.join(arch_dir, "Makefile")) as f:
+                m = re.search(r"^include\s+(\S+)/Makefile", f.read(), re.M)
+                common = m.group(1) if m else ""
+        except OSError:
+            pass
+        found.append((arch_dir, common if os.path.isdir(common) else ""))
+    found.sort(key=lambda p: _release_tuple(os.path.basename(p[0])[len("linux-headers-"):]),
+               reverse=True)
+    return found
+
+
+def merge_trees(dst: str, sources: list[str]) -> None:
+    """Symlink-merge directories; the first source wins where names clash."""
+    os.makedirs(dst, exist_ok=True)
+    entries: dict[str, list[str]] = {}
+    for src in sources:
+        for name in os.listdir(src):
+            entries.setdefault(name, []).append(os.path.join(src, name))
+    for name, paths in entries.items():
+        if len(paths) > 1 and all(os.path.isdir(p) for p in paths):
+            merge_trees(os.path.join(dst, name), paths)
+        else:
+            os.symlink(os.path.realpath(paths[0]), os.path.join(dst, name))
+
+
+def _arch_suffix(machine: str) -> str:
+    return {"x86_64": "-amd64", "aarch64": "-arm64"}.get(machine, "-" + machine)
+
+
+def probe(runtime_dir: str, btf_path: str = BTF_PATH, headers_root: str = HEADERS_ROOT) -> KernelEnv:
+    uname = os.uname()
+    env = KernelEnv(release=uname.release)
+    env.has_ringbuf = _release_tuple(uname.release) >= (5, 8)
+    build = f"/lib/modules/{uname.release}/build"
+    env.headers_match = os.path.isdir(os.path.join(build, "include"))
+    have_btf = os.path.exists(btf_path)
+
+    if have_btf:
+        btf = Btf.from_file(btf_path)
+        env.offsets = {k: btf.offsetof(s, m) for k, (s, m) in KERNEL_FIELDS.items()}
+        env.offsets_source = "btf"
+    elif env.headers_match:
+        # No -D values: vajra.h computes offsetof() from the matching headers.
+        env.offsets_source = "headers"
+    else:
+        raise KernelSupportError(
+            f"kernel {uname.release} has no BTF ({btf_path}) and no matching headers ({build}): "
+            f"install linux-headers-{uname.release}, or run a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+
+    if env.headers_match:
+        env.headers = build
+        return env
+    pairs = _header_pairs(headers_root, _arch_suffix(uname.machine))
+    if not pairs:
+        raise KernelSupportError(
+            f"no kernel header tree for BCC to compile with ({build} is missing and "
+            f"{headers_root} has no linux-headers-*{_arch_suffix(uname.machine)}): "
+            f"install linux-headers{_arch_suffix(uname.machine)}")
+    arch_dir, common = pairs[0]
+    merged = os.path.join(runtime_dir, "kernel-headers", os.path.basename(arch_dir))
+    shutil.rmtree(merged, ignore_errors=True)
+    merge_trees(merged, [d for d in (arch_dir, common) if d])
+    env.headers = merged
+    os.environ["BCC_KERNEL_SOURCE"] = merged
+    log.info("kernel %s has no matching headers: BCC compiles against %s, offsets come from BTF",
+             uname.release, os.path.basename(arch_dir))
+    return env

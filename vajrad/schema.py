@@ -1,0 +1,108 @@
+"""Table declarations: the one source of truth for every surface.
+
+Each table lives in its own module under vajrad/tables/, in the spirit of
+osquery's specs/*.table files. The store, the socket, D-Bus, vajractl and the
+osquery shim all read these objects; none of them lists columns itself.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from dataclasses import dataclass, field
+
+TEXT, INTEGER, BIGINT, UNSIGNED_BIGINT, DOUBLE = "TEXT", "INTEGER", "BIGINT", "UNSIGNED_BIGINT", "DOUBLE"
+_SQLITE_AFFINITY = {TEXT: "TEXT", INTEGER: "INTEGER", BIGINT: "INTEGER",
+                    UNSIGNED_BIGINT: "INTEGER", DOUBLE: "REAL"}
+# osquery's ColumnOptions bits, as the extension protocol carries them.
+OPT_INDEX, OPT_REQUIRED, OPT_ADDITIONAL, OPT_OPTIMIZED, OPT_HIDDEN = 1, 2, 4, 8, 16
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    type: str
+    description: str
+    index: bool = False
+    additional: bool = False
+    hidden: bool = False
+
+    def __post_init__(self):
+        if self.type not in _SQLITE_AFFINITY:
+            raise ValueError(f"column {self.name}: unknown type {self.type}")
+
+    @property
+    def sqlite_type(self) -> str:
+        return _SQLITE_AFFINITY[self.type]
+
+    @property
+    def is_integer(self) -> bool:
+        return self.sqlite_type == "INTEGER"
+
+    @property
+    def options(self) -> int:
+        return ((OPT_INDEX if self.index else 0) | (OPT_ADDITIONAL if self.additional else 0)
+                | (OPT_HIDDEN if self.hidden else 0))
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "type": self.type, "description": self.description,
+                "hidden": self.hidden, "additional": self.additional, "index": self.index}
+
+
+# Columns every event table carries, declared once.
+EVENT_COLUMNS = (
+    Column("host_identifier", TEXT, "Identifier of the host that recorded the event (--host_identifier)"),
+    Column("is_open", INTEGER, "1 when the event awaits triage (an alert), 0 for plain telemetry"),
+    Column("time", BIGINT, "Time of the event, unix seconds", additional=True),
+    Column("eid", INTEGER, "Event ID, monotonic per table across restarts", hidden=True),
+)
+EVENT_COLUMN_NAMES = frozenset(c.name for c in EVENT_COLUMNS)
+
+
+@dataclass(frozen=True)
+class Table:
+    name: str
+    description: str
+    columns: tuple[Column, ...]
+    evented: bool = True
+    # Column notes per event kind, for the docs: {"exec": "...", ...}
+    notes: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        names = [c.name for c in self.columns]
+        if len(names) != len(set(names)):
+            raise ValueError(f"table {self.name}: duplicate column")
+
+    @classmethod
+    def events(cls, name: str, description: str, columns, notes=None) -> "Table":
+        """An event table: its own columns, then the common event columns."""
+        own = tuple(c for c in columns if c.name not in EVENT_COLUMN_NAMES)
+        return cls(name, description, own + EVENT_COLUMNS, True, notes or {})
+
+    @property
+    def column_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.columns)
+
+    def column(self, name: str) -> Column:
+        for c in self.columns:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "evented": self.evented,
+                "columns": [c.to_dict() for c in self.columns]}
+
+
+def load_tables() -> dict[str, Table]:
+    """Every table declared under vajrad/tables/, by name."""
+    from . import tables as pkg
+    found: dict[str, Table] = {}
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        table = importlib.import_module(f"{pkg.__name__}.{info.name}").TABLE
+        if table.name != info.name:
+            raise ValueError(f"vajrad/tables/{info.name}.py declares table {table.name}")
+        found[table.name] = table
+    return found
+
+
+TABLES = load_tables()

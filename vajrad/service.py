@@ -1,0 +1,141 @@
+"""What vajrad answers, whatever the surface: the socket API and D-Bus both
+call this, so filters, limits and cursors mean the same everywhere."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import json
+import time
+from typing import Any
+
+from . import __version__
+from .errors import RequestError
+from .schema import Table
+from .store import EventStore, Filter
+
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 10000
+FILTER_KEYS = ("host_identifier", "is_open", "start_time", "end_time")
+
+
+def parse_bool(value: Any, field: str) -> bool:
+    """JSON booleans, plus "true"/"t"/"false"/"f" as Vajra's event-list API accepts."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "t", "false", "f"):
+        return value.lower() in ("true", "t")
+    raise RequestError(f"{field} must be a boolean (true/false, or \"true\"/\"t\"), got {value!r}", field)
+
+
+def parse_int(value: Any, field: str, minimum: int | None = None, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise RequestError(f"{field} must be an integer, got {value!r}", field)
+    try:
+        n = int(value)
+    except ValueError:
+        raise RequestError(f"{field} must be an integer, got {value!r}", field) from None
+    if minimum is not None and n < minimum:
+        raise RequestError(f"{field} must be >= {minimum}, got {n}", field)
+    if maximum is not None and n > maximum:
+        raise RequestError(f"{field} must be <= {maximum}, got {n}", field)
+    return n
+
+
+def parse_filter(obj: Any, field: str = "filter") -> Filter:
+    if not isinstance(obj, dict):
+        raise RequestError(f"{field} must be an object", field)
+    unknown = [k for k in obj if k not in FILTER_KEYS]
+    if unknown:
+        raise RequestError(f"{field}.{unknown[0]} is not a filter field (known: {', '.join(FILTER_KEYS)})",
+                           f"{field}.{unknown[0]}")
+    if not any(k in obj for k in FILTER_KEYS):
+        raise RequestError(f"{field} must hold at least one of {', '.join(FILTER_KEYS)}", field)
+    flt = Filter()
+    if "host_identifier" in obj:
+        if not isinstance(obj["host_identifier"], str):
+            raise RequestError(f"{field}.host_identifier must be a string", f"{field}.host_identifier")
+        flt.host_identifier = obj["host_identifier"]
+    if "is_open" in obj:
+        flt.is_open = parse_bool(obj["is_open"], f"{field}.is_open")
+    for key in ("start_time", "end_time"):
+        if key in obj:
+            setattr(flt, key, parse_int(obj[key], f"{field}.{key}", minimum=0))
+    return flt
+
+
+def encode_cursor(position: dict[str, int]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(position, sort_keys=True).encode()).decode()
+
+
+def decode_cursor(cursor: Any, tables: dict[str, Table]) -> dict[str, int]:
+    if cursor in (None, ""):
+        return {}
+    if not isinstance(cursor, str):
+        raise RequestError("cursor must be a string returned by a previous call", "cursor")
+    try:
+        position = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        raise RequestError("cursor is not one this daemon returned", "cursor") from None
+    if not isinstance(position, dict) or not all(
+            k in tables and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            for k, v in position.items()):
+        raise RequestError("cursor is not one this daemon returned", "cursor")
+    return position
+
+
+class VajraService:
+    def __init__(self, store: EventStore, tables: dict[str, Table], daemon_status):
+        self.store = store
+        self.tables = tables
+        self.event_tables = {n: t for n, t in tables.items() if t.evented}
+        self._daemon_status = daemon_status   # callable -> dict
+        self.started = time.time()
+
+    def ping(self) -> str:
+        return "pong"
+
+    def status(self) -> dict:
+        return self._daemon_status()
+
+    def describe_tables(self) -> list[dict]:
+        return [t.to_dict() for t in self.tables.values()]
+
+    def check_table(self, table: Any, field: str = "table") -> str | None:
+        if table in (None, ""):
+            return None
+        if not isinstance(table, str) or table not in self.event_tables:
+            raise RequestError(f"{field}: unknown event table {table!r} "
+                               f"(known: {', '.join(self.event_tables)})", field)
+        return table
+
+    async def list_events(self, params: Any) -> dict:
+        """Vajra's event/list: {"filter": {...}, "table"?, "limit"?, "cursor"?}."""
+        if not isinstance(params, dict):
+            raise RequestError("params must be an object", "params")
+        unknown = [k for k in params if k not in ("filter", "table", "limit", "cursor")]
+        if unknown:
+            raise RequestError(f"unknown parameter {unknown[0]}", unknown[0])
+        if "filter" not in params:
+            raise RequestError("filter is required", "filter")
+        flt = parse_filter(params["filter"])
+        table = self.check_table(params.get("table"))
+        limit = parse_int(params.get("limit", DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
+        position = decode_cursor(params.get("cursor"), self.event_tables)
+        names = [table] if table else list(self.event_tables)
+        return await asyncio.to_thread(self._list, names, flt, limit, position)
+
+    def _list(self, names: list[str], flt: Filter, limit: int, position: dict[str, int]) -> dict:
+        candidates = []
+        for name in names:
+            for row in self.store.query(name, flt, limit, position.get(name, 0)):
+                row["table"] = name
+                candidates.append(row)
+        if len(names) > 1:
+            candidates.sort(key=lambda r: (r["time"] or 0, r["table"], r["eid"]))
+        events = candidates[:limit]
+        position = dict(position)
+        for row in events:
+            row["is_open"] = bool(row["is_open"])
+            position[row["table"]] = max(position.get(row["table"], 0), row["eid"])
+        return {"events": events, "cursor": encode_cursor(position)}

@@ -1,0 +1,277 @@
+"""SQLite event store: WAL, batched writes on a writer thread, bounded retention.
+
+Rows are committed in batches by one writer thread, so the event loop never
+waits on disk. eids are assigned inside the writing transaction from
+sqlite_sequence, which keeps them monotonic across restarts and retention.
+With synchronous=FULL a crash of the process or the machine loses at most
+the batch that was not yet committed, and never the file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from .errors import VajraError
+from .schema import Table
+
+log = logging.getLogger(__name__)
+
+_STOP = object()
+
+
+class StoreError(VajraError):
+    def __init__(self, path: str, message: str):
+        self.path = path
+        super().__init__(f"event store {path}: {message}")
+
+
+@dataclass
+class Filter:
+    """What event/list and ListEvents may filter on; values already checked."""
+    host_identifier: str | None = None
+    is_open: bool | None = None
+    start_time: int | None = None
+    end_time: int | None = None
+
+    def where(self) -> tuple[str, list]:
+        clauses, params = [], []
+        if self.host_identifier is not None:
+            clauses.append("host_identifier = ?")
+            params.append(self.host_identifier)
+        if self.is_open is not None:
+            clauses.append("is_open = ?")
+            params.append(1 if self.is_open else 0)
+        if self.start_time is not None:
+            clauses.append("time >= ?")
+            params.append(self.start_time)
+        if self.end_time is not None:
+            clauses.append("time <= ?")
+            params.append(self.end_time)
+        return " AND ".join(clauses), params
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+class EventStore:
+    def __init__(self, path: str, tables: dict[str, Table], *, expiry: int, max_rows: int,
+                 queue_rows: int = 200_000, flush_interval: float = 0.05,
+                 retention_interval: float = 5.0):
+        self.path = path
+        self.tables = {n: t for n, t in tables.items() if t.evented}
+        self.expiry, self.max_rows = expiry, max_rows
+        self.flush_interval = flush_interval
+        self.retention_interval = retention_interval
+        self.on_commit: Callable[[list[tuple[str, list[dict]]]], None] | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._queue_rows_max = queue_rows
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._conn: sqlite3.Connection | None = None
+        self._seq: dict[str, int] = {}
+        self._insert_sql: dict[str, str] = {}
+        self._local = threading.local()
+        self.stored = 0
+        self.dropped = 0
+        self.expired = 0
+        self.last_error: str | None = None
+        self._write_failed = False
+
+    # --- set-up -----------------------------------------------------------
+    def open(self) -> None:
+        directory = os.path.dirname(self.path) or "."
+        try:
+            os.makedirs(directory, mode=0o750, exist_ok=True)
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            for table in self.tables.values():
+                self._create(conn, table)
+            for table in self.tables:
+                self._seq[table] = self._high_water(conn, table)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(self.path, str(e)) from e
+        self._conn = conn
+
+    def _create(self, conn: sqlite3.Connection, table: Table) -> None:
+        cols = ", ".join(f"{_quote(c.name)} {c.sqlite_type}" for c in table.columns if c.name != "eid")
+        t = _quote(table.name)
+        conn.execute(f"CREATE TABLE IF NOT EXISTS {t} (eid INTEGER PRIMARY KEY AUTOINCREMENT, {cols})")
+        # A store written by an older vajrad gains the columns added since.
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info({t})")}
+        for c in table.columns:
+            if c.name not in have:
+                conn.execute(f"ALTER TABLE {t} ADD COLUMN {_quote(c.name)} {c.sqlite_type}")
+        conn.execute(f"CREATE INDEX IF NOT EXISTS {_quote(table.name + '_time')} ON {t}(time)")
+        names = table.column_names
+        self._insert_sql[table.name] = (
+            f"INSERT INTO {t} ({', '.join(_quote(n) for n in names)}) "
+            f"VALUES ({', '.join('?' for _ in names)})")
+
+    @staticmethod
+    def _high_water(conn: sqlite3.Connection, table: str) -> int:
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = ?", (table,)).fetchone()
+        top = conn.execute(f"SELECT MAX(eid) FROM {_quote(table)}").fetchone()
+        return max(row[0] if row else 0, top[0] or 0)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._writer, name="vajra-store", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Commits everything queued, then closes."""
+        if self._thread:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        if self._conn:
+            self._conn.close()
+            self._conn = None
+
+    @property
+    def healthy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._write_failed
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    # --- writing ----------------------------------------------------------
+    def submit(self, table: str, rows: list[dict]) -> int:
+        """Queues rows for the writer. Beyond the bound they are dropped and counted."""
+        if not rows:
+            return 0
+        with self._lock:
+            if self._pending + len(rows) > self._queue_rows_max:
+                self.dropped += len(rows)
+                return 0
+            self._pending += len(rows)
+        self._queue.put((table, rows))
+        return len(rows)
+
+    def _writer(self) -> None:
+        last_retention = time.monotonic()
+        stopping = False
+        while not stopping:
+            item = self._queue.get()
+            batch: list = []
+            deadline = time.monotonic() + self.flush_interval
+            while True:
+                if item is _STOP:
+                    stopping = True
+                else:
+                    batch.append(item)
+                try:
+                    remaining = deadline - time.monotonic()
+                    item = self._queue.get(timeout=remaining) if remaining > 0 and not stopping \
+                        else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if batch:
+                self._write(batch)
+            if time.monotonic() - last_retention >= self.retention_interval:
+                self.apply_retention()
+                last_retention = time.monotonic()
+
+    def _write(self, batch: list[tuple[str, list[dict]]]) -> None:
+        conn = self._conn
+        committed: dict[str, list[dict]] = {}
+        count = sum(len(rows) for _, rows in batch)
+        seq = dict(self._seq)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for table, rows in batch:
+                names = self.tables[table].column_names
+                n = seq[table]
+                values = []
+                for row in rows:
+                    n += 1
+                    row["eid"] = n
+                    values.append(tuple(row.get(c) for c in names))
+                seq[table] = n
+                conn.executemany(self._insert_sql[table], values)
+                committed.setdefault(table, []).extend(rows)
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.last_error = str(e)
+            log.error("event store %s: write of %d rows failed: %s", self.path, count, e)
+            with self._lock:
+                self.dropped += count
+                self._pending -= count
+            self._write_failed = True
+            return
+        self._write_failed = False
+        self._seq = seq
+        with self._lock:
+            self.stored += count
+            self._pending -= count
+        if self.on_commit:
+            self.on_commit(list(committed.items()))
+
+    def apply_retention(self, now: float | None = None) -> int:
+        """Deletes rows older than expiry and beyond max_rows per table."""
+        conn = self._conn
+        if conn is None:
+            return 0
+        now = time.time() if now is None else now
+        removed = 0
+        try:
+            for table in self.tables:
+                t = _quote(table)
+                if self.expiry > 0:
+                    removed += conn.execute(f"DELETE FROM {t} WHERE time < ?",
+                                            (int(now) - self.expiry,)).rowcount
+                if self.max_rows > 0:
+                    removed += conn.execute(
+                        f"DELETE FROM {t} WHERE eid <= (SELECT eid FROM {t} ORDER BY eid DESC "
+                        f"LIMIT 1 OFFSET ?)", (self.max_rows,)).rowcount
+        except sqlite3.Error as e:
+            log.error("event store %s: retention failed: %s", self.path, e)
+            return 0
+        self.expired += removed
+        return removed
+
+    # --- reading ----------------------------------------------------------
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+        return conn
+
+    def query(self, table: str, flt: Filter, limit: int, after_eid: int = 0,
+              columns: Iterable[str] | None = None) -> list[dict]:
+        """Rows of one table with eid > after_eid matching flt, oldest first.
+        Blocking: call it through asyncio.to_thread from the event loop."""
+        spec = self.tables[table]
+        names = list(columns) if columns else list(spec.column_names)
+        where, params = flt.where()
+        sql = (f"SELECT {', '.join(_quote(n) for n in names)} FROM {_quote(table)} WHERE eid > ?"
+               + (f" AND {where}" if where else "") + " ORDER BY eid LIMIT ?")
+        try:
+            cur = self._reader().execute(sql, [after_eid, *params, limit])
+            return [dict(r) for r in cur]
+        except sqlite3.Error as e:
+            raise StoreError(self.path, f"query on {table} failed: {e}") from e
+
+    def count(self, table: str) -> int:
+        return self._reader().execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
+
+    def stats(self) -> dict:
+        return {"stored": self.stored, "dropped": self.dropped, "pending": self._pending,
+                "expired": self.expired, "path": self.path, "last_error": self.last_error}

@@ -1,0 +1,1 @@
+"""One module per table; each defines TABLE (see vajrad/schema.py)."""
