@@ -103,6 +103,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("bpf_output", str, "auto",
            "Kernel-to-user channel: ringbuf (5.8+), perf (older kernels), or auto.",
            choices=("auto", "ringbuf", "perf")),
+    Option("subscriber_queue_events", int, 10000,
+           "Events queued per live subscriber; beyond that a slow subscriber misses events (and is told).",
+           minimum=1),
     Option("verbose", bool, False, "Log debug messages.", reloadable=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}

@@ -41,7 +41,8 @@ def _fmt_time(t) -> str:
 class EventPrinter:
     def __init__(self, as_json: bool, out=sys.stdout):
         self.as_json, self.out = as_json, out
-        self.width = shutil.get_terminal_size((160, 24)).columns
+        # Cut lines to the terminal only; a pipe or a file gets them whole.
+        self.width = shutil.get_terminal_size().columns if out.isatty() else None
         self.header_done = False
 
     def __call__(self, event: dict) -> None:
@@ -55,7 +56,7 @@ class EventPrinter:
                                                    if not c.hidden][:6]
             details = " ".join(f"{c}={event.get(c)}" for c in cols if event.get(c) not in (None, ""))
             line = f"{_fmt_time(event.get('time'))} {event['table']:<20} {event['eid']:>8}  {details}"
-            self.out.write(line[:max(self.width, 80)] + "\n")
+            self.out.write((line[:max(self.width, 80)] if self.width else line) + "\n")
         self.out.flush()
 
 

@@ -35,7 +35,7 @@ class Vajrad:
         self.kenv: kernel.KernelEnv | None = None
         self.collectors: list[Collector] = []
         self.store: EventStore | None = None
-        self.hub = EventHub()
+        self.hub = EventHub(self.config.subscriber_queue_events)
         self.api: ApiServer | None = None
         self.dbus: DbusService | None = None
         self._pumps: list[asyncio.Task] = []

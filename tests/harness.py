@@ -1,0 +1,233 @@
+"""Runs real vajrad processes for the tests: a NOTIFY_SOCKET listener stands in
+for systemd, and a private dbus-daemon with the system bus's default policy
+plus ours stands in for the system bus."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from vajrad.client import VajraClient
+
+REPO = Path(__file__).resolve().parent.parent
+POLICY = REPO / "dbus" / "org.vajra.Vajra1.conf"
+
+
+def can_bpf() -> tuple[bool, str]:
+    if os.geteuid() != 0:
+        return False, "needs root to load BPF programs"
+    if not os.path.exists("/sys/kernel/btf/vmlinux") and not os.path.isdir(
+            f"/lib/modules/{os.uname().release}/build"):
+        return False, "kernel has neither BTF nor matching headers"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return False, "python3-bpfcc is not installed"
+    return True, ""
+
+
+class NotifyListener:
+    """A datagram socket playing systemd's end of sd_notify."""
+
+    def __init__(self, directory: str):
+        self.path = os.path.join(directory, "notify.sock")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.messages: list[tuple[float, str]] = []
+
+    def collect(self, timeout: float) -> None:
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return
+        self.messages.append((time.monotonic(), data.decode()))
+
+    def wait_for(self, key: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
+        deadline = time.monotonic() + timeout
+        for _, msg in self.messages:
+            if key in msg.split("\n") or any(line.startswith(key) for line in msg.split("\n")):
+                return msg
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"vajrad exited with {proc.returncode} before {key}")
+            self.collect(min(0.2, deadline - time.monotonic()))
+            if self.messages:
+                msg = self.messages[-1][1]
+                if any(line.startswith(key) for line in msg.split("\n")):
+                    return msg
+        raise AssertionError(f"no {key} within {timeout} s; got {[m for _, m in self.messages]}")
+
+    def states(self) -> list[str]:
+        return [line for _, m in self.messages for line in m.split("\n")]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class Daemon:
+    def __init__(self, workdir: str, *flags: str, env: dict | None = None, prefix: list[str] | None = None,
+                 database: str | None = None):
+        self.workdir = workdir
+        self.socket = os.path.join(workdir, "vajra.sock")
+        self.database = database or os.path.join(workdir, "events.db")
+        self.flags = [f"--api_socket={self.socket}", f"--database_path={self.database}",
+                      "--dbus=none", *flags]
+        if not any(f.startswith("--config_path") for f in flags):
+            cfg = os.path.join(workdir, "vajra.conf")
+            if not os.path.exists(cfg):
+                Path(cfg).write_text('{"options": {}}')
+            self.flags.append(f"--config_path={cfg}")
+        self.env = dict(os.environ, **(env or {}))
+        self.prefix = prefix or []
+        self.proc: subprocess.Popen | None = None
+        self.notify: NotifyListener | None = None
+        self.stderr_path = os.path.join(workdir, f"vajrad-{time.monotonic_ns()}.log")
+        self.ready_after: float | None = None
+
+    def start(self, wait_ready: bool = True, timeout: float = 30) -> "Daemon":
+        self.notify = NotifyListener(tempfile.mkdtemp(dir=self.workdir))
+        env = dict(self.env, NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1")
+        self._stderr = open(self.stderr_path, "w")
+        t0 = time.monotonic()
+        self.proc = subprocess.Popen([*self.prefix, sys.executable, "-m", "vajrad", *self.flags],
+                                     env=env, stdout=self._stderr, stderr=subprocess.STDOUT,
+                                     cwd=str(REPO))
+        if wait_ready:
+            self.notify.wait_for("READY=1", timeout, self.proc)
+            self.ready_after = time.monotonic() - t0
+        return self
+
+    @property
+    def log(self) -> str:
+        return Path(self.stderr_path).read_text()
+
+    def client(self) -> VajraClient:
+        return VajraClient(self.socket, timeout=10).connect()
+
+    def call(self, method: str, params=None):
+        with self.client() as c:
+            return c.call(method, params)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if self.notify:
+            while True:        # keep what was sent on the way down
+                before = len(self.notify.messages)
+                self.notify.collect(0.05)
+                if len(self.notify.messages) == before:
+                    break
+            self.notify.close()
+        self._stderr.close()
+        self.proc = None
+        return rc
+
+    def wait_events(self, predicate, table: str = "bpf_process_events", timeout: float = 10) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        found: list[dict] = []
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                found = [e for e in c.iter_events({"start_time": 0}, table) if predicate(e)]
+                if found:
+                    return found
+                time.sleep(0.1)
+        return found
+
+
+def unique_program(directory: str, name: str) -> str:
+    """A copy of /bin/true under a name nobody else executes."""
+    path = os.path.join(directory, name)
+    shutil.copy("/bin/true", path)
+    os.chmod(path, 0o755)
+    return path
+
+
+SYSTEM_LIKE_BUS = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <listen>unix:path={path}</listen>
+  <auth>EXTERNAL</auth>
+  <!-- the default policy of Debian's system bus (/usr/share/dbus-1/system.conf) -->
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <include>{policy}</include>
+</busconfig>
+"""
+
+
+class PrivateBus:
+    def __init__(self):
+        # World-traversable, so that the tests' unprivileged clients reach it.
+        self.dir = tempfile.mkdtemp(prefix="vajra-bus-")
+        os.chmod(self.dir, 0o755)
+        self.path = os.path.join(self.dir, "bus")
+        self.address = f"unix:path={self.path}"
+        conf = os.path.join(self.dir, "bus.conf")
+        Path(conf).write_text(SYSTEM_LIKE_BUS.format(path=self.path, policy=POLICY))
+        self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("dbus-daemon failed: " + self.proc.stderr.read())
+
+    def busctl(self, *args: str, user: str | None = None, groups: str | None = None,
+               check: bool = True) -> subprocess.CompletedProcess:
+        prefix: list[str] = []
+        if user:
+            prefix = ["setpriv", f"--reuid={user}", f"--regid={user}"]
+            prefix += [f"--groups={groups}"] if groups else ["--clear-groups"]
+        return subprocess.run([*prefix, "busctl", f"--address={self.address}", *args],
+                              capture_output=True, text=True, check=check, timeout=20)
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def jsonrpc_lines(sock_path: str, payload: bytes, replies: int, timeout: float = 10) -> list[dict]:
+    """Sends raw bytes and reads `replies` response lines."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(sock_path)
+    s.sendall(payload)
+    buf = b""
+    out = []
+    while len(out) < replies:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf and len(out) < replies:
+            line, buf = buf.split(b"\n", 1)
+            out.append(json.loads(line))
+    s.close()
+    return out

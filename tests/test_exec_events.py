@@ -1,0 +1,111 @@
+"""A real daemon on real BPF: execs show up with the right pid, parent,
+cmdline and cwd through the socket, vajractl and D-Bus."""
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from conftest import needs_bpf
+from harness import unique_program
+
+pytestmark = needs_bpf
+
+
+def run_probe(workdir, *args, cwd=None):
+    name = f"vajra-probe-{uuid.uuid4().hex[:10]}"
+    prog = unique_program(workdir, name)
+    cwd = cwd or workdir
+    proc = subprocess.Popen([prog, *args], cwd=cwd)
+    proc.wait()
+    return name, prog, proc.pid, cwd
+
+
+def by_path(prog):
+    return lambda e: e["path"] == prog
+
+
+@pytest.mark.parametrize("output", ["ringbuf", "perf"])
+def test_exec_through_socket(daemon_factory, workdir, output):
+    d = daemon_factory(f"--bpf_output={output}")
+    sub = os.path.join(workdir, "sub dir")
+    os.mkdir(sub)
+    name, prog, pid, cwd = run_probe(workdir, "first arg", "--flag=x", cwd=sub)
+    events = d.wait_events(by_path(prog))
+    assert len(events) == 1, events
+    e = events[0]
+    assert e["pid"] == pid and e["tid"] == pid
+    assert e["parent"] == os.getpid()           # the real parent's tgid, not 0
+    assert e["cwd"] == sub
+    assert json.loads(e["json_cmdline"]) == [prog, "first arg", "--flag=x"]
+    assert e["cmdline"] == f"{prog} first arg --flag=x"
+    assert e["syscall"] == "exec" and e["exit_code"] == "0" and e["probe_error"] == 0
+    assert e["uid"] == os.getuid() and e["gid"] == os.getgid()
+    assert e["cid"] > 0 and e["duration"] > 0 and int(e["ntime"]) > 0
+    assert e["host_identifier"] == os.uname().nodename and e["is_open"] is False
+    assert e["table"] == "bpf_process_events" and e["eid"] >= 1
+    assert abs(e["time"] - __import__("time").time()) < 30
+    assert d.call("status")["collectors"]["process"]["output"] == output
+
+
+def test_exec_through_vajractl(bpf_daemon, workdir):
+    name, prog, pid, cwd = run_probe(workdir, "ctl")
+    assert bpf_daemon.wait_events(by_path(prog))
+    out = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket,
+                          "events", "--json", "--table", "bpf_process_events", "--since", "120"],
+                         capture_output=True, text=True, check=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if name in line]
+    assert [(r["pid"], r["parent"], r["cwd"]) for r in rows] == [(pid, os.getpid(), cwd)]
+    table = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket, "events"],
+                           capture_output=True, text=True, check=True).stdout
+    line = next(line for line in table.splitlines() if name in line)
+    assert f"pid={pid}" in line and "syscall=exec" in line and line.startswith("20")
+
+
+def test_relative_and_symlinked_exec_paths_are_resolved(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-rel-{uuid.uuid4().hex[:8]}")
+    link = os.path.join(workdir, "link-to-prog")
+    os.symlink(prog, link)
+    subprocess.run(["./" + os.path.basename(prog)], cwd=workdir, check=True)
+    subprocess.run([link], check=True)
+    events = bpf_daemon.wait_events(lambda e: e["path"] == prog)
+    cmds = sorted(json.loads(e["json_cmdline"])[0] for e in events)
+    assert cmds == sorted(["./" + os.path.basename(prog), link])
+
+
+def test_cmdline_cut_is_flagged(bpf_daemon, workdir):
+    big = ["x" * 1000] * 6       # more than the 4096 argv bytes read in the kernel
+    name, prog, pid, cwd = run_probe(workdir, *big)
+    e = bpf_daemon.wait_events(by_path(prog))[0]
+    assert e["probe_error"] & 1
+    assert len(e["cmdline"]) <= 4096 and e["cmdline"].startswith(prog)
+
+
+def test_subscribe_streams_new_events(bpf_daemon, workdir):
+    with bpf_daemon.client() as c:
+        stream = c.subscribe("bpf_process_events")
+        name, prog, pid, cwd = run_probe(workdir)
+        for msg in stream:
+            if msg["method"] == "event" and msg["params"]["event"]["path"] == prog:
+                ev = msg["params"]["event"]
+                assert ev["pid"] == pid and ev["eid"] > 0 and ev["table"] == "bpf_process_events"
+                break
+
+
+def test_follow_prints_new_events(bpf_daemon, workdir):
+    follow = subprocess.Popen([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket,
+                               "events", "--follow", "--json", "--since", "1"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        import time
+        time.sleep(1.5)           # let it subscribe
+        name, prog, pid, cwd = run_probe(workdir)
+        for line in follow.stdout:
+            if name in line:
+                assert json.loads(line)["pid"] == pid
+                break
+    finally:
+        follow.terminate()
+        follow.wait(10)
