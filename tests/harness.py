@@ -202,7 +202,7 @@ class PrivateBus:
                check: bool = True) -> subprocess.CompletedProcess:
         prefix: list[str] = []
         if user:
-            prefix = ["setpriv", f"--reuid={user}", f"--regid={user}"]
+            prefix = ["setpriv", f"--reuid={user}", "--regid=nogroup"]
             prefix += [f"--groups={groups}"] if groups else ["--clear-groups"]
         return subprocess.run([*prefix, "busctl", f"--address={self.address}", *args],
                               capture_output=True, text=True, check=check, timeout=20)
