@@ -65,7 +65,15 @@ class NotifyListener:
                     return msg
         raise AssertionError(f"no {key} within {timeout} s; got {[m for _, m in self.messages]}")
 
+    def drain(self) -> None:
+        while self.sock.fileno() >= 0:
+            before = len(self.messages)
+            self.collect(0.05)
+            if len(self.messages) == before:
+                return
+
     def states(self) -> list[str]:
+        self.drain()
         return [line for _, m in self.messages for line in m.split("\n")]
 
     def close(self) -> None:
@@ -127,11 +135,7 @@ class Daemon:
             self.proc.kill()
             rc = self.proc.wait()
         if self.notify:
-            while True:        # keep what was sent on the way down
-                before = len(self.notify.messages)
-                self.notify.collect(0.05)
-                if len(self.notify.messages) == before:
-                    break
+            self.notify.drain()        # keep what was sent on the way down
             self.notify.close()
         self._stderr.close()
         self.proc = None

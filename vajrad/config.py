@@ -48,8 +48,10 @@ class Option:
     reloadable: bool = False
     in_file: bool = True   # may appear under "options" in the config file
 
-    def parse(self, raw: Any, source: str) -> Any:
-        """A value from a flag (str) or the file (JSON), checked; ConfigError names the key."""
+    def parse(self, raw: Any, source: str, key: str | None = None) -> Any:
+        """A value from a flag (str) or the file (JSON), checked; ConfigError names the key
+        as the user wrote it (`--name` or `options.name`)."""
+        key = key or self.name
         value = raw
         if self.type is bool:
             if isinstance(raw, str):
@@ -59,25 +61,25 @@ class Option:
                 elif low in ("false", "f", "0", "no"):
                     value = False
                 else:
-                    raise ConfigError(self.name, f"expected true or false, got {raw!r}", source)
+                    raise ConfigError(key, f"expected true or false, got {raw!r}", source)
             elif not isinstance(raw, bool):
-                raise ConfigError(self.name, f"expected a boolean, got {raw!r}", source)
+                raise ConfigError(key, f"expected a boolean, got {raw!r}", source)
         elif self.type is int:
             if isinstance(raw, bool) or not isinstance(raw, (int, str)):
-                raise ConfigError(self.name, f"expected an integer, got {raw!r}", source)
+                raise ConfigError(key, f"expected an integer, got {raw!r}", source)
             try:
                 value = int(raw)
             except ValueError:
-                raise ConfigError(self.name, f"expected an integer, got {raw!r}", source) from None
+                raise ConfigError(key, f"expected an integer, got {raw!r}", source) from None
             if self.minimum is not None and value < self.minimum:
-                raise ConfigError(self.name, f"must be >= {self.minimum}, got {value}", source)
+                raise ConfigError(key, f"must be >= {self.minimum}, got {value}", source)
         elif not isinstance(raw, str):
-            raise ConfigError(self.name, f"expected a string, got {raw!r}", source)
+            raise ConfigError(key, f"expected a string, got {raw!r}", source)
         if self.choices and value not in self.choices:
-            raise ConfigError(self.name, f"must be one of {', '.join(self.choices)}, got {value!r}",
+            raise ConfigError(key, f"must be one of {', '.join(self.choices)}, got {value!r}",
                               source)
         if self.check and (problem := self.check(value)):
-            raise ConfigError(self.name, f"{problem}, got {value!r}", source)
+            raise ConfigError(key, f"{problem}, got {value!r}", source)
         return value
 
 
@@ -158,7 +160,7 @@ def parse_flags(argv: list[str]) -> dict[str, Any]:
                 i += 1
             else:
                 raise ConfigError("--" + name, "needs a value", "command line")
-        flags[name] = option.parse(value, "command line")
+        flags[name] = option.parse(value, "command line", "--" + name)
     return flags
 
 
@@ -191,7 +193,7 @@ def validate_document(doc: Any, source: str) -> dict[str, Any]:
         option = OPTIONS_BY_NAME.get(key)
         if option is None or not option.in_file:
             raise ConfigError(f"options.{key}", "unknown option", source)
-        out[key] = option.parse(raw, source)
+        out[key] = option.parse(raw, source, f"options.{key}")
     return out
 
 
