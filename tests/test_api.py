@@ -1,0 +1,224 @@
+"""The JSON-lines socket: methods, filter semantics, malformed input,
+permissions and slow subscribers."""
+import grp
+import json
+import os
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import BPF_OK, needs_bpf, needs_root
+from harness import jsonrpc_lines
+from vajrad.schema import TABLES
+from vajrad.store import EventStore
+
+NOW = int(time.time())
+
+
+def seed(path):
+    """Rows with known times, hosts and triage state, written through the store."""
+    store = EventStore(path, TABLES, expiry=0, max_rows=0)
+    store.open()
+    store.start()
+    rows = []
+    for i in range(30):
+        rows.append({"pid": 1000 + i, "tid": 1000 + i, "parent": 1, "syscall": "exec",
+                     "path": f"/usr/bin/p{i}", "cmdline": f"p{i} --x", "time": NOW - 300 + 10 * i,
+                     "host_identifier": "host-a" if i % 2 else "host-b", "is_open": 1 if i % 5 == 0 else 0,
+                     "exit_code": "0", "probe_error": 0, "ntime": str(i)})
+    store.submit("bpf_process_events", rows)
+    store.stop()
+
+
+@pytest.fixture
+def api(daemon_factory, workdir):
+    db = os.path.join(workdir, "seeded.db")
+    seed(db)
+    return daemon_factory("--enable_bpf_events=false", "--events_expiry=0", database=db)
+
+
+def rpc(d, method, params=None):
+    with d.client() as c:
+        return c.call(method, params)
+
+
+def test_ping_status_tables(api):
+    assert rpc(api, "ping") == "pong"
+    status = rpc(api, "status")
+    for key in ("version", "uptime", "collectors", "events", "store"):
+        assert key in status
+    assert set(status["events"]) >= {"captured", "stored", "lost"}
+    tables = {t["name"]: t for t in rpc(api, "tables")}
+    cols = [c["name"] for c in tables["bpf_process_events"]["columns"]]
+    assert cols == list(TABLES["bpf_process_events"].column_names)
+    eid = next(c for c in tables["bpf_process_events"]["columns"] if c["name"] == "eid")
+    assert eid["hidden"] is True
+
+
+def test_event_list_filters(api):
+    ev = rpc(api, "event/list", {"filter": {"host_identifier": "host-a"}})["events"]
+    assert len(ev) == 15 and {e["host_identifier"] for e in ev} == {"host-a"}
+    ev = rpc(api, "event/list", {"filter": {"is_open": True}})["events"]
+    assert [e["pid"] for e in ev] == [1000, 1005, 1010, 1015, 1020, 1025]
+    assert all(e["is_open"] is True for e in ev)
+    for spelled in ("true", "t", "T"):
+        assert len(rpc(api, "event/list", {"filter": {"is_open": spelled}})["events"]) == 6
+    assert len(rpc(api, "event/list", {"filter": {"is_open": "f"}})["events"]) == 24
+    ev = rpc(api, "event/list", {"filter": {"start_time": NOW - 200, "end_time": NOW - 100}})["events"]
+    assert [e["time"] for e in ev] == list(range(NOW - 200, NOW - 99, 10))      # both ends inclusive
+    ev = rpc(api, "event/list", {"filter": {"host_identifier": "host-b", "is_open": "t",
+                                            "start_time": NOW - 250}})["events"]
+    assert [e["pid"] for e in ev] == [1010, 1020]
+    e = ev[0]
+    assert e["table"] == "bpf_process_events" and e["eid"] == 11 and e["cmdline"] == "p10 --x"
+
+
+def test_event_list_pages_with_cursor(api):
+    seen, cursor = [], None
+    while True:
+        params = {"filter": {"start_time": 0}, "limit": 7, "table": "bpf_process_events"}
+        if cursor:
+            params["cursor"] = cursor
+        page = rpc(api, "event/list", params)
+        seen += [e["eid"] for e in page["events"]]
+        cursor = page["cursor"]
+        if len(page["events"]) < 7:
+            break
+    assert seen == list(range(1, 31))
+
+
+def test_injection_is_just_a_value(api):
+    ev = rpc(api, "event/list", {"filter": {"host_identifier": "x' OR '1'='1"}})["events"]
+    assert ev == []
+
+
+@pytest.mark.parametrize("params,field", [
+    ({}, "filter"),
+    ({"filter": {}}, "filter"),
+    ({"filter": {"pid": 3}}, "filter.pid"),
+    ({"filter": {"start_time": "noon"}}, "filter.start_time"),
+    ({"filter": {"start_time": -4}}, "filter.start_time"),
+    ({"filter": {"is_open": "maybe"}}, "filter.is_open"),
+    ({"filter": {"host_identifier": 5}}, "filter.host_identifier"),
+    ({"filter": {"start_time": 0}, "limit": 0}, "limit"),
+    ({"filter": {"start_time": 0}, "limit": 10**6}, "limit"),
+    ({"filter": {"start_time": 0}, "table": "nope"}, "table"),
+    ({"filter": {"start_time": 0}, "cursor": "!!!"}, "cursor"),
+    ({"filter": {"start_time": 0}, "cursor": "eyJub3BlIjogMX0="}, "cursor"),
+    ({"filter": {"start_time": 0}, "colour": "red"}, "colour"),
+    ([1, 2], "params"),
+])
+def test_bad_params_name_the_field(api, params, field):
+    [reply] = jsonrpc_lines(api.socket, json.dumps(
+        {"jsonrpc": "2.0", "id": 9, "method": "event/list", "params": params}).encode() + b"\n", 1)
+    assert reply["id"] == 9 and reply["error"]["code"] == -32602
+    assert reply["error"]["data"]["field"] == field
+    assert field.split(".")[-1] in reply["error"]["message"]
+
+
+def test_malformed_lines_keep_the_connection_usable(api):
+    ping = b'{"jsonrpc":"2.0","id":"p","method":"ping"}\n'
+    payload = (b"this is not json\n" + ping
+               + b"[1,2]\n" + ping
+               + b'{"jsonrpc":"1.0","id":1,"method":"ping"}\n' + ping
+               + b'{"jsonrpc":"2.0","id":2,"method":"no/such"}\n' + ping
+               + b'{"jsonrpc":"2.0","id":3,"method":7}\n' + ping
+               + b'{"jsonrpc":"2.0","id":4,"method":"ping","params":{"x":1}}\n' + ping
+               + b"\xff\xfe\n" + ping
+               + b"x" * (1 << 20) + b"y" * 5000 + b"\n" + ping)
+    replies = jsonrpc_lines(api.socket, payload, 16, timeout=20)
+    codes = [r.get("error", {}).get("code") for r in replies[0::2]]
+    assert codes == [-32700, -32600, -32600, -32601, -32600, -32602, -32700, -32600]
+    assert all(r == {"jsonrpc": "2.0", "result": "pong", "id": "p"} for r in replies[1::2])
+    assert "unknown method 'no/such'" in replies[6]["error"]["message"]
+    assert "exceeds 1048576 bytes" in replies[14]["error"]["message"]
+    assert rpc(api, "ping") == "pong"
+
+
+def test_notifications_get_no_reply(api):
+    replies = jsonrpc_lines(api.socket, b'{"jsonrpc":"2.0","method":"ping"}\n'
+                            b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n', 1)
+    assert replies == [{"jsonrpc": "2.0", "result": "pong", "id": 1}]
+
+
+@needs_root
+def test_socket_mode_and_group(api):
+    st = os.stat(api.socket)
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_uid == 0
+    try:
+        assert st.st_gid == grp.getgrnam("vajra").gr_gid
+    except KeyError:
+        assert st.st_gid == 0
+
+
+@needs_root
+def test_vajractl_reports_refusal_and_absence(api, workdir):
+    out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
+                          sys.executable, "-m", "vajrad.ctl", "--socket", api.socket, "status"],
+                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert out.returncode == 1 and "permission denied" in out.stderr and "group vajra" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", f"{workdir}/none.sock", "status"],
+                         capture_output=True, text=True)
+    assert out.returncode == 1 and "vajrad is not running" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", api.socket, "status"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0 and "events: captured" in out.stdout
+
+
+def test_vajractl_since_and_tables(api):
+    base = [sys.executable, "-m", "vajrad.ctl", "--socket", api.socket]
+    out = subprocess.run(base + ["events", "--json", "--since", "95"], capture_output=True, text=True,
+                         check=True).stdout
+    times = [json.loads(line)["time"] for line in out.splitlines()]
+    assert times and min(times) >= NOW - 95 - 5 and len(times) < 30
+    out = subprocess.run(base + ["events", "--json", "--since", f"@{NOW - 20}"], capture_output=True,
+                         text=True, check=True).stdout
+    assert [json.loads(line)["pid"] for line in out.splitlines()] == [1028, 1029]
+    bad = subprocess.run(base + ["events", "--since", "last tuesday"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--since" in bad.stderr
+    out = subprocess.run(base + ["tables"], capture_output=True, text=True, check=True).stdout
+    assert "bpf_process_events" in out and "json_cmdline" in out
+
+
+@needs_bpf
+def test_slow_subscriber_misses_are_counted_and_told(daemon_factory):
+    d = daemon_factory("--subscriber_queue_events=50")
+    slow = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(d.socket)
+    slow.sendall(b'{"jsonrpc":"2.0","id":1,"method":"subscribe","params":{"table":"bpf_process_events"}}\n')
+    marker = f"vajra-slow-{os.getpid()}"
+    subprocess.run(["sh", "-c", f"for i in $(seq 3000); do /bin/true {marker}; done"], check=True)
+    # the daemon kept serving everyone else meanwhile
+    assert rpc(d, "ping") == "pong"
+    with d.client() as c:
+        stored = sum(1 for e in c.iter_events({"start_time": 0}, "bpf_process_events")
+                     if e["cmdline"] == f"/bin/true {marker}")
+    assert stored == 3000
+    assert rpc(d, "status")["api"]["subscriber_missed"] > 0
+    # now read everything the slow subscriber was sent
+    subprocess.run(["/bin/true", "last-one", marker])
+    slow.settimeout(5)
+    buf, got, missed = b"", 0, 0
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            chunk = slow.recv(1 << 16)
+        except socket.timeout:
+            break
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            msg = json.loads(line)
+            if msg.get("method") == "missed":
+                missed += msg["params"]["count"]
+            elif msg.get("method") == "event" and msg["params"]["event"]["cmdline"] == f"/bin/true {marker}":
+                got += 1
+        if b"last-one" in chunk:
+            break
+    slow.close()
+    assert missed > 0 and got + missed >= 3000 and got < 3000
