@@ -11,6 +11,7 @@ BPF_PERF_OUTPUT(events);  /* kernels before 5.8 have no ring buffer */
 
 BPF_PERCPU_ARRAY(scratch, struct vajra_exec_event, 1);
 BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_PERCPU_ARRAY(since_wakeup, u64, 1);
 /* exec syscall entry time by calling thread, for the duration column */
 BPF_HASH(exec_start, u32, u64, 16384);
 
@@ -21,17 +22,27 @@ static __always_inline void *read_ptr(void *base, u64 off)
     return p;
 }
 
-/* A full buffer drops the event; the drop is counted for `status`. */
+/* A full buffer drops the event; the drop is counted for `status`.
+ * The consumer is woken only every VAJRA_WAKEUP_EVERY events per CPU and
+ * otherwise drains on its own timer: a wakeup per event costs userspace far
+ * more than the event itself. */
 static __always_inline void submit(void *ctx, void *ev, u32 size)
 {
 #ifdef VAJRA_RINGBUF
-    int err = events.ringbuf_output(ev, size, 0);
+    int zero = 0;
+    u64 flags = BPF_RB_NO_WAKEUP;
+    u64 *pending = since_wakeup.lookup(&zero);
+    if (pending && ++(*pending) >= VAJRA_WAKEUP_EVERY) {
+        *pending = 0;
+        flags = BPF_RB_FORCE_WAKEUP;
+    }
+    int err = events.ringbuf_output(ev, size, flags);
 #else
     int err = events.perf_submit(ctx, ev, size);
 #endif
     if (err < 0) {
-        int zero = 0;
-        u64 *n = lost.lookup(&zero);
+        int idx = 0;
+        u64 *n = lost.lookup(&idx);
         if (n)
             (*n)++;
     }

@@ -9,6 +9,7 @@
 #define VAJRA_NAME_MAX 256       /* bytes of one path component, with its NUL */
 #define VAJRA_PATH_DEPTH 64      /* path components walked, mounts included */
 #define VAJRA_DATA_SIZE 16384    /* args | cwd | exe, packed (power of two) */
+#define VAJRA_WAKEUP_EVERY 64    /* events per CPU between consumer wakeups */
 
 enum vajra_event_type {
     VAJRA_EV_EXEC = 1,
@@ -73,8 +74,11 @@ struct vajra_exec_event {
 #endif
 
 #if defined(VAJRA_EXPECT_EXEC_EVENT_SIZE)
-_Static_assert(sizeof(struct vajra_exec_event) == VAJRA_EXPECT_EXEC_EVENT_SIZE,
-               "struct vajra_exec_event differs from vajrad/bpf_abi.py");
+_Static_assert(sizeof(struct vajra_exec_event) == VAJRA_EXPECT_EXEC_EVENT_SIZE &&
+               VAJRA_ARGS_MAX == VAJRA_EXPECT_ARGS_MAX && VAJRA_PATH_MAX == VAJRA_EXPECT_PATH_MAX &&
+               VAJRA_NAME_MAX == VAJRA_EXPECT_NAME_MAX && VAJRA_DATA_SIZE == VAJRA_EXPECT_DATA_SIZE &&
+               VAJRA_WAKEUP_EVERY == VAJRA_EXPECT_WAKEUP_EVERY,
+               "bpf/vajra.h differs from vajrad/bpf_abi.py");
 #endif
 
 #endif

@@ -98,3 +98,18 @@ def test_no_btf_no_headers_names_what_to_install(tmp_path, monkeypatch):
     with pytest.raises(KernelSupportError) as e:
         kernel.probe(str(tmp_path), btf_path=str(tmp_path / "none"), headers_root=str(tmp_path))
     assert "install linux-headers-" in str(e.value) and "no BTF" in str(e.value)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to load BPF")
+def test_abi_drift_fails_the_build(monkeypatch):
+    """The ctypes mirror and bpf/vajra.h are checked against each other when compiling."""
+    from vajrad import bpf_abi
+    from vajrad.bpf_program import BpfProgram
+    from vajrad.errors import CollectorError
+    kenv = kernel.probe("/run/vajra")
+    kernel.ensure_tracefs()
+    monkeypatch.setitem(bpf_abi.ABI_CHECKS, "VAJRA_EXPECT_EXEC_EVENT_SIZE",
+                        bpf_abi.ABI_CHECKS["VAJRA_EXPECT_EXEC_EVENT_SIZE"] + 8)
+    prog = BpfProgram("process.bpf.c", kenv)
+    with pytest.raises(CollectorError, match="failed to compile"):
+        prog.load()

@@ -1,7 +1,7 @@
 """ctypes mirror of bpf/vajra.h, the one place Python learns the event layout.
 
-BpfProgram passes the sizes below to the compiler, where _Static_assert
-rejects a header that drifted from this file.
+BpfProgram passes ABI_CHECKS to the compiler, where _Static_assert rejects
+a header that drifted from this file.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ ARGS_MAX = 4096
 PATH_MAX = 4096
 NAME_MAX = 256
 DATA_SIZE = 16384
+WAKEUP_EVERY = 64
 
 EV_EXEC = 1
 
@@ -42,7 +43,12 @@ class ExecEvent(ctypes.Structure):
 EXEC_DATA_OFFSET = ExecEvent.data.offset
 
 # -D flags that make the C side check this mirror at compile time.
-SIZE_CHECKS = {"VAJRA_EXPECT_EXEC_EVENT_SIZE": ctypes.sizeof(ExecEvent)}
+ABI_CHECKS = {
+    "VAJRA_EXPECT_EXEC_EVENT_SIZE": ctypes.sizeof(ExecEvent),
+    "VAJRA_EXPECT_ARGS_MAX": ARGS_MAX, "VAJRA_EXPECT_PATH_MAX": PATH_MAX,
+    "VAJRA_EXPECT_NAME_MAX": NAME_MAX, "VAJRA_EXPECT_DATA_SIZE": DATA_SIZE,
+    "VAJRA_EXPECT_WAKEUP_EVERY": WAKEUP_EVERY,
+}
 
 
 def join_components(raw: bytes) -> str:

@@ -42,7 +42,7 @@ class BpfProgram:
 
     def cflags(self) -> list[str]:
         flags = list(self.kenv.cflags) + [f"-I{bpf_source_dir()}"]
-        flags += [f"-D{k}={v}" for k, v in bpf_abi.SIZE_CHECKS.items()]
+        flags += [f"-D{k}={v}" for k, v in bpf_abi.ABI_CHECKS.items()]
         if self.output == "ringbuf":
             flags += ["-DVAJRA_RINGBUF=1", f"-DVAJRA_RINGBUF_PAGES={RINGBUF_PAGES}"]
         return flags
@@ -65,13 +65,18 @@ class BpfProgram:
             def lost(count):
                 self._perf_lost += count
             table.open_perf_buffer(lambda _cpu, data, size: callback(data, size),
-                                   page_cnt=PERF_PAGES_PER_CPU, lost_cb=lost)
+                                   page_cnt=PERF_PAGES_PER_CPU, lost_cb=lost,
+                                   wakeup_events=bpf_abi.WAKEUP_EVERY)
 
     def poll(self, timeout_ms: int) -> None:
+        """Waits up to timeout_ms for a wakeup, then drains whatever is there:
+        the kernel side wakes us only every WAKEUP_EVERY events."""
         if self.output == "ringbuf":
             self.bpf.ring_buffer_poll(timeout_ms)
+            self.bpf.ring_buffer_consume()
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
+            self.bpf.perf_buffer_consume()
 
     def kernel_lost(self) -> int:
         """Events the kernel side could not hand over: full buffer drops."""

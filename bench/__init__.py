@@ -1,0 +1,1 @@
+"""Vajra benchmarks: `make bench` or `python -m bench`. Each prints JSON."""
