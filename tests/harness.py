@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -34,49 +35,53 @@ def can_bpf() -> tuple[bool, str]:
 
 
 class NotifyListener:
-    """A datagram socket playing systemd's end of sd_notify."""
+    """A datagram socket playing systemd's end of sd_notify, read continuously
+    on a thread as systemd would."""
 
     def __init__(self, directory: str):
         self.path = os.path.join(directory, "notify.sock")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
+        self.sock.settimeout(0.1)
         self.messages: list[tuple[float, str]] = []
+        self.reading = True
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
 
-    def collect(self, timeout: float) -> None:
-        self.sock.settimeout(timeout)
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            return
-        self.messages.append((time.monotonic(), data.decode()))
+    def _read(self) -> None:
+        while self.reading:
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def pause(self) -> None:
+        """Stops reading, as a wedged receiver would."""
+        self.reading = False
+        self._thread.join()
+
+    def states(self) -> list[str]:
+        return [line for _, m in list(self.messages) for line in m.split("\n")]
 
     def wait_for(self, key: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
         deadline = time.monotonic() + timeout
-        for _, msg in self.messages:
-            if key in msg.split("\n") or any(line.startswith(key) for line in msg.split("\n")):
-                return msg
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise AssertionError(f"vajrad exited with {proc.returncode} before {key}")
-            self.collect(min(0.2, deadline - time.monotonic()))
-            if self.messages:
-                msg = self.messages[-1][1]
+        while True:
+            for _, msg in list(self.messages):
                 if any(line.startswith(key) for line in msg.split("\n")):
                     return msg
-        raise AssertionError(f"no {key} within {timeout} s; got {[m for _, m in self.messages]}")
-
-    def drain(self) -> None:
-        while self.sock.fileno() >= 0:
-            before = len(self.messages)
-            self.collect(0.05)
-            if len(self.messages) == before:
-                return
-
-    def states(self) -> list[str]:
-        self.drain()
-        return [line for _, m in self.messages for line in m.split("\n")]
+            if proc is not None and proc.poll() is not None:
+                raise AssertionError(f"vajrad exited with {proc.returncode} before {key}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {key} within {timeout} s; got {self.states()}")
+            time.sleep(0.02)
 
     def close(self) -> None:
+        time.sleep(0.1)          # what was sent on the way down
+        self.reading = False
+        self._thread.join()
         self.sock.close()
 
 
@@ -135,7 +140,6 @@ class Daemon:
             self.proc.kill()
             rc = self.proc.wait()
         if self.notify:
-            self.notify.drain()        # keep what was sent on the way down
             self.notify.close()
         self._stderr.close()
         self.proc = None

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from conftest import BPF_OK, needs_bpf, needs_root
+from conftest import needs_bpf, needs_root
 from harness import jsonrpc_lines
 from vajrad.schema import TABLES
 from vajrad.store import EventStore

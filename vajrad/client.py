@@ -8,6 +8,7 @@ import socket
 from typing import Any, Iterator
 
 from .errors import VajraError
+from .service import event_list_params
 
 DEFAULT_SOCKET = "/run/vajra/vajra.sock"
 
@@ -104,14 +105,7 @@ class VajraClient:
 
     def list_events(self, flt: dict, table: str | None = None, limit: int | None = None,
                     cursor: str | None = None) -> dict:
-        params: dict = {"filter": flt}
-        if table:
-            params["table"] = table
-        if limit:
-            params["limit"] = limit
-        if cursor:
-            params["cursor"] = cursor
-        return self.call("event/list", params)
+        return self.call("event/list", event_list_params(flt, table, limit, cursor))
 
     def iter_events(self, flt: dict, table: str | None = None, page: int = 1000) -> Iterator[dict]:
         """Every matching event, page by page through the cursor."""

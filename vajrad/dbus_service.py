@@ -19,7 +19,7 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 from . import __version__
 from .errors import RequestError, VajraError
 from .schema import Table
-from .service import VajraService
+from .service import VajraService, event_list_params
 
 log = logging.getLogger(__name__)
 
@@ -169,13 +169,7 @@ class DbusService:
                 raise RequestError(f"ListEvents takes (a{{sv}} filter, s table, u limit, s cursor), "
                                    f"got signature {msg.signature!r}", "signature")
             flt, table, limit, cursor = msg.body
-            params: dict[str, Any] = {"filter": from_vardict(flt)}
-            if table:
-                params["table"] = table
-            if limit:
-                params["limit"] = limit
-            if cursor:
-                params["cursor"] = cursor
+            params = event_list_params(from_vardict(flt), table, limit, cursor)
             result = await self.service.list_events(params)
             events = [event_to_dbus(e, self.service.tables) for e in result["events"]]
             reply = Message.new_method_return(msg, "aa{sv}s", [events, result["cursor"]])

@@ -13,6 +13,10 @@ class Notifier:
     def __init__(self):
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._n = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._n is not None and self._n.socket is not None:
+            # A receiver that stops reading must not freeze the event loop:
+            # with a full queue the message is dropped (sdnotify ignores the error).
+            self._n.socket.setblocking(False)
         self.watchdog_interval = self._watchdog_interval()
 
     @staticmethod

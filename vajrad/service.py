@@ -9,7 +9,6 @@ import json
 import time
 from typing import Any
 
-from . import __version__
 from .errors import RequestError
 from .schema import Table
 from .store import EventStore, Filter
@@ -62,6 +61,16 @@ def parse_filter(obj: Any, field: str = "filter") -> Filter:
         if key in obj:
             setattr(flt, key, parse_int(obj[key], f"{field}.{key}", minimum=0))
     return flt
+
+
+def event_list_params(flt: dict, table: str | None = None, limit: int | None = None,
+                      cursor: str | None = None) -> dict:
+    """event/list params, leaving out what is unset (empty or zero means default)."""
+    params: dict[str, Any] = {"filter": flt}
+    for key, value in (("table", table), ("limit", limit), ("cursor", cursor)):
+        if value:
+            params[key] = value
+    return params
 
 
 def encode_cursor(position: dict[str, int]) -> str:
