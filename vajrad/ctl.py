@@ -10,6 +10,7 @@ import time
 
 from .client import ClientError, RemoteError, VajraClient
 from .schema import TABLES
+from .sql import QueryError
 
 # Columns shown by `vajractl events` without --json, per table.
 SUMMARY = {
@@ -122,6 +123,31 @@ def cmd_events(client: VajraClient, args) -> int:
     return 0
 
 
+def cmd_query(client: VajraClient, args) -> int:
+    from .sql import ReadOnlySql
+    database = args.database
+    if not database:
+        try:
+            database = client.call("status")["store"]["path"]
+        except ClientError:
+            database = "/var/lib/vajra/events.db"     # no daemon: the default store
+    db = ReadOnlySql(database)
+    try:
+        columns, rows = db.run(args.sql)
+    finally:
+        db.close()
+    if args.json:
+        for row in rows:
+            print(json.dumps(dict(zip(columns, row)), ensure_ascii=False))
+        return 0
+    text = [[("" if v is None else str(v)) for v in row] for row in rows]
+    widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for r in text:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vajractl", description="Query a running vajrad.")
     p.add_argument("--socket", help="vajrad's API socket (default: $VAJRA_SOCKET or /run/vajra/vajra.sock)")
@@ -139,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON object per line")
     e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     e.set_defaults(func=cmd_events)
+    q = sub.add_parser("query", help="read-only SQL over the local event store (no osquery needed)")
+    q.add_argument("sql")
+    q.add_argument("--database", help="the store (default: the running vajrad's, else /var/lib/vajra/events.db)")
+    q.add_argument("--json", action="store_true", help="one JSON object per row")
+    q.set_defaults(func=cmd_query, offline=True)
     return p
 
 
@@ -146,8 +177,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     client = VajraClient(args.socket)
     try:
+        if getattr(args, "offline", False):     # works with vajrad down, too
+            return args.func(client, args)
         with client:
             return args.func(client, args)
+    except QueryError as e:
+        print(f"vajractl query: {e}", file=sys.stderr)
+        return 1
     except ClientError as e:
         print(f"vajractl: {e}", file=sys.stderr)
         return 1

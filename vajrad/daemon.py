@@ -38,6 +38,7 @@ class Vajrad:
         self.hub = EventHub(self.config.subscriber_queue_events)
         self.api: ApiServer | None = None
         self.dbus: DbusService | None = None
+        self.service: VajraService | None = None
         self._pumps: list[asyncio.Task] = []
         self._stop = asyncio.Event()
         self._last_tick = time.monotonic()
@@ -68,7 +69,8 @@ class Vajrad:
             "api": {"socket": self.config.api_socket,
                     "connections": self.api.connections if self.api else 0,
                     "subscribers": len(self.hub.subscribers),
-                    "subscriber_missed": self.hub.missed_total},
+                    "subscriber_missed": self.hub.missed_total,
+                    "events_served": self.service.served if self.service else 0},
             "dbus": self.dbus.state if self.dbus else "stopped",
             "events": {
                 "captured": sum(c.captured for c in self.collectors),
@@ -112,10 +114,10 @@ class Vajrad:
             await collector.start()
             self.collectors.append(collector)
             self._pumps.append(asyncio.create_task(self._pump(collector)))
-        service = VajraService(self.store, TABLES, self.status)
-        self.api = ApiServer(cfg.api_socket, service, self.hub)
+        self.service = VajraService(self.store, TABLES, self.status)
+        self.api = ApiServer(cfg.api_socket, self.service, self.hub)
         await self.api.start()
-        self.dbus = DbusService(cfg.dbus, service, self.counters)
+        self.dbus = DbusService(cfg.dbus, self.service, self.counters)
         await self.dbus.start()
 
     async def _pump(self, collector: Collector) -> None:

@@ -15,7 +15,7 @@ from .store import EventStore, Filter
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
-FILTER_KEYS = ("host_identifier", "is_open", "start_time", "end_time")
+FILTER_KEYS = ("host_identifier", "is_open", "start_time", "end_time", "start_eid", "end_eid")
 
 
 def parse_bool(value: Any, field: str) -> bool:
@@ -57,7 +57,7 @@ def parse_filter(obj: Any, field: str = "filter") -> Filter:
         flt.host_identifier = obj["host_identifier"]
     if "is_open" in obj:
         flt.is_open = parse_bool(obj["is_open"], f"{field}.is_open")
-    for key in ("start_time", "end_time"):
+    for key in ("start_time", "end_time", "start_eid", "end_eid"):
         if key in obj:
             setattr(flt, key, parse_int(obj[key], f"{field}.{key}", minimum=0))
     return flt
@@ -100,6 +100,7 @@ class VajraService:
         self.event_tables = {n: t for n, t in tables.items() if t.evented}
         self._daemon_status = daemon_status   # callable -> dict
         self.started = time.time()
+        self.served = 0        # events returned by event/list and ListEvents
 
     def ping(self) -> str:
         return "pong"
@@ -143,6 +144,7 @@ class VajraService:
         if len(names) > 1:
             candidates.sort(key=lambda r: (r["time"] or 0, r["table"], r["eid"]))
         events = candidates[:limit]
+        self.served += len(events)
         position = dict(position)
         for row in events:
             row["is_open"] = bool(row["is_open"])

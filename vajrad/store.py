@@ -38,6 +38,8 @@ class Filter:
     is_open: bool | None = None
     start_time: int | None = None
     end_time: int | None = None
+    start_eid: int | None = None
+    end_eid: int | None = None
 
     def where(self) -> tuple[str, list]:
         clauses, params = [], []
@@ -53,6 +55,12 @@ class Filter:
         if self.end_time is not None:
             clauses.append("time <= ?")
             params.append(self.end_time)
+        if self.start_eid is not None:
+            clauses.append("eid >= ?")
+            params.append(self.start_eid)
+        if self.end_eid is not None:
+            clauses.append("eid <= ?")
+            params.append(self.end_eid)
         return " AND ".join(clauses), params
 
 

@@ -1,0 +1,308 @@
+"""The osquery shim against osquery core played by osquery's own Thrift stubs
+(PyPI's osquery package): ExtensionManager served on a Unix socket, and the
+Extension client calling the shim."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from osquery.extensions import Extension, ExtensionManager, ttypes
+from thrift.protocol import TBinaryProtocol
+from thrift.transport import TSocket, TTransport
+
+from test_api import NOW, seed
+from vajrad.osquery import protocol as p
+from vajrad.schema import TABLES
+
+
+class FakeCore:
+    """osquery core's extension manager, as far as an extension can see it."""
+
+    def __init__(self, options=None, core_tables=(), list_tables=True):
+        self.opts = {"disable_events": "false", "enable_bpf_events": "true", **(options or {})}
+        self.core_tables = set(core_tables)
+        self.list_tables = list_tables
+        self.registered = {}
+        self.attempts = []
+        self.uuid = 1000
+
+    def ping(self):
+        return ttypes.ExtensionStatus(code=0, message="OK")
+
+    def call(self, registry, item, request):
+        return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=1, message="core"), response=[])
+
+    def shutdown(self):
+        pass
+
+    def extensions(self):
+        return {u: info for u, (info, _) in self.registered.items()}
+
+    def options(self):
+        return {k: ttypes.InternalOptionInfo(value=v, default_value="", type="bool") for k, v in self.opts.items()}
+
+    def registerExtension(self, info, registry):
+        self.attempts.append(registry)
+        if any(i.name == info.name for i, _ in self.registered.values()):
+            return ttypes.ExtensionStatus(code=1, message="Duplicate extension registered")
+        for name in registry.get("table", {}):
+            if name in self.core_tables:
+                return ttypes.ExtensionStatus(code=1, message=f"Failed adding registry: Duplicate registry item exists: {name}")
+        self.uuid += 1
+        self.registered[self.uuid] = (info, registry)
+        return ttypes.ExtensionStatus(code=0, message="OK", uuid=self.uuid)
+
+    def deregisterExtension(self, uuid):
+        self.registered.pop(uuid, None)
+        return ttypes.ExtensionStatus(code=0, message="OK")
+
+    def query(self, sql):
+        if "osquery_registry" in sql and self.list_tables:
+            rows = [{"name": n} for n in sorted(self.core_tables | {"processes"})]
+            return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=0, message="OK"), response=rows)
+        return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=1, message="no such table"), response=[])
+
+    def getQueryColumns(self, sql):
+        return self.query(sql)
+
+
+class Core:
+    def __init__(self, directory, **kw):
+        self.path = os.path.join(directory, "osquery.em")
+        self.handler = FakeCore(**kw)
+        # osquery-python's generated processor, served on a Unix socket
+        self.server = p.UnixServer(self.path, ExtensionManager.Processor(self.handler)).start()
+        self.shim = None
+
+    def start_shim(self, vajra_socket, *extra, wait=True):
+        self.shim = subprocess.Popen([sys.executable, "-m", "vajrad.osquery", "--socket", self.path,
+                                      "--timeout", "5", "--interval", "0.5", "--verbose",
+                                      "--vajra_socket", vajra_socket, *extra],
+                                     stderr=subprocess.PIPE, text=True)
+        if wait:
+            deadline = time.monotonic() + 20
+            while not self.handler.registered:
+                assert self.shim.poll() is None, self.shim.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            uuid = next(iter(self.handler.registered))
+            self.ext_path = f"{self.path}.{uuid}"
+            while not os.path.exists(self.ext_path):
+                time.sleep(0.05)
+        return self.shim
+
+    def client(self):
+        transport = TTransport.TBufferedTransport(TSocket.TSocket(unix_socket=self.ext_path))
+        transport.open()
+        return Extension.Client(TBinaryProtocol.TBinaryProtocol(transport))
+
+    def stop(self):
+        if self.shim and self.shim.poll() is None:
+            self.shim.kill()
+            self.shim.wait()
+        self.server.stop()
+
+
+@pytest.fixture
+def vajrad(daemon_factory, workdir):
+    db = os.path.join(workdir, "seeded.db")
+    seed(db)
+    return daemon_factory("--enable_bpf_events=false", "--events_expiry=0", database=db)
+
+
+@pytest.fixture
+def core(workdir):
+    cores = []
+
+    def make(**kw):
+        c = Core(workdir, **kw)
+        cores.append(c)
+        return c
+
+    yield make
+    for c in cores:
+        c.stop()
+
+
+def generate(client, table, constraints=None, context=None):
+    ctx = context if context is not None else json.dumps({"constraints": constraints or [], "colsUsed": []})
+    return client.call("table", table, {"action": "generate", "context": ctx})
+
+
+def test_wire_declarations_match_osquery_stubs():
+    ours = {cls.__name__: cls.thrift_spec for cls in (p.InternalOptionInfo, p.InternalExtensionInfo,
+                                                      p.ExtensionStatus)}
+    for name, spec in ours.items():
+        theirs = getattr(ttypes, name).thrift_spec
+        assert [f[:4] if f else None for f in spec] == [f[:4] if f else None for f in theirs], name
+    for method, (args, result) in p.MANAGER_METHODS.items():
+        module = Extension if method in p.EXTENSION_METHODS else ExtensionManager
+        theirs_args = getattr(module, f"{method}_args").thrift_spec
+        assert [f[:3] if f else None for f in args.thrift_spec] == \
+            [f[:3] if f else None for f in (theirs_args or ())], method
+
+
+def test_registration_columns_and_generate(core, vajrad):
+    c = core()
+    c.start_shim(vajrad.socket)
+    info, registry = next(iter(c.handler.registered.values()))
+    assert info.name == "vajra" and info.version == "0.1.0"
+    assert set(registry["table"]) == {n for n in TABLES}
+    routes = registry["table"]["bpf_process_events"]
+    by_name = {r["name"]: r for r in routes}
+    assert [r["name"] for r in routes] == list(TABLES["bpf_process_events"].column_names)
+    assert by_name["time"]["op"] == "4" and by_name["eid"]["op"] == "16"        # ADDITIONAL, HIDDEN
+    assert by_name["pid"]["type"] == "BIGINT" and all(r["id"] == "column" for r in routes)
+
+    client = c.client()
+    assert client.ping().code == 0
+    cols = client.call("table", "bpf_process_events", {"action": "columns"})
+    assert cols.status.code == 0 and [r["name"] for r in cols.response] == [r["name"] for r in routes]
+    resp = generate(client, "bpf_process_events")
+    assert resp.status.code == 0 and len(resp.response) == 30
+    row = resp.response[10]
+    assert row["pid"] == "1010" and row["cmdline"] == "p10 --x" and row["is_open"] == "1"
+    assert row["eid"] == "11" and row["cwd"] == ""                   # NULL is ""
+    assert set(row) == set(TABLES["bpf_process_events"].column_names)
+
+
+def test_time_and_eid_constraints_reduce_what_is_fetched(core, vajrad):
+    c = core()
+    c.start_shim(vajrad.socket)
+    client = c.client()
+
+    def served():
+        return vajrad.call("status")["api"]["events_served"]
+
+    before = served()
+    assert len(generate(client, "bpf_process_events").response) == 30
+    assert served() - before == 30
+    before = served()
+    resp = generate(client, "bpf_process_events",
+                    [{"name": "time", "list": [{"op": 4, "expr": str(NOW - 30)}], "affinity": "BIGINT"}])
+    assert sorted(int(r["time"]) for r in resp.response) == [NOW - 20, NOW - 10]
+    assert served() - before == 2            # only the window crossed the socket
+    before = served()
+    resp = generate(client, "bpf_process_events", [
+        {"name": "time", "list": [{"op": 32, "expr": str(NOW - 300)}, {"op": 8, "expr": str(NOW - 250)}]},
+        {"name": "eid", "list": [{"op": 16, "expr": "5"}]}])
+    assert [r["eid"] for r in resp.response] == ["1", "2", "3", "4"]
+    assert served() - before == 4
+    resp = generate(client, "bpf_process_events", [{"name": "time", "list": [{"op": 2, "expr": str(NOW - 100)}]}])
+    assert [r["time"] for r in resp.response] == [str(NOW - 100)]
+    resp = generate(client, "bpf_process_events",
+                    [{"name": "eid", "list": [{"op": 4, "expr": "20"}, {"op": 16, "expr": "5"}]}])
+    assert resp.status.code == 0 and resp.response == []
+
+
+@pytest.mark.parametrize("context,needle", [
+    ("{not json", "not JSON"),
+    ("[1]", "JSON object"),
+    ('{"constraints": 5}', "constraints must be a list"),
+    ('{"constraints": [7]}', "constraints[0]"),
+    ('{"constraints": [{"name": "time", "list": [{"op": "gt", "expr": "1"}]}]}', "constraints[0].list[0].op"),
+])
+def test_malformed_contexts_get_a_clear_error(core, vajrad, context, needle):
+    c = core()
+    c.start_shim(vajrad.socket)
+    client = c.client()
+    resp = generate(client, "bpf_process_events", context=context)
+    assert resp.status.code == 1 and needle in resp.status.message
+    assert generate(client, "bpf_process_events").status.code == 0      # still serving
+
+
+def test_events_disabled_means_no_rows_and_a_warning(core, vajrad):
+    c = core(options={"disable_events": "true"})
+    shim = c.start_shim(vajrad.socket)
+    resp = generate(c.client(), "bpf_process_events")
+    assert resp.response == [] and "--disable_events=false" in resp.status.message
+    shim.kill()
+    assert "--disable_events=false --enable_bpf_events=true" in shim.stderr.read()
+
+
+def test_shim_flags_stand_in_for_a_core_without_enable_bpf_events(core, vajrad):
+    c = core(options={"disable_events": "false", "enable_bpf_events": ""})
+    c.handler.opts.pop("enable_bpf_events")
+    c.start_shim(vajrad.socket)
+    resp = generate(c.client(), "bpf_process_events")
+    assert resp.response == [] and "enable_bpf_events" in resp.status.message
+    c.stop()
+    c2 = core(options={"disable_events": "false"})
+    c2.handler.opts.pop("enable_bpf_events")
+    c2.start_shim(vajrad.socket, "--enable_bpf_events=true")
+    assert len(generate(c2.client(), "bpf_process_events").response) == 30
+
+
+def test_vajrad_down_then_restarted(core, vajrad):
+    c = core()
+    c.start_shim(vajrad.socket)
+    client = c.client()
+    vajrad.stop()
+    resp = generate(client, "bpf_process_events")
+    assert resp.status.code == 1 and "vajrad is not running" in resp.status.message
+    vajrad.start()
+    assert len(generate(client, "bpf_process_events").response) == 30
+
+
+def test_shim_exits_when_osquery_goes_away(core, vajrad):
+    c = core()
+    shim = c.start_shim(vajrad.socket)
+    c.server.stop()
+    assert shim.wait(10) == 0
+    assert "osquery went away" in shim.stderr.read()
+
+
+def test_shutdown_call_stops_the_shim(core, vajrad):
+    c = core()
+    shim = c.start_shim(vajrad.socket)
+    c.client().shutdown()
+    assert shim.wait(10) == 0
+
+
+@pytest.mark.parametrize("list_tables", [True, False])
+def test_clashing_table_name_leaves_the_others_registered(core, vajrad, list_tables):
+    c = core(core_tables={"bpf_process_events"}, list_tables=list_tables)
+    shim = c.start_shim(vajrad.socket)
+    _, registry = next(iter(c.handler.registered.values()))
+    assert "bpf_process_events" not in registry["table"]
+    assert set(registry["table"]) == set(TABLES) - {"bpf_process_events"}
+    resp = c.client().call("table", "bpf_process_events", {"action": "generate", "context": "{}"})
+    assert resp.status.code == 1
+    shim.send_signal(signal.SIGTERM)
+    shim.wait(10)
+    assert "bpf_process_events clashes with a table osquery already has" in shim.stderr.read()
+
+
+def test_refused_registration_exits_non_zero(core, vajrad):
+    c = core()
+    c.handler.registered[1] = (ttypes.InternalExtensionInfo(name="vajra"), {})
+    shim = c.start_shim(vajrad.socket, wait=False)
+    assert shim.wait(20) == 1
+    assert "Duplicate extension registered" in shim.stderr.read()
+
+
+def test_no_osquery_exits_non_zero(workdir):
+    r = subprocess.run([sys.executable, "-m", "vajrad.osquery", "--socket", f"{workdir}/none.em",
+                        "--timeout", "1"], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "cannot reach osquery" in r.stderr
+
+
+def test_wire_compatible_with_osquery_python_client(core, vajrad):
+    from osquery.extension_client import ExtensionClient
+    c = core()
+    c.start_shim(vajrad.socket)
+    uuid = next(iter(c.handler.registered))
+    ec = ExtensionClient(path=c.path, uuid=uuid)
+    ec.open(timeout=5)
+    try:
+        client = ec.extension_client()
+        assert client.ping().code == 0
+        resp = client.call("table", "bpf_process_events", {
+            "action": "generate", "context": json.dumps({"constraints": [
+                {"name": "time", "list": [{"op": 32, "expr": str(NOW - 20)}], "affinity": "BIGINT"}]})})
+        assert [r["pid"] for r in resp.response] == ["1028", "1029"]
+    finally:
+        ec.close()

@@ -1,0 +1,1 @@
+"""The bundled osquery extension: Vajra's tables inside osquery and Fleet."""

@@ -1,0 +1,5 @@
+import sys
+
+from .extension import main
+
+sys.exit(main())
