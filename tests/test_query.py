@@ -57,3 +57,16 @@ def test_bad_sql_and_missing_store(store, workdir):
     assert r.returncode == 1 and "one statement" in r.stderr
     r = query(os.path.join(workdir, "absent.db"), "SELECT 1")
     assert r.returncode == 1 and "no event store" in r.stderr
+
+
+def test_example_pack_queries_run(store):
+    from pathlib import Path
+    from vajrad.sql import ReadOnlySql
+    pack = json.loads((Path(__file__).resolve().parent.parent / "docs/examples/vajra-pack.json").read_text())
+    db = ReadOnlySql(store)
+    try:
+        for name, q in pack["queries"].items():
+            columns, _ = db.run(q["query"])
+            assert columns, name
+    finally:
+        db.close()

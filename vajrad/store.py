@@ -43,25 +43,19 @@ class Filter:
 
     def where(self) -> tuple[str, list]:
         clauses, params = [], []
-        if self.host_identifier is not None:
-            clauses.append("host_identifier = ?")
-            params.append(self.host_identifier)
-        if self.is_open is not None:
-            clauses.append("is_open = ?")
-            params.append(1 if self.is_open else 0)
-        if self.start_time is not None:
-            clauses.append("time >= ?")
-            params.append(self.start_time)
-        if self.end_time is not None:
-            clauses.append("time <= ?")
-            params.append(self.end_time)
-        if self.start_eid is not None:
-            clauses.append("eid >= ?")
-            params.append(self.start_eid)
-        if self.end_eid is not None:
-            clauses.append("eid <= ?")
-            params.append(self.end_eid)
+        for attr, clause in _FILTER_CLAUSES:
+            value = getattr(self, attr)
+            if value is not None:
+                clauses.append(clause)
+                params.append(int(value) if attr == "is_open" else value)
         return " AND ".join(clauses), params
+
+
+_FILTER_CLAUSES = (
+    ("host_identifier", "host_identifier = ?"), ("is_open", "is_open = ?"),
+    ("start_time", "time >= ?"), ("end_time", "time <= ?"),
+    ("start_eid", "eid >= ?"), ("end_eid", "eid <= ?"),
+)
 
 
 def _quote(name: str) -> str:
