@@ -15,7 +15,12 @@ import threading
 import time
 from pathlib import Path
 
+from osquery.extensions import Extension, ExtensionManager, ttypes
+from thrift.protocol import TBinaryProtocol
+from thrift.transport import TSocket, TTransport
+
 from vajrad.client import VajraClient
+from vajrad.osquery import protocol as p
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "dbus" / "org.vajra.Vajra1.conf"
@@ -239,3 +244,103 @@ def jsonrpc_lines(sock_path: str, payload: bytes, replies: int, timeout: float =
             out.append(json.loads(line))
     s.close()
     return out
+
+
+# --- osquery core, played by osquery's official Thrift stubs (PyPI's osquery) ---
+
+class FakeCore:
+    """osquery core's extension manager, as far as an extension can see it."""
+
+    def __init__(self, options=None, core_tables=(), list_tables=True):
+        self.opts = {"disable_events": "false", "enable_bpf_events": "true", **(options or {})}
+        self.core_tables = set(core_tables)
+        self.list_tables = list_tables
+        self.registered = {}
+        self.attempts = []
+        self.uuid = 1000
+
+    def ping(self):
+        return ttypes.ExtensionStatus(code=0, message="OK")
+
+    def call(self, registry, item, request):
+        return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=1, message="core"), response=[])
+
+    def shutdown(self):
+        pass
+
+    def extensions(self):
+        return {u: info for u, (info, _) in self.registered.items()}
+
+    def options(self):
+        return {k: ttypes.InternalOptionInfo(value=v, default_value="", type="bool") for k, v in self.opts.items()}
+
+    def registerExtension(self, info, registry):
+        self.attempts.append(registry)
+        if any(i.name == info.name for i, _ in self.registered.values()):
+            return ttypes.ExtensionStatus(code=1, message="Duplicate extension registered")
+        for name in registry.get("table", {}):
+            if name in self.core_tables:
+                return ttypes.ExtensionStatus(code=1, message=f"Failed adding registry: Duplicate registry item exists: {name}")
+        self.uuid += 1
+        self.registered[self.uuid] = (info, registry)
+        return ttypes.ExtensionStatus(code=0, message="OK", uuid=self.uuid)
+
+    def deregisterExtension(self, uuid):
+        self.registered.pop(uuid, None)
+        return ttypes.ExtensionStatus(code=0, message="OK")
+
+    def query(self, sql):
+        if "osquery_registry" in sql and self.list_tables:
+            rows = [{"name": n} for n in sorted(self.core_tables | {"processes"})]
+            return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=0, message="OK"), response=rows)
+        return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=1, message="no such table"), response=[])
+
+    def getQueryColumns(self, sql):
+        return self.query(sql)
+
+
+class OsqueryCore:
+    def __init__(self, directory, **kw):
+        self.path = os.path.join(directory, "osquery.em")
+        self.handler = FakeCore(**kw)
+        # osquery-python's generated processor, served on a Unix socket
+        # osquery-python's stubs predate thrift's C codec: plain binary protocol for them
+        self.server = p.UnixServer(self.path, ExtensionManager.Processor(self.handler),
+                                   TBinaryProtocol.TBinaryProtocol).start()
+        self.shim = None
+
+    def start_shim(self, vajra_socket, *extra, wait=True):
+        """Runs the extension the way osquery autoloads it."""
+        self.shim = subprocess.Popen([sys.executable, "-m", "vajrad.osquery", "--socket", self.path,
+                                      "--timeout", "5", "--interval", "0.5", "--verbose",
+                                      "--vajra_socket", vajra_socket, *extra],
+                                     stderr=subprocess.PIPE, text=True)
+        if wait:
+            deadline = time.monotonic() + 20
+            while not self.handler.registered:
+                assert self.shim.poll() is None, self.shim.stderr.read()
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            uuid = next(iter(self.handler.registered))
+            self.ext_path = f"{self.path}.{uuid}"
+            while not os.path.exists(self.ext_path):
+                time.sleep(0.05)
+        return self.shim
+
+    def client(self):
+        transport = TTransport.TBufferedTransport(TSocket.TSocket(unix_socket=self.ext_path))
+        transport.open()
+        return Extension.Client(TBinaryProtocol.TBinaryProtocol(transport))
+
+    def fast_client(self) -> p.Client:
+        """The same calls through thrift's C codec: osquery core is C++, so
+        timings should not include pure-Python decoding on the caller's side."""
+        transport = TTransport.TBufferedTransport(TSocket.TSocket(unix_socket=self.ext_path))
+        transport.open()
+        return p.Client(p.binary_protocol(transport), p.EXTENSION_METHODS)
+
+    def stop(self):
+        if self.shim and self.shim.poll() is None:
+            self.shim.kill()
+            self.shim.wait()
+        self.server.stop()

@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 
-from thrift.protocol import TBinaryProtocol
 from thrift.transport import TSocket, TTransport
 
 from .. import __version__
@@ -218,7 +217,7 @@ def _connect(path: str, timeout: float):
         transport = TTransport.TBufferedTransport(sock)
         try:
             transport.open()
-            return TBinaryProtocol.TBinaryProtocol(transport)
+            return p.binary_protocol(transport)
         except TTransport.TTransportException:
             if time.monotonic() >= deadline:
                 raise
