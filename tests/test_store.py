@@ -93,3 +93,22 @@ def test_wal_and_full_sync(tmp_path):
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     indexes = [r[1] for r in con.execute(f'PRAGMA index_list("{T}")')]
     assert f"{T}_time" in indexes
+
+
+def test_both_query_plans_give_the_same_rows(tmp_path, monkeypatch):
+    import vajrad.store as store_mod
+    s = open_store(tmp_path / "e.db")
+    now = int(time.time())
+    s.submit(T, [dict(r, time=now - 100 + i % 50) for i, r in enumerate(rows(300))])
+    s.stop()
+    s = open_store(tmp_path / "e.db")
+    flt = Filter(start_time=now - 80, end_time=now - 60)
+    conn = s._reader()
+    assert s._narrow_window(conn, T, flt)
+    via_index = s.query(T, flt, 1000)
+    monkeypatch.setattr(store_mod, "NARROW_WINDOW_ROWS", -1)
+    assert not s._narrow_window(conn, T, flt)
+    via_eids = s.query(T, flt, 1000)
+    s.stop()
+    assert via_index == via_eids and len(via_index) == 21 * 6
+    assert [r["eid"] for r in via_index] == sorted(r["eid"] for r in via_index)
