@@ -68,7 +68,7 @@ def exec_at_rate(rate: int, seconds: float, tag: str, on_spawn=None) -> int:
 def count_tagged(d: Daemon, tag: str, since: int) -> int:
     with d.client() as c:
         return sum(1 for e in c.iter_events({"start_time": since}, "bpf_process_events")
-                   if e["cmdline"].startswith(f"/bin/true {tag}-"))
+                   if e["syscall"] == "exec" and e["cmdline"].startswith(f"/bin/true {tag}-"))
 
 
 def wait_drained(d: Daemon, timeout: float = 30) -> None:
@@ -102,7 +102,7 @@ def latency_window(d: Daemon, rate: int, seconds: float, tag: str) -> dict:
                 cursor = page["cursor"]
                 for e in page["events"]:
                     cmd = e["cmdline"]
-                    if cmd.startswith(f"/bin/true {tag}-"):
+                    if e["syscall"] == "exec" and cmd.startswith(f"/bin/true {tag}-"):
                         seen.setdefault(int(cmd.rsplit("-", 1)[1]), now)
                 time.sleep(0.01)
 

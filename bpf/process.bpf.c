@@ -1,6 +1,7 @@
-/* Process collector: exec events, read entirely in the kernel at the event
- * so that short-lived processes are complete. Loaded by BCC; kernel struct
- * offsets arrive as -D flags (see vajra.h). */
+/* Process collector: fork, exec (successful or failed) and exit, each read
+ * entirely in the kernel at the event, so that short-lived processes are
+ * complete. Loaded by BCC; kernel struct offsets arrive as -D flags (see
+ * vajra.h). */
 #include "vajra.h"
 
 #ifdef VAJRA_RINGBUF
@@ -12,8 +13,6 @@ BPF_PERF_OUTPUT(events);  /* kernels before 5.8 have no ring buffer */
 BPF_PERCPU_ARRAY(scratch, struct vajra_exec_event, 1);
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_PERCPU_ARRAY(since_wakeup, u64, 1);
-/* exec syscall entry time by calling thread, for the duration column */
-BPF_HASH(exec_start, u32, u64, 16384);
 
 static __always_inline void *read_ptr(void *base, u64 off)
 {
@@ -101,43 +100,218 @@ static __always_inline void walk_path(char *data, u32 *base, u32 *len, void *vfs
     *flags |= trunc_flag;
 }
 
+static __always_inline u32 read_u32(void *base, u64 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), base + off);
+    return v;
+}
+
+static __always_inline u64 read_u64(void *base, u64 off)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), base + off);
+    return v;
+}
+
+/* Everything about who: from the task itself, so that a fork event
+ * describes the child and not the parent that runs the probe. */
 static __always_inline void fill_hdr(struct vajra_proc_hdr *h, void *task, u32 type)
 {
-    u64 id = bpf_get_current_pid_tgid();
-    u64 ugid = bpf_get_current_uid_gid();
     void *real_parent = read_ptr(task, VAJRA_OFF_TASK_REAL_PARENT);
+    void *cred = read_ptr(task, VAJRA_OFF_TASK_CRED);
+    void *signal = read_ptr(task, VAJRA_OFF_TASK_SIGNAL);
 
     h->type = type;
     h->flags = 0;
     h->ktime_ns = bpf_ktime_get_ns();
-    h->pid = id >> 32;
-    h->tid = (u32)id;
-    h->ppid = 0;
-    bpf_probe_read_kernel(&h->ppid, sizeof(h->ppid), real_parent + VAJRA_OFF_TASK_TGID);
-    h->uid = (u32)ugid;
-    h->gid = ugid >> 32;
+    h->start_ns = read_u64(task, VAJRA_OFF_TASK_START_BOOTTIME);
+    h->parent_start_ns = read_u64(real_parent, VAJRA_OFF_TASK_START_BOOTTIME);
+    h->pid = read_u32(task, VAJRA_OFF_TASK_TGID);
+    h->tid = read_u32(task, VAJRA_OFF_TASK_PID);
+    h->ppid = read_u32(real_parent, VAJRA_OFF_TASK_TGID);
+    h->uid = read_u32(cred, VAJRA_OFF_CRED_UID);
+    h->gid = read_u32(cred, VAJRA_OFF_CRED_GID);
+    h->euid = read_u32(cred, VAJRA_OFF_CRED_EUID);
+    h->egid = read_u32(cred, VAJRA_OFF_CRED_EGID);
+    h->auid = read_u32(task, VAJRA_OFF_TASK_LOGINUID);
+    void *sid_pid = read_ptr(signal, VAJRA_OFF_SIGNAL_PIDS + VAJRA_PIDTYPE_SID * sizeof(void *));
+    h->sid = sid_pid ? read_u32(sid_pid, VAJRA_OFF_PID_NUMBERS + VAJRA_OFF_UPID_NR) : 0;
+    h->_pad = 0;
     h->cgroup_id = bpf_get_current_cgroup_id();
+    h->tty[0] = 0;
+    void *tty = read_ptr(signal, VAJRA_OFF_SIGNAL_TTY);
+    if (tty)
+        bpf_probe_read_kernel_str(h->tty, sizeof(h->tty), tty + VAJRA_OFF_TTY_NAME);
 }
 
-static __always_inline int exec_enter(void)
+static __always_inline int is_kernel_thread(void *task)
+{
+    return read_u32(task, VAJRA_OFF_TASK_FLAGS) & VAJRA_PF_KTHREAD;
+}
+
+/* --- fork ----------------------------------------------------------------- */
+
+/* The creating syscall by thread, read when the child appears. LRU, so that
+ * threads that die inside the syscall leave nothing behind. */
+BPF_TABLE("lru_hash", u32, u32, fork_kind, 16384);
+BPF_PERCPU_ARRAY(task_scratch, struct vajra_task_event, 1);
+
+static __always_inline int fork_enter(u32 kind)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    u64 ts = bpf_ktime_get_ns();
-    exec_start.update(&tid, &ts);
+    fork_kind.update(&tid, &kind);
     return 0;
 }
 
-static __always_inline int exec_exit(void)
+TRACEPOINT_PROBE(syscalls, sys_enter_fork) { return fork_enter(VAJRA_FORK_FORK); }
+TRACEPOINT_PROBE(syscalls, sys_enter_vfork) { return fork_enter(VAJRA_FORK_VFORK); }
+TRACEPOINT_PROBE(syscalls, sys_enter_clone) { return fork_enter(VAJRA_FORK_CLONE); }
+TRACEPOINT_PROBE(syscalls, sys_enter_clone3) { return fork_enter(VAJRA_FORK_CLONE); }
+
+RAW_TRACEPOINT_PROBE(sched_process_fork)
 {
+    void *child = (void *)ctx->args[1];
+    /* New threads are not processes, and kernel threads are not audited:
+     * both are dropped here, before the ring buffer. */
+    if (read_u32(child, VAJRA_OFF_TASK_PID) != read_u32(child, VAJRA_OFF_TASK_TGID) ||
+        is_kernel_thread(child))
+        return 0;
+    int zero = 0;
+    struct vajra_task_event *e = task_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    fill_hdr(&e->hdr, child, VAJRA_EV_FORK);
     u32 tid = (u32)bpf_get_current_pid_tgid();
-    exec_start.delete(&tid);
+    u32 *kind = fork_kind.lookup(&tid);
+    e->fork_kind = kind ? *kind : VAJRA_FORK_CLONE;
+    e->duration_ns = 0;
+    e->exit_code = 0;
+    submit(ctx, e, sizeof(*e));
     return 0;
 }
 
-TRACEPOINT_PROBE(syscalls, sys_enter_execve) { return exec_enter(); }
-TRACEPOINT_PROBE(syscalls, sys_enter_execveat) { return exec_enter(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return exec_exit(); }
-TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return exec_exit(); }
+/* --- exit ----------------------------------------------------------------- */
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    void *task = (void *)bpf_get_current_task();
+    /* One row per process: only when its last thread goes (signal->live
+     * has already been decremented for this one). */
+    void *signal = read_ptr(task, VAJRA_OFF_TASK_SIGNAL);
+    if (read_u32(signal, VAJRA_OFF_SIGNAL_LIVE) != 0 || is_kernel_thread(task))
+        return 0;
+    int zero = 0;
+    struct vajra_task_event *e = task_scratch.lookup(&zero);
+    if (!e)
+        return 0;
+    fill_hdr(&e->hdr, task, VAJRA_EV_EXIT);
+    e->exit_code = read_u32(task, VAJRA_OFF_TASK_EXIT_CODE);
+    e->duration_ns = e->hdr.ktime_ns - read_u64(task, VAJRA_OFF_TASK_START_TIME);
+    e->fork_kind = 0;
+    submit(args, e, sizeof(*e));
+    return 0;
+}
+
+/* --- exec ----------------------------------------------------------------- */
+
+struct exec_call {
+    u64 start_ns;
+    const char *filename;       /* user pointers, for a failed exec */
+    const char *const *argv;
+};
+BPF_HASH(exec_calls, u32, struct exec_call, 16384);
+
+static __always_inline int exec_enter(const char *filename, const char *const *argv)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct exec_call call = {.start_ns = bpf_ktime_get_ns(), .filename = filename, .argv = argv};
+    exec_calls.update(&tid, &call);
+    return 0;
+}
+
+/* cwd, then the executable, packed after argv at e->pos. */
+static __always_inline void add_cwd(struct vajra_exec_event *e, void *task)
+{
+    void *fs = read_ptr(task, VAJRA_OFF_TASK_FS);
+    walk_path(e->data, &e->pos, &e->cwd_len,
+              read_ptr(fs, VAJRA_OFF_FS_PWD + VAJRA_OFF_PATH_MNT),
+              read_ptr(fs, VAJRA_OFF_FS_PWD + VAJRA_OFF_PATH_DENTRY),
+              &e->hdr.flags, VAJRA_F_CWD_TRUNCATED);
+    e->pos += e->cwd_len;
+}
+
+static __always_inline void send_exec(void *ctx, struct vajra_exec_event *e)
+{
+    u32 size = offsetof(struct vajra_exec_event, data) + (e->pos & (VAJRA_DATA_SIZE - 1));
+    submit(ctx, e, size);
+}
+
+/* A failed exec still has the caller's memory: argv and the path are read
+ * from the syscall's own arguments. */
+static __always_inline int exec_exit(void *ctx, long ret)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct exec_call *call = exec_calls.lookup(&tid);
+    if (!call)
+        return 0;
+    if (ret >= 0) {
+        exec_calls.delete(&tid);
+        return 0;
+    }
+    int zero = 0;
+    struct vajra_exec_event *e = scratch.lookup(&zero);
+    if (!e) {
+        exec_calls.delete(&tid);
+        return 0;
+    }
+    void *task = (void *)bpf_get_current_task();
+    fill_hdr(&e->hdr, task, VAJRA_EV_EXEC);
+    e->hdr.flags |= VAJRA_F_EXE_AS_GIVEN;
+    e->exit_code = ret;
+    e->old_tid = tid;
+    e->duration_ns = e->hdr.ktime_ns - call->start_ns;
+
+    e->args_len = 0;
+    for (int i = 0; i < VAJRA_ARGV_MAX; i++) {
+        const char *arg = 0;
+        if (bpf_probe_read_user(&arg, sizeof(arg), &call->argv[i]) < 0 || !arg)
+            break;
+        u32 used = e->args_len;
+        if (used > VAJRA_ARGS_MAX - VAJRA_NAME_MAX) {
+            e->hdr.flags |= VAJRA_F_ARGS_TRUNCATED;
+            break;
+        }
+        int n = bpf_probe_read_user_str(&e->data[used & (VAJRA_DATA_SIZE - 1)], VAJRA_NAME_MAX, arg);
+        if (n <= 0)
+            break;
+        if (n == VAJRA_NAME_MAX)
+            e->hdr.flags |= VAJRA_F_ARGS_TRUNCATED;   /* this argument was cut */
+        e->args_len = used + n;
+    }
+    e->pos = e->args_len;
+    add_cwd(e, task);
+    int n = bpf_probe_read_user_str(&e->data[e->pos & (VAJRA_DATA_SIZE - 1)], VAJRA_NAME_MAX,
+                                    call->filename);
+    e->exe_len = n > 0 ? n : 0;
+    e->pos += e->exe_len;
+    exec_calls.delete(&tid);
+    send_exec(ctx, e);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve)
+{
+    return exec_enter(args->filename, args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat)
+{
+    return exec_enter(args->filename, args->argv);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return exec_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return exec_exit(args, args->ret); }
 
 TRACEPOINT_PROBE(sched, sched_process_exec)
 {
@@ -148,13 +322,14 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 
     void *task = (void *)bpf_get_current_task();
     fill_hdr(&e->hdr, task, VAJRA_EV_EXEC);
+    e->exit_code = 0;
 
     u32 old_tid = args->old_pid;
     e->old_tid = old_tid;
-    u64 *start = exec_start.lookup(&old_tid);
-    e->duration_ns = start ? e->hdr.ktime_ns - *start : 0;
-    if (start)
-        exec_start.delete(&old_tid);
+    struct exec_call *call = exec_calls.lookup(&old_tid);
+    e->duration_ns = call ? e->hdr.ktime_ns - call->start_ns : 0;
+    if (call)
+        exec_calls.delete(&old_tid);
 
     void *mm = read_ptr(task, VAJRA_OFF_TASK_MM);
     unsigned long arg_start = 0, arg_end = 0;
@@ -172,24 +347,15 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     }
     e->args_len = len;
 
-    /* cwd is packed after argv, the executable after cwd. The running
-     * offset is kept in e->pos for the reason walk_path gives. */
-    void *fs = read_ptr(task, VAJRA_OFF_TASK_FS);
+    /* The running offset is kept in e->pos for the reason walk_path gives. */
     e->pos = e->args_len;
-    walk_path(e->data, &e->pos, &e->cwd_len,
-              read_ptr(fs, VAJRA_OFF_FS_PWD + VAJRA_OFF_PATH_MNT),
-              read_ptr(fs, VAJRA_OFF_FS_PWD + VAJRA_OFF_PATH_DENTRY),
-              &e->hdr.flags, VAJRA_F_CWD_TRUNCATED);
-    e->pos += e->cwd_len;
-
+    add_cwd(e, task);
     void *exe = read_ptr(mm, VAJRA_OFF_MM_EXE_FILE);
     walk_path(e->data, &e->pos, &e->exe_len,
               read_ptr(exe, VAJRA_OFF_FILE_F_PATH + VAJRA_OFF_PATH_MNT),
               read_ptr(exe, VAJRA_OFF_FILE_F_PATH + VAJRA_OFF_PATH_DENTRY),
               &e->hdr.flags, VAJRA_F_EXE_TRUNCATED);
     e->pos += e->exe_len;
-
-    u32 size = offsetof(struct vajra_exec_event, data) + (e->pos & (VAJRA_DATA_SIZE - 1));
-    submit(args, e, size);
+    send_exec(args, e);
     return 0;
 }

@@ -10,9 +10,19 @@
 #define VAJRA_PATH_DEPTH 64      /* path components walked, mounts included */
 #define VAJRA_DATA_SIZE 16384    /* args | cwd | exe, packed (power of two) */
 #define VAJRA_WAKEUP_EVERY 64    /* events per CPU between consumer wakeups */
+#define VAJRA_ARGV_MAX 64        /* arguments read from a failed exec's argv */
 
 enum vajra_event_type {
-    VAJRA_EV_EXEC = 1,
+    VAJRA_EV_EXEC = 1,      /* struct vajra_exec_event; failed when exit_code < 0 */
+    VAJRA_EV_FORK = 2,      /* struct vajra_task_event: a new process (not a thread) */
+    VAJRA_EV_EXIT = 3,      /* struct vajra_task_event: the last thread of a process exited */
+};
+
+/* The syscall that created a process, for fork events. */
+enum vajra_fork_kind {
+    VAJRA_FORK_CLONE = 0,   /* clone, clone3, or a kernel-internal fork */
+    VAJRA_FORK_FORK = 1,
+    VAJRA_FORK_VFORK = 2,
 };
 
 /* probe_error bits: what the kernel side could not read in full. */
@@ -21,24 +31,43 @@ enum vajra_probe_flags {
     VAJRA_F_CWD_TRUNCATED  = 1 << 1,
     VAJRA_F_EXE_TRUNCATED  = 1 << 2,
     VAJRA_F_READ_FAILED    = 1 << 3,
+    VAJRA_F_EXE_AS_GIVEN   = 1 << 4,  /* exe holds the path passed to a failed exec */
 };
 
+#define VAJRA_TTY_MAX 32
+
+/* Who: read from one task_struct (current, or the child of a fork). */
 struct vajra_proc_hdr {
     u32 type;
     u32 flags;
-    u64 ktime_ns;       /* bpf_ktime_get_ns() at the event */
-    u32 pid;            /* tgid */
+    u64 ktime_ns;        /* bpf_ktime_get_ns() at the event */
+    u64 start_ns;        /* task->start_boottime: with pid, the process's identity */
+    u64 parent_start_ns; /* real_parent->start_boottime */
+    u32 pid;             /* tgid */
     u32 tid;
-    u32 ppid;           /* real_parent->tgid */
+    u32 ppid;            /* real_parent->tgid */
     u32 uid;
     u32 gid;
+    u32 euid;
+    u32 egid;
+    u32 auid;            /* loginuid; 4294967295 when unset */
+    u32 sid;             /* session id, in the initial pid namespace */
     u32 _pad;
     u64 cgroup_id;
+    char tty[VAJRA_TTY_MAX];
+};
+
+struct vajra_task_event {
+    struct vajra_proc_hdr hdr;
+    u64 duration_ns;     /* exit: the process's lifetime */
+    s32 exit_code;       /* exit: the wait status (code << 8 | signal) */
+    u32 fork_kind;       /* fork: enum vajra_fork_kind */
 };
 
 struct vajra_exec_event {
     struct vajra_proc_hdr hdr;
-    u64 duration_ns;    /* sys_enter_execve to sched_process_exec */
+    u64 duration_ns;    /* sys_enter_execve to sched_process_exec (or to the failure) */
+    s32 exit_code;      /* 0, or -errno of a failed exec */
     u32 old_tid;        /* the thread that called exec */
     u32 args_len;       /* argv bytes, NUL-separated */
     u32 cwd_len;        /* cwd components, leaf first, NUL-terminated each */
@@ -56,6 +85,9 @@ struct vajra_exec_event {
 #include <linux/mount.h>
 #include <linux/dcache.h>
 #include <linux/mm_types.h>
+#include <linux/cred.h>
+#include <linux/tty.h>
+#include <linux/pid.h>
 #define VAJRA_OFF_TASK_REAL_PARENT offsetof(struct task_struct, real_parent)
 #define VAJRA_OFF_TASK_TGID offsetof(struct task_struct, tgid)
 #define VAJRA_OFF_TASK_MM offsetof(struct task_struct, mm)
@@ -71,10 +103,33 @@ struct vajra_exec_event {
 #define VAJRA_OFF_DENTRY_D_NAME offsetof(struct dentry, d_name)
 #define VAJRA_OFF_QSTR_NAME offsetof(struct qstr, name)
 #define VAJRA_OFF_VFSMOUNT_MNT_ROOT offsetof(struct vfsmount, mnt_root)
+#define VAJRA_OFF_TASK_PID offsetof(struct task_struct, pid)
+#define VAJRA_OFF_TASK_FLAGS offsetof(struct task_struct, flags)
+#define VAJRA_OFF_TASK_START_TIME offsetof(struct task_struct, start_time)
+#define VAJRA_OFF_TASK_START_BOOTTIME offsetof(struct task_struct, start_boottime)
+#define VAJRA_OFF_TASK_EXIT_CODE offsetof(struct task_struct, exit_code)
+#define VAJRA_OFF_TASK_CRED offsetof(struct task_struct, cred)
+#define VAJRA_OFF_TASK_LOGINUID offsetof(struct task_struct, loginuid)
+#define VAJRA_OFF_TASK_SIGNAL offsetof(struct task_struct, signal)
+#define VAJRA_OFF_CRED_UID offsetof(struct cred, uid)
+#define VAJRA_OFF_CRED_GID offsetof(struct cred, gid)
+#define VAJRA_OFF_CRED_EUID offsetof(struct cred, euid)
+#define VAJRA_OFF_CRED_EGID offsetof(struct cred, egid)
+#define VAJRA_OFF_SIGNAL_LIVE offsetof(struct signal_struct, live)
+#define VAJRA_OFF_SIGNAL_PIDS offsetof(struct signal_struct, pids)
+#define VAJRA_OFF_SIGNAL_TTY offsetof(struct signal_struct, tty)
+#define VAJRA_OFF_TTY_NAME offsetof(struct tty_struct, name)
+#define VAJRA_OFF_PID_NUMBERS offsetof(struct pid, numbers)
+#define VAJRA_OFF_UPID_NR offsetof(struct upid, nr)
 #endif
+
+#define VAJRA_PF_KTHREAD 0x00200000  /* task->flags of a kernel thread */
+#define VAJRA_PIDTYPE_SID 3
 
 #if defined(VAJRA_EXPECT_EXEC_EVENT_SIZE)
 _Static_assert(sizeof(struct vajra_exec_event) == VAJRA_EXPECT_EXEC_EVENT_SIZE &&
+               sizeof(struct vajra_task_event) == VAJRA_EXPECT_TASK_EVENT_SIZE &&
+               VAJRA_TTY_MAX == VAJRA_EXPECT_TTY_MAX &&
                VAJRA_ARGS_MAX == VAJRA_EXPECT_ARGS_MAX && VAJRA_PATH_MAX == VAJRA_EXPECT_PATH_MAX &&
                VAJRA_NAME_MAX == VAJRA_EXPECT_NAME_MAX && VAJRA_DATA_SIZE == VAJRA_EXPECT_DATA_SIZE &&
                VAJRA_WAKEUP_EVERY == VAJRA_EXPECT_WAKEUP_EVERY,

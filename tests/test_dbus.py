@@ -60,14 +60,14 @@ def test_list_events_finds_exec(dbus_daemon, private_bus, workdir):
     prog = unique_program(workdir, f"vajra-dbus-{uuid.uuid4().hex[:8]}")
     p = subprocess.Popen([prog, "via", "dbus"], cwd=workdir)
     p.wait()
-    assert dbus_daemon.wait_events(lambda e: e["path"] == prog)
+    assert dbus_daemon.wait_events(lambda e: e["path"] == prog and e["syscall"] == "exec")
     start = int(time.time()) - 60
     out = private_bus.busctl("--json=short", "call", DEST, PATH, IFACE, "ListEvents", "a{sv}sus",
                              "1", "start_time", "x", str(start), "bpf_process_events", "0", "").stdout
     reply = json.loads(out)
     assert reply["type"] == "aa{sv}s"
     events, cursor = reply["data"]
-    mine = [e for e in events if e["path"]["data"] == prog]
+    mine = [e for e in events if e["path"]["data"] == prog and e["syscall"]["data"] == "exec"]
     assert len(mine) == 1 and cursor
     e = mine[0]
     assert e["pid"] == {"type": "x", "data": p.pid}

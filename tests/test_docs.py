@@ -18,8 +18,7 @@ def test_generated_docs_are_current():
 def test_documented_socket_methods_exist():
     doc = (REPO / "docs" / "api.md").read_text()
     documented = set(re.findall(r"^### `([a-z/]+)`", doc, re.M))
-    implemented = {m[2:].replace("_", "/") if m == "m_event_list" else m[2:]
-                   for m in dir(_Connection) if m.startswith("m_")}
+    implemented = {m[2:].replace("_", "/") for m in dir(_Connection) if m.startswith("m_")}
     assert documented == implemented
 
 

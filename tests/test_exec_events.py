@@ -24,7 +24,7 @@ def run_probe(workdir, *args, cwd=None):
 
 
 def by_path(prog):
-    return lambda e: e["path"] == prog
+    return lambda e: e["path"] == prog and e["syscall"] == "exec"
 
 
 @pytest.mark.parametrize("output", ["ringbuf", "perf"])
@@ -56,11 +56,11 @@ def test_exec_through_vajractl(bpf_daemon, workdir):
     out = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket,
                           "events", "--json", "--table", "bpf_process_events", "--since", "120"],
                          capture_output=True, text=True, check=True).stdout
-    rows = [json.loads(line) for line in out.splitlines() if name in line]
+    rows = [json.loads(line) for line in out.splitlines() if name in line and '"syscall": "exec"' in line]
     assert [(r["pid"], r["parent"], r["cwd"]) for r in rows] == [(pid, os.getpid(), cwd)]
     table = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket, "events"],
                            capture_output=True, text=True, check=True).stdout
-    line = next(line for line in table.splitlines() if name in line)
+    line = next(line for line in table.splitlines() if name in line and "syscall=exec" in line)
     assert f"pid={pid}" in line and "syscall=exec" in line and line.startswith("20")
 
 
@@ -70,7 +70,7 @@ def test_relative_and_symlinked_exec_paths_are_resolved(bpf_daemon, workdir):
     os.symlink(prog, link)
     subprocess.run(["./" + os.path.basename(prog)], cwd=workdir, check=True)
     subprocess.run([link], check=True)
-    events = bpf_daemon.wait_events(lambda e: e["path"] == prog)
+    events = bpf_daemon.wait_events(by_path(prog))
     cmds = sorted(json.loads(e["json_cmdline"])[0] for e in events)
     assert cmds == sorted(["./" + os.path.basename(prog), link])
 
@@ -88,7 +88,7 @@ def test_subscribe_streams_new_events(bpf_daemon, workdir):
         stream = c.subscribe("bpf_process_events")
         name, prog, pid, cwd = run_probe(workdir)
         for msg in stream:
-            if msg["method"] == "event" and msg["params"]["event"]["path"] == prog:
+            if msg["method"] == "event" and by_path(prog)(msg["params"]["event"]):
                 ev = msg["params"]["event"]
                 assert ev["pid"] == pid and ev["eid"] > 0 and ev["table"] == "bpf_process_events"
                 break
@@ -103,7 +103,7 @@ def test_follow_prints_new_events(bpf_daemon, workdir):
         time.sleep(1.5)           # let it subscribe
         name, prog, pid, cwd = run_probe(workdir)
         for line in follow.stdout:
-            if name in line:
+            if name in line and json.loads(line)["syscall"] == "exec":
                 assert json.loads(line)["pid"] == pid
                 break
     finally:

@@ -74,7 +74,7 @@ def test_sighup_reloads_config(daemon_factory, workdir):
         time.sleep(0.1)
     prog = unique_program(workdir, f"vajra-hup-{uuid.uuid4().hex[:6]}")
     subprocess.run([prog], check=True)
-    [e] = d.wait_events(lambda e: e["path"] == prog)
+    [e] = d.wait_events(lambda e: e["path"] == prog and e["syscall"] == "exec")
     assert e["host_identifier"] == "after-reload"
     assert "RELOADING=1" in d.notify.states()
     # a broken file on reload is reported and the daemon keeps going
@@ -91,14 +91,14 @@ def test_restart_keeps_events_and_eids(daemon_factory, workdir):
     d = daemon_factory()
     first = unique_program(workdir, f"vajra-r1-{uuid.uuid4().hex[:6]}")
     subprocess.run([first], check=True)
-    [e1] = d.wait_events(lambda e: e["path"] == first)
+    [e1] = d.wait_events(lambda e: e["path"] == first and e["syscall"] == "exec")
     assert d.stop() == 0
     d.start()
     second = unique_program(workdir, f"vajra-r2-{uuid.uuid4().hex[:6]}")
     subprocess.run([second], check=True)
-    [e2] = d.wait_events(lambda e: e["path"] == second)
+    [e2] = d.wait_events(lambda e: e["path"] == second and e["syscall"] == "exec")
     assert e2["eid"] > e1["eid"]
-    [again] = d.wait_events(lambda e: e["path"] == first)
+    [again] = d.wait_events(lambda e: e["path"] == first and e["syscall"] == "exec")
     assert again == e1
 
 
@@ -108,9 +108,9 @@ def test_sigkill_loses_nothing_committed(daemon_factory, workdir):
     progs = [unique_program(workdir, f"vajra-k{i}-{uuid.uuid4().hex[:6]}") for i in range(20)]
     for p in progs:
         subprocess.run([p], check=True)
-    seen = d.wait_events(lambda e: e["path"] == progs[-1])
+    seen = d.wait_events(lambda e: e["path"] == progs[-1] and e["syscall"] == "exec")
     assert seen
-    before = {e["eid"] for e in d.wait_events(lambda e: e["path"] in progs)}
+    before = {e["eid"] for e in d.wait_events(lambda e: e["path"] in progs and e["syscall"] == "exec")}
     # keep exec'ing while the daemon is killed mid-stream
     storm = subprocess.Popen(["sh", "-c", "for i in $(seq 300); do /bin/true; done"])
     time.sleep(0.05)
@@ -120,7 +120,7 @@ def test_sigkill_loses_nothing_committed(daemon_factory, workdir):
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
     d.start()
-    after = {e["eid"] for e in d.wait_events(lambda e: e["path"] in progs)}
+    after = {e["eid"] for e in d.wait_events(lambda e: e["path"] in progs and e["syscall"] == "exec")}
     assert before <= after and len(after) == 20
 
 

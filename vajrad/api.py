@@ -214,6 +214,9 @@ class _Connection:
         self._no_params(params)
         return self.server.service.describe_tables()
 
+    async def m_table_read(self, params):
+        return self.server.service.read_table(params)
+
     async def m_event_list(self, params):
         return await self.server.service.list_events(params)
 

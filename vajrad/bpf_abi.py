@@ -6,34 +6,44 @@ a header that drifted from this file.
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_char, c_uint32, c_uint64
+from ctypes import c_char, c_int32, c_uint32, c_uint64
 
 ARGS_MAX = 4096
 PATH_MAX = 4096
 NAME_MAX = 256
 DATA_SIZE = 16384
 WAKEUP_EVERY = 64
+TTY_MAX = 32
 
-EV_EXEC = 1
+EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3
+FORK_KINDS = {0: "clone", 1: "fork", 2: "vfork"}
 
 F_ARGS_TRUNCATED = 1 << 0
 F_CWD_TRUNCATED = 1 << 1
 F_EXE_TRUNCATED = 1 << 2
 F_READ_FAILED = 1 << 3
+F_EXE_AS_GIVEN = 1 << 4
 
 
 class ProcHeader(ctypes.Structure):
     _fields_ = [
         ("type", c_uint32), ("flags", c_uint32), ("ktime_ns", c_uint64),
+        ("start_ns", c_uint64), ("parent_start_ns", c_uint64),
         ("pid", c_uint32), ("tid", c_uint32), ("ppid", c_uint32),
-        ("uid", c_uint32), ("gid", c_uint32), ("_pad", c_uint32),
-        ("cgroup_id", c_uint64),
+        ("uid", c_uint32), ("gid", c_uint32), ("euid", c_uint32), ("egid", c_uint32),
+        ("auid", c_uint32), ("sid", c_uint32), ("_pad", c_uint32),
+        ("cgroup_id", c_uint64), ("tty", c_char * TTY_MAX),
     ]
+
+
+class TaskEvent(ctypes.Structure):
+    _fields_ = [("hdr", ProcHeader), ("duration_ns", c_uint64), ("exit_code", c_int32),
+                ("fork_kind", c_uint32)]
 
 
 class ExecEvent(ctypes.Structure):
     _fields_ = [
-        ("hdr", ProcHeader), ("duration_ns", c_uint64), ("old_tid", c_uint32),
+        ("hdr", ProcHeader), ("duration_ns", c_uint64), ("exit_code", c_int32), ("old_tid", c_uint32),
         ("args_len", c_uint32), ("cwd_len", c_uint32), ("exe_len", c_uint32),
         ("pos", c_uint32),
         ("data", c_char * (DATA_SIZE + NAME_MAX)),
@@ -45,6 +55,8 @@ EXEC_DATA_OFFSET = ExecEvent.data.offset
 # -D flags that make the C side check this mirror at compile time.
 ABI_CHECKS = {
     "VAJRA_EXPECT_EXEC_EVENT_SIZE": ctypes.sizeof(ExecEvent),
+    "VAJRA_EXPECT_TASK_EVENT_SIZE": ctypes.sizeof(TaskEvent),
+    "VAJRA_EXPECT_TTY_MAX": TTY_MAX,
     "VAJRA_EXPECT_ARGS_MAX": ARGS_MAX, "VAJRA_EXPECT_PATH_MAX": PATH_MAX,
     "VAJRA_EXPECT_NAME_MAX": NAME_MAX, "VAJRA_EXPECT_DATA_SIZE": DATA_SIZE,
     "VAJRA_EXPECT_WAKEUP_EVERY": WAKEUP_EVERY,

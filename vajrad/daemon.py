@@ -93,11 +93,15 @@ class Vajrad:
             return []
         found: list[Collector] = []
         if self.config.enable_bpf_events:
+            from .ancestry import ProcessCache
             from .collectors.process import ProcessCollector
             kernel.ensure_tracefs()
             runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/vajra").split(":")[0]
             self.kenv = kernel.probe(runtime)
-            found.append(ProcessCollector(self.kenv, self.config.bpf_output))
+            cache = ProcessCache(self.config.process_ancestry_cache_size,
+                                 self.config.process_ancestry_max_depth,
+                                 self.config.process_ancestry_cache_ttl)
+            found.append(ProcessCollector(self.kenv, self.config.bpf_output, cache))
         else:
             log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
         return found
@@ -114,7 +118,8 @@ class Vajrad:
             await collector.start()
             self.collectors.append(collector)
             self._pumps.append(asyncio.create_task(self._pump(collector)))
-        self.service = VajraService(self.store, TABLES, self.status)
+        snapshots = {name: rows for c in self.collectors for name, rows in c.snapshots().items()}
+        self.service = VajraService(self.store, TABLES, self.status, snapshots)
         self.api = ApiServer(cfg.api_socket, self.service, self.hub)
         await self.api.start()
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)

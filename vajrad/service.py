@@ -94,9 +94,11 @@ def decode_cursor(cursor: Any, tables: dict[str, Table]) -> dict[str, int]:
 
 
 class VajraService:
-    def __init__(self, store: EventStore, tables: dict[str, Table], daemon_status):
+    def __init__(self, store: EventStore, tables: dict[str, Table], daemon_status,
+                 snapshots: dict | None = None):
         self.store = store
         self.tables = tables
+        self.snapshots = snapshots or {}     # live tables: {name: rows()}
         self.event_tables = {n: t for n, t in tables.items() if t.evented}
         self._daemon_status = daemon_status   # callable -> dict
         self.started = time.time()
@@ -118,6 +120,23 @@ class VajraService:
             raise RequestError(f"{field}: unknown event table {table!r} "
                                f"(known: {', '.join(self.event_tables)})", field)
         return table
+
+    def read_table(self, params: Any) -> dict:
+        """A live (not evented) table, e.g. process_ancestry_cache_stats."""
+        if not isinstance(params, dict) or not isinstance(params.get("table"), str):
+            raise RequestError("params.table is required", "table")
+        unknown = [k for k in params if k != "table"]
+        if unknown:
+            raise RequestError(f"unknown parameter {unknown[0]}", unknown[0])
+        name = params["table"]
+        if name not in self.tables or self.tables[name].evented:
+            live = [n for n, t in self.tables.items() if not t.evented]
+            raise RequestError(f"table: {name!r} is not a live table (known: {', '.join(live)}; "
+                               f"event tables are read with event/list)", "table")
+        rows = self.snapshots.get(name)
+        if rows is None:
+            raise RequestError(f"table: {name} has no source: its collector is not running", "table")
+        return {"rows": rows()}
 
     async def list_events(self, params: Any) -> dict:
         """Vajra's event/list: {"filter": {...}, "table"?, "limit"?, "cursor"?}."""

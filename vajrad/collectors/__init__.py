@@ -39,6 +39,10 @@ class Collector(abc.ABC):
         return {"state": self.state, "captured": self.captured, "dropped": self.dropped,
                 "error": self.error}
 
+    def snapshots(self) -> dict:
+        """Live (not evented) tables this collector answers: {name: rows()}."""
+        return {}
+
     @property
     def healthy(self) -> bool:
         return self.state == "running"
