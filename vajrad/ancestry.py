@@ -107,23 +107,36 @@ class ProcessCache:
         k = key(pid, start_ns)
         return self.live.get(k) or self.exited.get(k)
 
+    def _exact(self, pid: int, start_ns: int, parent_start_ns: int | None = None) -> Process | None:
+        """The entry for what a kernel event names exactly; an entry seeded from
+        /proc knows its start times only to the clock tick, and adopts the
+        kernel's so that pproc_time_hr matches the parent's proc_time_hr."""
+        proc = self.get(pid, start_ns)
+        if proc is not None:
+            if proc.start_ns != start_ns:
+                proc.start_ns, proc._json = start_ns, None
+            if parent_start_ns and proc.parent_start_ns != parent_start_ns and \
+                    key(proc.ppid, proc.parent_start_ns) == key(proc.ppid, parent_start_ns):
+                proc.parent_start_ns, proc._json = parent_start_ns, None
+        return proc
+
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
         """A new process: it runs its parent's image until it execs."""
-        found = self.get(pid, start_ns)
+        found = self._exact(pid, start_ns, parent_start_ns)
         if found is not None:        # its exec arrived first (perf buffer order)
             return found
-        parent = self.get(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
+        parent = self._exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
         proc = Process(pid, ppid, start_ns, parent_start_ns,
                        parent.path if parent else "", parent.cmdline if parent else "")
-        self.live[key(pid, start_ns)] = proc
+        self._insert(key(pid, start_ns), proc)
         return proc
 
     def executed(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int,
                  path: str, cmdline: str) -> Process:
-        proc = self.get(pid, start_ns)
+        proc = self._exact(pid, start_ns)
         if proc is None:
             proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline)
-            self.live[key(pid, start_ns)] = proc
+            self._insert(key(pid, start_ns), proc)
         else:
             proc.set_image(path, cmdline)
         return proc
@@ -135,6 +148,13 @@ class ProcessCache:
         if proc is not None:
             self.exited[k] = proc
         return proc or self.exited.get(k)
+
+    def _insert(self, k: tuple[int, int], proc: Process) -> None:
+        """One bound for running and exited processes together; the exited
+        (oldest first) make room before any running one does."""
+        self.live[k] = proc
+        while len(self.live) + len(self.exited) > self.max_size:
+            (self.exited if len(self.exited) else self.live).popitem()
 
     # --- reading ------------------------------------------------------------
     def ancestry(self, ppid: int, parent_start_ns: int) -> str:
@@ -158,8 +178,23 @@ class ProcessCache:
             pid, start = proc.ppid, proc.parent_start_ns
         return "[" + ",".join(parts) + "]"
 
-    def chain(self, ppid: int, parent_start_ns: int) -> list[dict]:
-        return json.loads(self.ancestry(ppid, parent_start_ns))
+    def ancestry_of(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> str:
+        """Ancestry of a process through the parent it was born to: an orphan
+        adopted by a subreaper keeps its original line (the event's ppid is
+        the current real parent, which is what the `parent` column shows)."""
+        proc = self._exact(pid, start_ns)
+        if proc is not None and proc.ppid:
+            if proc.ppid == ppid:            # not reparented: the event's parent time is exact
+                self._exact(ppid, parent_start_ns)
+            return self.ancestry(proc.ppid, proc.parent_start_ns)
+        self._exact(ppid, parent_start_ns)
+        return self.ancestry(ppid, parent_start_ns)
+
+    def newest(self, pid: int) -> Process | None:
+        """The running process with this pid, for vajractl tree."""
+        with self.lock:
+            found = [p for p in self.live.values() if p.pid == pid]
+            return max(found, key=lambda p: p.start_ns) if found else None
 
     def stats(self) -> dict:
         with self.lock:
@@ -196,7 +231,7 @@ class ProcessCache:
             return None
         parent = self._read_proc(proc.ppid) if proc.ppid > 0 else None
         proc.parent_start_ns = parent.start_ns if parent else 0
-        self.live[key(pid, proc.start_ns)] = proc
+        self._insert(key(pid, proc.start_ns), proc)
         return proc
 
     def seed(self) -> int:
@@ -212,5 +247,5 @@ class ProcessCache:
         for proc in found.values():
             parent = found.get(proc.ppid)
             proc.parent_start_ns = parent.start_ns if parent else 0
-            self.live[key(proc.pid, proc.start_ns)] = proc
+            self._insert(key(proc.pid, proc.start_ns), proc)
         return len(found)

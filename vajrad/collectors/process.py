@@ -91,7 +91,7 @@ class EventDecoder:
         with self.cache.lock:
             if e.exit_code == 0:
                 self.cache.executed(h.pid, h.start_ns, h.ppid, h.parent_start_ns, path, cmdline)
-            row["ancestry"] = self.cache.ancestry(h.ppid, h.parent_start_ns)
+            row["ancestry"] = self.cache.ancestry_of(h.pid, h.start_ns, h.ppid, h.parent_start_ns)
         return row
 
     def task_row(self, e: bpf_abi.TaskEvent, h: bpf_abi.ProcHeader) -> dict:
@@ -103,7 +103,7 @@ class EventDecoder:
             else:
                 proc = self.cache.exited_process(h.pid, h.start_ns)
                 row.update(syscall="exit", exit_code=exit_status(e.exit_code), duration=e.duration_ns)
-            row["ancestry"] = self.cache.ancestry(h.ppid, h.parent_start_ns)
+            row["ancestry"] = self.cache.ancestry_of(h.pid, h.start_ns, h.ppid, h.parent_start_ns)
         known = proc is not None and bool(proc.path or proc.cmdline)
         row.update(path=proc.path if known else "", cmdline=proc.cmdline if known else "", cwd="",
                    partial=0 if known else 1)

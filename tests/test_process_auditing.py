@@ -1,0 +1,278 @@
+"""Process auditing on the real kernel: fork, exec, exit, failed execs,
+credentials, threads, orphans, pid reuse, and ancestry that is complete even
+when every parent has exited before the query."""
+import errno
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+
+import pytest
+
+from conftest import needs_bpf
+from harness import unique_program
+
+pytestmark = needs_bpf
+
+
+def proc_chain_len(pid: int) -> int:
+    """How many ancestors /proc shows for pid, up to and including pid 1."""
+    n = 0
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        n += 1
+    return n
+
+
+def rows_of(d, pred, want=1, timeout=15):
+    deadline = time.monotonic() + timeout
+    while True:
+        found = d.wait_events(pred, timeout=1)
+        if len(found) >= want or time.monotonic() > deadline:
+            return found
+
+
+def execs_of(d, prog, want=1):
+    return rows_of(d, lambda e: e["path"] == prog and e["syscall"] == "exec", want)
+
+
+def test_chain_ancestry_survives_its_parents(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-chain-{uuid.uuid4().hex[:8]}")
+    # "; true" keeps each shell from exec'ing its last command in place
+    subprocess.run(["bash", "-c", f"sh -c \"sh -c '{prog}'; true\"; true"], check=True)
+    time.sleep(0.5)                        # every parent has exited now
+    [e] = execs_of(bpf_daemon, prog)
+    anc = json.loads(e["ancestry"])
+    assert [a["exe_name"] for a in anc[:4]] == ["dash", "dash", "bash",
+                                               os.path.basename(os.path.realpath(sys.executable))]
+    assert anc[3]["pid"] == os.getpid()
+    assert len(anc) == 3 + 1 + proc_chain_len(os.getpid())
+    for child, parent in zip(anc, anc[1:]):
+        assert child["ppid"] == parent["pid"] and child["pproc_time_hr"] == parent["proc_time_hr"]
+    assert anc[-1]["pid"] == 1
+    assert anc[0]["cmdline"] == f"sh -c {prog}" and anc[0]["path"] == "/usr/bin/dash"
+    assert abs(anc[0]["proc_time"] - time.time()) < 30
+    assert anc[0]["proc_time_hr"] // 1_000_000_000 == anc[0]["proc_time"]
+    # the shells' own fork and exit rows are there too
+    kinds = {r["syscall"] for r in rows_of(bpf_daemon, lambda r: r["pid"] == anc[0]["pid"], 3)}
+    assert {"exec", "exit"} <= kinds and kinds & {"fork", "vfork", "clone"}
+
+
+def test_a_thousand_chains_are_all_complete(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-k-{uuid.uuid4().hex[:8]}")
+    script = os.path.join(workdir, "chains.sh")
+    with open(script, "w") as f:
+        f.write(f"for i in $(seq 1000); do bash -c \"sh -c 'sh -c \\\"{prog} $i\\\"; true'; true\"; done\n")
+    driver = subprocess.Popen(["bash", script])
+    driver.wait()
+    time.sleep(1)
+    rows = execs_of(bpf_daemon, prog, want=1000)
+    assert len(rows) == 1000
+    base = 1 + 1 + proc_chain_len(os.getpid())          # driver bash, then us and ours
+    complete = 0
+    for r in rows:
+        anc = json.loads(r["ancestry"])
+        names = [a["exe_name"] for a in anc[:4]]
+        linked = all(c["ppid"] == p["pid"] for c, p in zip(anc, anc[1:]))
+        if names == ["dash", "dash", "bash", "bash"] and len(anc) == 3 + base and linked \
+                and anc[3]["pid"] == driver.pid:
+            complete += 1
+    assert complete == 1000
+
+
+def test_quotes_newlines_non_utf8_and_200_arguments(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-argv-{uuid.uuid4().hex[:8]}")
+    args = ['say "hi"', "it's", "two\nlines", "back\\slash", "tab\there"] + [f"a{i}" for i in range(195)]
+    parent = ["sh", "-c", f'"{prog}" "$@"; true', 'parent "quoted"\nnewline', *args]
+    subprocess.run(parent, check=True)
+    subprocess.run([prog.encode(), b"\xff\xfe-not-utf8"], check=True)
+    rows = execs_of(bpf_daemon, prog, want=2)
+    by_len = sorted(rows, key=lambda r: len(r["json_cmdline"]))
+    assert json.loads(by_len[1]["json_cmdline"]) == [prog, *args]
+    assert len(json.loads(by_len[1]["json_cmdline"])) == 201
+    anc = json.loads(by_len[1]["ancestry"])       # valid JSON with the parent's awkward argv
+    assert anc[0]["cmdline"] == " ".join(["sh", "-c", f'"{prog}" "$@"; true', 'parent "quoted"\nnewline', *args])
+    odd = json.loads(by_len[0]["json_cmdline"])
+    assert odd == [prog, "\\xff\\xfe-not-utf8"]
+
+
+def test_setuid_exec_has_euid_apart_from_uid(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-suid-{uuid.uuid4().hex[:8]}")
+    os.chmod(prog, 0o4755)                          # setuid root
+    subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", prog], check=True)
+    [e] = execs_of(bpf_daemon, prog)
+    assert e["uid"] == 65534 and e["euid"] == 0 and e["gid"] == 65534
+
+
+def test_credentials_session_and_audit_ids(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-cred-{uuid.uuid4().hex[:8]}")
+    p = subprocess.Popen(["setsid", prog])
+    p.wait()
+    [e] = execs_of(bpf_daemon, prog)
+    assert e["sid"] == e["pid"]                     # setsid made it a session leader
+    with open("/proc/self/loginuid") as f:
+        assert e["auid"] == int(f.read())
+
+
+def failed_exec(path, argv_expr=None):
+    """execv(path) in a child process; argv_expr is built there (it may be huge)."""
+    code = (f"import os, sys\ntry:\n    os.execv({path!r}, {argv_expr or repr([path])})\n"
+            f"except OSError as e:\n    sys.exit(e.errno)")
+    return subprocess.run([sys.executable, "-c", code]).returncode
+
+
+def test_every_failed_exec_is_recorded(bpf_daemon, workdir):
+    tag = uuid.uuid4().hex[:8]
+    not_exec = os.path.join(workdir, f"noexec-{tag}")
+    open(not_exec, "w").write("x")
+    garbage = os.path.join(workdir, f"garbage-{tag}")
+    open(garbage, "wb").write(b"\x00\x01\x02 not an executable format")
+    os.chmod(garbage, 0o755)
+    loop = os.path.join(workdir, f"loop-{tag}")
+    os.symlink(loop, loop)
+    busy = unique_program(workdir, f"busy-{tag}")
+    writer = open(busy, "ab")                        # open for writing: ETXTBSY
+    cases = {
+        os.path.join(workdir, f"missing-{tag}"): errno.ENOENT,
+        not_exec: errno.EACCES,
+        workdir: errno.EACCES,                       # a directory
+        garbage: errno.ENOEXEC,
+        f"/etc/passwd/sub-{tag}": errno.ENOTDIR,
+        loop: errno.ELOOP,
+        busy: errno.ETXTBSY,
+    }
+    try:
+        for path, err in cases.items():
+            assert failed_exec(path) == err, path
+    finally:
+        writer.close()
+    huge = "['x' * 100_000] * 40"                    # 4 MB of argv
+    assert failed_exec("/bin/true", f"['/bin/true', 'e2big-{tag}'] + {huge}") == errno.E2BIG
+    for path, err in cases.items():
+        rows = rows_of(bpf_daemon, lambda e, p=path: e["path"] == p and e["exit_code"] != "0")
+        assert [r["exit_code"] for r in rows] == [str(-err)], path
+        assert rows[0]["syscall"] == "exec" and json.loads(rows[0]["json_cmdline"]) == [path]
+    [big] = rows_of(bpf_daemon, lambda e: e["exit_code"] == str(-errno.E2BIG) and f"e2big-{tag}" in e["cmdline"])
+    assert big["path"] == "/bin/true" and big["probe_error"] & 1     # argv cut, and flagged
+    relative = subprocess.run([sys.executable, "-c", "import os\ntry: os.execv('./nope-%s', ['x'])\n"
+                               "except OSError: pass" % tag], cwd=workdir)
+    assert relative.returncode == 0
+    [rel] = rows_of(bpf_daemon, lambda e: e["path"] == os.path.join(workdir, f"nope-{tag}"))
+    assert rel["exit_code"] == str(-errno.ENOENT) and rel["cwd"] == workdir
+
+
+def test_exec_from_a_non_leader_thread(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-thr-{uuid.uuid4().hex[:8]}")
+    code = textwrap.dedent(f"""
+        import os, threading, time
+        t = threading.Thread(target=lambda: os.execv({prog!r}, [{prog!r}, "from-thread"]))
+        t.start()
+        time.sleep(10)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code])
+    assert p.wait(20) == 0
+    [e] = execs_of(bpf_daemon, prog)
+    assert e["pid"] == p.pid and e["tid"] == p.pid      # the thread took over the leader's pid
+    assert json.loads(e["json_cmdline"]) == [prog, "from-thread"]
+    assert json.loads(e["ancestry"])[0]["pid"] == os.getpid()
+    exits = rows_of(bpf_daemon, lambda r: r["pid"] == p.pid and r["syscall"] == "exit")
+    assert [(x["exit_code"], x["path"]) for x in exits] == [("0", prog)]
+
+
+def test_leader_exits_before_its_threads(bpf_daemon, workdir):
+    code = textwrap.dedent("""
+        import ctypes, os, threading, time
+        libc = ctypes.CDLL(None, use_errno=True)
+        def worker():
+            time.sleep(0.5)
+            os._exit(7)                  # the last thread takes the process down
+        threading.Thread(target=worker).start()
+        libc.syscall(60, 0)              # SYS_exit: only the leader thread exits
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code])
+    assert p.wait(20) == 7
+    time.sleep(0.3)
+    exits = rows_of(bpf_daemon, lambda r: r["pid"] == p.pid and r["syscall"] == "exit")
+    assert len(exits) == 1
+    assert exits[0]["exit_code"] == "7" and exits[0]["tid"] != p.pid
+    assert exits[0]["duration"] >= 400_000_000      # lifetime in ns
+
+
+def test_killed_process_exit_code_is_the_signal(bpf_daemon, workdir):
+    p = subprocess.Popen(["sleep", "30"])
+    time.sleep(0.2)
+    p.kill()
+    p.wait()
+    [x] = rows_of(bpf_daemon, lambda r: r["pid"] == p.pid and r["syscall"] == "exit")
+    assert x["exit_code"] == "-9" and x["path"] == "/usr/bin/sleep"
+
+
+def test_orphan_keeps_its_original_parent_in_ancestry(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-orphan-{uuid.uuid4().hex[:8]}")
+    code = textwrap.dedent(f"""
+        import ctypes, os, subprocess, time
+        ctypes.CDLL(None).prctl(36, 1)               # PR_SET_CHILD_SUBREAPER
+        # the middle shell backgrounds the grandchild and exits at once
+        subprocess.run(["sh", "-c", "(sleep 0.5; exec {prog} orphan) & exit 0"])
+        time.sleep(2)
+        os.waitpid(-1, 0)
+    """)
+    p = subprocess.Popen([sys.executable, "-c", code])
+    assert p.wait(20) == 0
+    [e] = execs_of(bpf_daemon, prog)
+    assert e["parent"] == p.pid                      # reparented to the subreaper
+    anc = json.loads(e["ancestry"])
+    assert anc[0]["exe_name"] == "dash" and anc[0]["pid"] != p.pid    # born to the subshell
+    assert [a["pid"] for a in anc].index(p.pid) >= 1
+
+
+def test_reused_pid_does_not_inherit_a_strangers_ancestry(bpf_daemon, workdir):
+    """The kernel hands out pid X again (forced through ns_last_pid, the
+    interface CRIU uses); the new X must get its own parents, not those of
+    the exited X still in the cache."""
+    prog = unique_program(workdir, f"vajra-reuse-{uuid.uuid4().hex[:8]}")
+    first = subprocess.Popen(["sh", "-c", f"{prog} first; true"])
+    first.wait()
+    [old] = execs_of(bpf_daemon, prog)
+    reused = old["pid"]                   # X: prog, child of the first sh
+    assert json.loads(old["ancestry"])[0]["pid"] == first.pid
+    for _ in range(50):                   # another fork may take X first; try again
+        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+            f.write(str(reused - 1))
+        again = subprocess.Popen(["sh", "-c", f"{prog} second; true"])
+        again.wait()
+        if again.pid == reused:
+            break
+    else:
+        pytest.fail(f"could not get pid {reused} again")
+    # (subprocess's PATH search makes failed execs of "sh" first: those are rows too)
+    [new_sh] = rows_of(bpf_daemon, lambda r: r["pid"] == reused and r["syscall"] == "exec"
+                       and r["exit_code"] == "0" and r["cmdline"] == f"sh -c {prog} second; true")
+    anc = json.loads(new_sh["ancestry"])
+    assert anc[0]["pid"] == os.getpid()                   # its own parent: us
+    assert all(a["pid"] != first.pid for a in anc)        # nothing of the old X's line
+    [probe] = rows_of(bpf_daemon, lambda r: r["cmdline"] == f"{prog} second" and r["syscall"] == "exec"
+                      and r["exit_code"] == "0")
+    anc = json.loads(probe["ancestry"])
+    assert (anc[0]["pid"], anc[0]["exe_name"], anc[1]["pid"]) == (reused, "dash", os.getpid())
+    assert anc[0]["cmdline"] == f"sh -c {prog} second; true"
+
+
+def test_cache_stats_table(bpf_daemon):
+    [row] = bpf_daemon.call("table/read", {"table": "process_ancestry_cache_stats"})["rows"]
+    assert row["max_size"] == 1000 and row["cache_hits"] > 0 and 0 < row["cache_size"] <= 1000
+    assert set(row) == {"cache_hits", "cache_misses", "cache_size", "evictions", "expired_entries", "max_size"}
+
+
+def test_ancestry_disabled_gives_empty_arrays(daemon_factory, workdir):
+    d = daemon_factory("--process_ancestry_cache_size=0")
+    prog = unique_program(workdir, f"vajra-noanc-{uuid.uuid4().hex[:8]}")
+    subprocess.run([prog], check=True)
+    [e] = execs_of(d, prog)
+    assert e["ancestry"] == "[]"
