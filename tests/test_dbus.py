@@ -86,6 +86,17 @@ def test_list_events_finds_exec(dbus_daemon, private_bus, workdir):
     assert text.startswith("aa{sv}s ")
 
 
+@pytest.mark.skipif(not BPF_OK, reason="the cache stats come from the BPF collector")
+def test_read_table(dbus_daemon, private_bus):
+    out = json.loads(private_bus.busctl("--json=short", "call", DEST, PATH, IFACE, "ReadTable", "s",
+                                        "process_ancestry_cache_stats").stdout)
+    assert out["type"] == "aa{sv}"
+    [row] = out["data"][0]
+    assert row["max_size"] == {"type": "x", "data": 1000} and row["cache_size"]["data"] > 0
+    bad = private_bus.busctl("call", DEST, PATH, IFACE, "ReadTable", "s", "bpf_process_events", check=False)
+    assert bad.returncode != 0 and "not a live table" in bad.stderr
+
+
 def test_list_events_bad_input_names_the_field(dbus_daemon, private_bus):
     bad = private_bus.busctl("call", DEST, PATH, IFACE, "ListEvents", "a{sv}sus", "1", "start_time", "s", "yesterday",
                              "", "0", "", check=False)

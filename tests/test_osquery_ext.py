@@ -227,3 +227,14 @@ def test_c_codec_and_plain_stubs_agree(core, vajrad):
                                 request={"action": "generate", "context": ctx})
     assert fast.status.code == plain.status.code == 0
     assert fast.response == plain.response and len(fast.response) == 9
+
+
+@pytest.mark.skipif(not __import__("conftest").BPF_OK, reason="the cache stats come from the BPF collector")
+def test_live_table_through_the_shim(core, daemon_factory):
+    d = daemon_factory()
+    c = core(options={"disable_events": "true"})       # live tables do not depend on events flags
+    c.start_shim(d.socket)
+    resp = c.client().call("table", "process_ancestry_cache_stats", {"action": "generate", "context": "{}"})
+    assert resp.status.code == 0 and len(resp.response) == 1
+    row = resp.response[0]
+    assert row["max_size"] == "1000" and int(row["cache_size"]) > 0

@@ -276,3 +276,57 @@ def test_ancestry_disabled_gives_empty_arrays(daemon_factory, workdir):
     subprocess.run([prog], check=True)
     [e] = execs_of(d, prog)
     assert e["ancestry"] == "[]"
+
+
+# The queries of the process-ancestry osquery README
+# (../shared/reference/osquery-ancestry-README.txt), verbatim.
+ANCESTRY_README_QUERIES = [
+    """SELECT pid, parent, ancestry, cmdline 
+FROM process_events 
+WHERE ancestry != '[]' 
+ORDER BY time DESC 
+LIMIT 5;""",
+    """SELECT 
+  pid,
+  JSON_EXTRACT(ancestry, '$[0].exe_name') as immediate_parent,
+  JSON_EXTRACT(ancestry, '$[0].proc_time') as parent_start_time,
+  JSON_ARRAY_LENGTH(ancestry) as ancestry_depth,
+  cmdline
+FROM process_events 
+WHERE ancestry != '[]' 
+LIMIT 3;""",
+    """SELECT pid, parent, cmdline, JSON_ARRAY_LENGTH(ancestry) as depth
+FROM process_events 
+WHERE JSON_ARRAY_LENGTH(ancestry) > 3
+ORDER BY depth DESC;""",
+    """SELECT pid, parent, ancestry, cmdline
+FROM process_events 
+WHERE JSON_EXTRACT(ancestry, '$[0].exe_name') LIKE '%sh%'
+   OR JSON_EXTRACT(ancestry, '$[1].exe_name') LIKE '%sh%';""",
+    "SELECT cache_hits, cache_misses FROM process_ancestry_cache_stats;",
+    """SELECT pe.pid, pe.parent, pe.path, pe.cmdline, pe.ancestry, pe.time
+FROM process_events pe
+WHERE pe.ancestry != '[]';""",
+    """SELECT pid, path, cmdline, ancestry
+FROM process_events
+WHERE path LIKE '%/tmp/%' AND ancestry != '[]';""",
+]
+
+
+def test_ancestry_readme_queries_run_verbatim(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-readme-{uuid.uuid4().hex[:8]}")
+    subprocess.run(["bash", "-c", f"sh -c '{prog}; true'; true"], check=True)
+    execs_of(bpf_daemon, prog)
+    results = []
+    for sql in ANCESTRY_README_QUERIES:
+        r = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket,
+                            "query", "--json", sql], capture_output=True, text=True)
+        assert r.returncode == 0, (sql, r.stderr)
+        results.append([json.loads(line) for line in r.stdout.splitlines()])
+    assert results[1] and all(row["immediate_parent"] and row["ancestry_depth"] >= 1 for row in results[1])
+    assert any(row["depth"] > 3 for row in results[2])
+    assert any(json.loads(row["ancestry"])[0]["exe_name"] == "dash" and row["cmdline"] == prog
+               for row in results[3])
+    [stats] = results[4]
+    assert stats["cache_hits"] > 0
+    assert any(row["path"] == prog for row in results[6])

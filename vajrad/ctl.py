@@ -125,13 +125,18 @@ def cmd_events(client: VajraClient, args) -> int:
 
 def cmd_query(client: VajraClient, args) -> int:
     from .sql import ReadOnlySql
-    database = args.database
-    if not database:
-        try:
-            database = client.call("status")["store"]["path"]
-        except ClientError:
-            database = "/var/lib/vajra/events.db"     # no daemon: the default store
-    db = ReadOnlySql(database)
+    database, live = args.database, {}
+    try:
+        database = database or client.call("status")["store"]["path"]
+        for name, table in TABLES.items():       # live tables exist only in the daemon
+            if not table.evented:
+                try:
+                    live[name] = client.call("table/read", {"table": name})["rows"]
+                except RemoteError:
+                    pass                          # its collector is not running
+    except ClientError:
+        database = database or "/var/lib/vajra/events.db"     # no daemon: the default store
+    db = ReadOnlySql(database, live)
     try:
         columns, rows = db.run(args.sql)
     finally:

@@ -89,6 +89,14 @@ class VajraInterface(ServiceInterface):
     def GetStatus(self) -> "a{sv}":
         return to_vardict(self.service.status())
 
+    @method()
+    def ReadTable(self, table: "s") -> "aa{sv}":
+        try:
+            rows = self.service.read_table({"table": table})["rows"]
+        except RequestError as e:
+            raise DBusError(ERR_INVALID_ARGS, str(e)) from None
+        return [to_vardict(r) for r in rows]
+
     # Declared for introspection; calls are answered asynchronously by
     # DbusService._dispatch, since dbus-next 0.2 runs @method bodies on the loop.
     @method()

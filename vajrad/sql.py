@@ -31,7 +31,8 @@ class QueryError(VajraError):
 
 
 class ReadOnlySql:
-    def __init__(self, database: str):
+    def __init__(self, database: str, live: dict[str, list[dict]] | None = None):
+        """live: rows of live tables (read from vajrad), offered as TEMP tables."""
         if not os.path.exists(database):
             raise QueryError(f"no event store at {database} (is vajrad configured with another --database_path?)")
         try:
@@ -41,6 +42,12 @@ class ReadOnlySql:
             for alias, target in ALIASES.items():
                 if target in have and alias not in have:
                     self.conn.execute(f'CREATE TEMP VIEW "{alias}" AS SELECT * FROM "{target}"')
+            for name, rows in (live or {}).items():
+                cols = TABLES[name].columns
+                self.conn.execute(f'CREATE TEMP TABLE "{name}" ('
+                                  + ", ".join(f'"{c.name}" {c.sqlite_type}' for c in cols) + ")")
+                self.conn.executemany(f'INSERT INTO temp."{name}" VALUES ({", ".join("?" for _ in cols)})',
+                                      [tuple(r.get(c.name) for c in cols) for r in rows])
         except sqlite3.Error as e:
             raise QueryError(f"cannot open {database}: {e}") from e
         self.refused: str | None = None

@@ -173,14 +173,21 @@ class VajraTables:
                 self._warned = True
             return p.ExtensionResponse(status=p.ExtensionStatus(code=0, message=self.events_why), response=[])
         try:
-            flt = pushdown(request.get("context"))
-            rows = [] if flt is None else self.fetch(table, flt)
+            if not table.evented:
+                rows = self.read_live(table)
+            else:
+                flt = pushdown(request.get("context"))
+                rows = [] if flt is None else self.fetch(table, flt)
         except ContextError as e:
             return _status(p.EXT_FAILED, f"{item}: {e}")
         except (ClientError, RemoteError) as e:
             log.warning("%s: %s", item, e)
             return _status(p.EXT_FAILED, f"{item}: {e}")
         return p.ExtensionResponse(status=p.ExtensionStatus(code=0, message="OK"), response=rows)
+
+    def read_live(self, table: Table) -> list[dict[str, str]]:
+        with VajraClient(self.vajra_socket) as client:
+            return [to_osquery_row(r, table) for r in client.call("table/read", {"table": table.name})["rows"]]
 
     def fetch(self, table: Table, flt: dict) -> list[dict[str, str]]:
         # A fresh connection per query: after a vajrad restart the next query just works.
