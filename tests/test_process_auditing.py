@@ -330,3 +330,32 @@ def test_ancestry_readme_queries_run_verbatim(bpf_daemon, workdir):
     [stats] = results[4]
     assert stats["cache_hits"] > 0
     assert any(row["path"] == prog for row in results[6])
+
+
+def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
+    prog = unique_program(workdir, f"vajra-tree-{uuid.uuid4().hex[:8]}")
+    sleeper = subprocess.Popen(["bash", "-c", "sh -c 'sleep 30; true'; true"])
+    try:
+        time.sleep(0.5)
+        sleep_pid = int(subprocess.check_output(["pgrep", "-P", str(int(subprocess.check_output(
+            ["pgrep", "-P", str(sleeper.pid)]).split()[0])), "sleep"]).split()[0])
+        ctl = [sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket, "tree"]
+        out = subprocess.run(ctl + [str(sleep_pid)], capture_output=True, text=True, check=True).stdout
+        lines = out.splitlines()
+        assert lines[-1].lstrip("└─ ").startswith(f"sleep [{sleep_pid}]")
+        assert f"dash [" in lines[-2] and f"bash [{sleeper.pid}]" in lines[-3]
+        assert lines[0].split()[1] == "[1]"                   # the root of the tree: pid 1
+        assert all("started 20" in line for line in lines)
+        indents = [len(line) - len(line.lstrip(" └─")) for line in lines]
+        assert indents == sorted(indents) and len(set(indents)) == len(lines)
+    finally:
+        sleeper.kill()
+    subprocess.run(["sh", "-c", f"{prog}; true"], check=True)
+    [e] = execs_of(bpf_daemon, prog)
+    out = subprocess.run(ctl + ["--eid", str(e["eid"])], capture_output=True, text=True, check=True).stdout
+    assert f"exec at" in out.splitlines()[-1] and f"(eid {e['eid']})" in out
+    assert "dash [" in out.splitlines()[-2]
+    bad = subprocess.run(ctl + ["999999"], capture_output=True, text=True)
+    assert bad.returncode == 1 and "no running process 999999" in bad.stderr
+    bad = subprocess.run(ctl, capture_output=True, text=True)
+    assert bad.returncode == 2 and "PID or --eid" in bad.stderr

@@ -190,11 +190,18 @@ class ProcessCache:
         self._exact(ppid, parent_start_ns)
         return self.ancestry(ppid, parent_start_ns)
 
-    def newest(self, pid: int) -> Process | None:
-        """The running process with this pid, for vajractl tree."""
+    def describe(self, pid: int) -> dict | None:
+        """The running process with this pid and its ancestry, for vajractl tree."""
         with self.lock:
             found = [p for p in self.live.values() if p.pid == pid]
-            return max(found, key=lambda p: p.start_ns) if found else None
+            if not found:
+                proc = self._read_proc(pid)
+                found = [proc] if proc and self._from_proc(pid, proc.start_ns) else []
+            if not found:
+                return None
+            proc = max(found, key=lambda p: p.start_ns)
+            entry = json.loads(proc.entry_json(self.clock))
+            return {"process": entry, "ancestry": json.loads(self.ancestry(proc.ppid, proc.parent_start_ns))}
 
     def stats(self) -> dict:
         with self.lock:

@@ -214,6 +214,9 @@ class _Connection:
         self._no_params(params)
         return self.server.service.describe_tables()
 
+    async def m_process_tree(self, params):
+        return self.server.service.process_tree(params)
+
     async def m_table_read(self, params):
         return self.server.service.read_table(params)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import shutil
 import sys
 import time
@@ -123,6 +124,40 @@ def cmd_events(client: VajraClient, args) -> int:
     return 0
 
 
+def print_tree(ancestry: list[dict], leaf: str, out=sys.stdout) -> None:
+    """Oldest ancestor first, each generation indented under its parent."""
+    depth = 0
+    for a in reversed(ancestry):
+        prefix = "   " * (depth - 1) + "└─ " if depth else ""
+        out.write(f"{prefix}{a['exe_name'] or '?'} [{a['pid']}]  started {_fmt_time(a['proc_time'])}"
+                  f"  {a['cmdline']}\n")
+        depth += 1
+    out.write(("   " * (depth - 1) + "└─ " if depth else "") + leaf + "\n")
+
+
+def cmd_tree(client: VajraClient, args) -> int:
+    if args.eid is not None:
+        page = client.list_events({"start_eid": args.eid, "end_eid": args.eid}, "bpf_process_events", 1)
+        if not page["events"]:
+            print(f"vajractl tree: no bpf_process_events row with eid {args.eid}", file=sys.stderr)
+            return 1
+        e = page["events"][0]
+        ancestry = json.loads(e["ancestry"] or "[]")
+        name = os.path.basename(e["path"]) if e["path"] else "?"
+        leaf = (f"{name} [{e['pid']}]  {e['syscall']} at {_fmt_time(e['time'])} (eid {e['eid']})"
+                f"  {e['cmdline']}")
+    else:
+        found = client.call("process/tree", {"pid": args.pid})
+        p = found["process"]
+        ancestry = found["ancestry"]
+        leaf = f"{p['exe_name'] or '?'} [{p['pid']}]  started {_fmt_time(p['proc_time'])}  {p['cmdline']}"
+    if args.json:
+        print(json.dumps(ancestry, indent=2))
+    else:
+        print_tree(ancestry, leaf)
+    return 0
+
+
 def cmd_query(client: VajraClient, args) -> int:
     from .sql import ReadOnlySql
     database, live = args.database, {}
@@ -170,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="one JSON object per line")
     e.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
     e.set_defaults(func=cmd_events)
+    t = sub.add_parser("tree", help="a process's ancestry as a tree, oldest ancestor first")
+    t.add_argument("pid", type=int, nargs="?", help="a running process")
+    t.add_argument("--eid", type=int, help="a bpf_process_events row instead of a running process")
+    t.add_argument("--json", action="store_true", help="the ancestry array itself")
+    t.set_defaults(func=cmd_tree)
     q = sub.add_parser("query", help="read-only SQL over the local event store (no osquery needed)")
     q.add_argument("sql")
     q.add_argument("--database", help="the store (default: the running vajrad's, else /var/lib/vajra/events.db)")
@@ -179,7 +219,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "tree" and (args.pid is None) == (args.eid is None):
+        parser.error("tree takes a PID or --eid EID")
     client = VajraClient(args.socket)
     try:
         if getattr(args, "offline", False):     # works with vajrad down, too

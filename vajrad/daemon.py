@@ -119,7 +119,9 @@ class Vajrad:
             self.collectors.append(collector)
             self._pumps.append(asyncio.create_task(self._pump(collector)))
         snapshots = {name: rows for c in self.collectors for name, rows in c.snapshots().items()}
-        self.service = VajraService(self.store, TABLES, self.status, snapshots)
+        describe = next((c.describe_process for c in self.collectors
+                         if type(c).describe_process is not Collector.describe_process), None)
+        self.service = VajraService(self.store, TABLES, self.status, snapshots, describe)
         self.api = ApiServer(cfg.api_socket, self.service, self.hub)
         await self.api.start()
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)

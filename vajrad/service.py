@@ -95,8 +95,9 @@ def decode_cursor(cursor: Any, tables: dict[str, Table]) -> dict[str, int]:
 
 class VajraService:
     def __init__(self, store: EventStore, tables: dict[str, Table], daemon_status,
-                 snapshots: dict | None = None):
+                 snapshots: dict | None = None, describe_process=None):
         self.store = store
+        self.describe_process = describe_process     # pid -> {"process", "ancestry"} | None
         self.tables = tables
         self.snapshots = snapshots or {}     # live tables: {name: rows()}
         self.event_tables = {n: t for n, t in tables.items() if t.evented}
@@ -137,6 +138,16 @@ class VajraService:
         if rows is None:
             raise RequestError(f"table: {name} has no source: its collector is not running", "table")
         return {"rows": rows()}
+
+    def process_tree(self, params: Any) -> dict:
+        if not isinstance(params, dict) or "pid" not in params:
+            raise RequestError("params.pid is required", "pid")
+        pid = parse_int(params["pid"], "pid", minimum=1)
+        found = self.describe_process(pid) if self.describe_process else None
+        if found is None:
+            raise RequestError(f"pid: no running process {pid} is known"
+                               + ("" if self.describe_process else " (process auditing is not running)"), "pid")
+        return found
 
     async def list_events(self, params: Any) -> dict:
         """Vajra's event/list: {"filter": {...}, "table"?, "limit"?, "cursor"?}."""

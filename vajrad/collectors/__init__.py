@@ -43,6 +43,10 @@ class Collector(abc.ABC):
         """Live (not evented) tables this collector answers: {name: rows()}."""
         return {}
 
+    def describe_process(self, pid: int) -> dict | None:
+        """A running process and its ancestry, when this collector tracks processes."""
+        return None
+
     @property
     def healthy(self) -> bool:
         return self.state == "running"

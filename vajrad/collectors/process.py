@@ -185,3 +185,6 @@ class ProcessCollector(Collector):
 
     def snapshots(self) -> dict:
         return {"process_ancestry_cache_stats": lambda: [self.cache.stats()]}
+
+    def describe_process(self, pid: int) -> dict | None:
+        return self.cache.describe(pid)
