@@ -11,15 +11,18 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 import exec_bench  # noqa: E402  (puts the repo and tests/ on sys.path)
+import ancestry_bench  # noqa: E402
 import osquery_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "osquery", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
+    p.add_argument("--chain-depth", type=int, default=3, help="exec: execs per chain (3: sh, sh, true)")
+    p.add_argument("--ramp", action="store_true", help="exec: also find the highest rate with 0 loss")
     p.add_argument("--bpf-output", default="auto", choices=("auto", "ringbuf", "perf"))
     p.add_argument("--events", type=int, default=1_000_000, help="osquery: events in the store")
     p.add_argument("--span-hours", type=float, default=24, help="osquery: time the store's events span")
@@ -31,6 +34,8 @@ def main() -> int:
     results = {}
     if args.which in ("exec", "all"):
         results["exec"] = exec_bench.run(args)
+    if args.which in ("ancestry", "all"):
+        results["ancestry"] = ancestry_bench.run()
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

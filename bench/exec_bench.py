@@ -8,6 +8,7 @@ window at the same rate with a client polling event/list every 10 ms.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import tempfile
@@ -37,8 +38,20 @@ def memory_kib(pid: int) -> dict:
     return out
 
 
-def exec_at_rate(rate: int, seconds: float, tag: str, on_spawn=None) -> int:
-    """posix_spawn /bin/true `tag-N` on a fixed schedule; returns how many ran."""
+def chain_argv(depth: int, tag: str, i: int) -> list[str]:
+    """/bin/true under depth-1 shells; "; true" keeps each shell from exec'ing in place."""
+    if depth <= 1:
+        return ["/bin/true", f"{tag}-{i}"]
+    cmd = f"/bin/true {tag}-{i}"
+    for _ in range(depth - 2):
+        cmd = f"sh -c '{cmd}; true'" if "'" not in cmd else f'sh -c "{cmd}; true"'
+    return ["/bin/sh", "-c", f"{cmd}; true"]
+
+
+def exec_at_rate(rate: int, seconds: float, tag: str, on_spawn=None, depth: int = 1) -> int:
+    """Starts chains of `depth` execs ending in /bin/true `tag-N`, so that execs
+    happen at `rate` per second; returns how many chains ran."""
+    rate = max(1, rate // depth)
     total = int(rate * seconds)
     t0 = time.monotonic()
     children = 0
@@ -47,7 +60,8 @@ def exec_at_rate(rate: int, seconds: float, tag: str, on_spawn=None) -> int:
         delay = due - time.monotonic()
         if delay > 0:
             time.sleep(delay)
-        os.posix_spawn("/bin/true", ["/bin/true", f"{tag}-{i}"], os.environ)
+        argv = chain_argv(depth, tag, i)
+        os.posix_spawn(argv[0], argv, os.environ)
         if on_spawn:
             on_spawn(i)
         children += 1
@@ -65,10 +79,25 @@ def exec_at_rate(rate: int, seconds: float, tag: str, on_spawn=None) -> int:
     return total
 
 
-def count_tagged(d: Daemon, tag: str, since: int) -> int:
+def tagged_execs(d: Daemon, tag: str, since: int) -> list[dict]:
     with d.client() as c:
-        return sum(1 for e in c.iter_events({"start_time": since}, "bpf_process_events")
-                   if e["syscall"] == "exec" and e["cmdline"].startswith(f"/bin/true {tag}-"))
+        return [e for e in c.iter_events({"start_time": since}, "bpf_process_events")
+                if e["syscall"] == "exec" and e["cmdline"].startswith(f"/bin/true {tag}-")]
+
+
+def ancestry_complete(rows: list[dict], depth: int) -> int:
+    """Rows whose ancestry names the whole chain: depth-1 shells, then this
+    bench, every link's ppid its parent's pid, down to pid 1."""
+    me = os.getpid()
+    good = 0
+    for r in rows:
+        anc = json.loads(r["ancestry"])
+        shells = [a["exe_name"] for a in anc[:depth - 1]]
+        linked = all(c["ppid"] == p["pid"] for c, p in zip(anc, anc[1:]))
+        if shells == ["dash"] * (depth - 1) and len(anc) > depth - 1 and anc[depth - 1]["pid"] == me \
+                and linked and anc[-1]["pid"] == 1:
+            good += 1
+    return good
 
 
 def wait_drained(d: Daemon, timeout: float = 30) -> None:
@@ -118,6 +147,39 @@ def latency_window(d: Daemon, rate: int, seconds: float, tag: str) -> dict:
             "p99_ms": round(percentile(lat, 99), 1) if lat else None}
 
 
+def load_window(d: Daemon, rate: int, seconds: float, depth: int, tag: str) -> dict:
+    """One window of load: loss, completeness and vajrad's CPU over it."""
+    pid = d.proc.pid
+    since = int(time.time()) - 1
+    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    chains = exec_at_rate(rate, seconds, tag, depth=depth)
+    wall = time.monotonic() - t0
+    wait_drained(d)
+    cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    rows = tagged_execs(d, tag, since)
+    return {"chains": chains, "execs": chains * depth, "achieved_exec_rate_per_s": round(chains * depth / wall, 1),
+            "leaf_events": len(rows), "leaf_lost": chains - len(rows),
+            "ancestry_complete": ancestry_complete(rows, depth),
+            "cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 2), "cpu_seconds": round(cpu1 - cpu0, 3)}
+
+
+def max_rate(d: Daemon, depth: int, seconds: float, tag: str) -> dict:
+    """Doubles the exec rate until something is lost or the load generator
+    (one Python process on this 2-core machine) cannot keep up."""
+    best, tried = 0.0, []
+    rate = 1000
+    while rate <= 64000:
+        w = load_window(d, rate, seconds, depth, f"{tag}r{rate}")
+        tried.append({"rate": rate, "achieved": w["achieved_exec_rate_per_s"], "lost": w["leaf_lost"]})
+        if w["leaf_lost"]:
+            break
+        best = max(best, w["achieved_exec_rate_per_s"])
+        if w["achieved_exec_rate_per_s"] < 0.9 * rate:
+            break                           # the generator, not vajrad, is the limit
+        rate *= 2
+    return {"highest_exec_rate_with_0_loss": best, "steps": tried}
+
+
 def run(args) -> dict:
     work = tempfile.mkdtemp(prefix="vajra-bench-")
     d = Daemon(work, f"--bpf_output={args.bpf_output}", "--events_max=0", "--events_expiry=0")
@@ -126,33 +188,32 @@ def run(args) -> dict:
         pid = d.proc.pid
         time.sleep(1.0)                  # let start-up settle
         tag = f"vb{os.getpid()}"
-        since = int(time.time()) - 1
-        cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        execs = exec_at_rate(args.rate, args.duration, tag)
-        wall = time.monotonic() - t0
-        wait_drained(d)
-        cpu1, t1 = cpu_seconds(pid), time.monotonic()
+        w = load_window(d, args.rate, args.duration, args.chain_depth, tag)
         mem = memory_kib(pid)
-        captured = count_tagged(d, tag, since)
         status = d.call("status")
         latency = latency_window(d, args.rate, args.latency_seconds, tag + "l")
+        ramp = max_rate(d, args.chain_depth, 10, tag) if args.ramp else None
         return {
             "bench": "exec",
-            "rate_per_s": args.rate,
+            "exec_rate_per_s": args.rate,
             "duration_s": args.duration,
+            "chain_depth": args.chain_depth,
             "bpf_output": status["collectors"]["process"]["output"],
-            "execs": execs,
-            "achieved_rate_per_s": round(execs / wall, 1),
-            "events_captured": captured,
-            "events_lost": execs - captured,
+            "execs": w["execs"],
+            "achieved_exec_rate_per_s": w["achieved_exec_rate_per_s"],
+            "leaf_execs": w["chains"],
+            "leaf_events_captured": w["leaf_events"],
+            "events_lost": w["leaf_lost"],
+            "ancestry_complete_percent": round(100 * w["ancestry_complete"] / max(1, w["chains"]), 3),
             "daemon_lost_counters": {k: v for k, v in status["events"].items() if k.startswith("lost")},
             # CPU over the load window plus the drain after it, as % of one core.
-            "vajrad_cpu_percent": round(100 * (cpu1 - cpu0) / (t1 - t0), 2),
-            "vajrad_cpu_seconds": round(cpu1 - cpu0, 3),
+            "vajrad_cpu_percent": w["cpu_percent"],
+            "vajrad_cpu_seconds": w["cpu_seconds"],
             "vajrad_rss_kib": mem.get("VmRSS"),
             "vajrad_peak_rss_kib": mem.get("VmHWM"),
             "latency_exec_to_event_list": latency,
             "time_to_ready_s": round(d.ready_after, 3),
+            "max_rate": ramp,
             "kernel": os.uname().release,
             "cpus": os.cpu_count(),
         }

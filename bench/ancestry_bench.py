@@ -1,0 +1,58 @@
+"""ProcessCache on its own: ancestry lookup latency and memory per entry,
+with a tree shaped like a busy host (long-lived daemons, shells, short jobs)."""
+from __future__ import annotations
+
+import random
+import time
+import tracemalloc
+
+from exec_bench import percentile  # (exec_bench puts the repo on sys.path)
+
+from vajrad.ancestry import ProcessCache
+
+
+def build(cache: ProcessCache, n: int, rng: random.Random) -> list[tuple[int, int]]:
+    """n processes, each forked by a random earlier one and then exec'd."""
+    procs = [(1, 1_000_000_000)]
+    cache.executed(1, procs[0][1], 0, 0, "/usr/lib/systemd/systemd", "/sbin/init splash")
+    for pid in range(2, n + 1):
+        ppid, pstart = procs[rng.randrange(max(0, len(procs) - 50), len(procs))] if pid % 7 \
+            else procs[rng.randrange(len(procs))]
+        start = procs[-1][1] + 10_000_000 + rng.randrange(1000)
+        cache.forked(pid, start, ppid, pstart)
+        cache.executed(pid, start, ppid, pstart, f"/usr/bin/tool{pid % 40}",
+                       f"tool{pid % 40} --config /etc/tool{pid % 40}.conf --job {pid}")
+        procs.append((pid, start))
+    return procs
+
+
+def run(entries: int = 1000, lookups: int = 20000) -> dict:
+    rng = random.Random(3)
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    cache = ProcessCache(size=entries, max_depth=32, ttl=300, proc="/nonexistent")
+    procs = build(cache, entries, rng)
+    for pid, start in procs:                  # what serving events leaves cached
+        p = cache.get(pid, start)
+        p.entry_json(cache.clock)
+    used = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    lat = []
+    depths = []
+    for _ in range(lookups):
+        pid, start = procs[rng.randrange(len(procs))]
+        t = time.perf_counter_ns()
+        out = cache.ancestry(pid, start)
+        lat.append((time.perf_counter_ns() - t) / 1000)
+        depths.append(out.count('"exe_name"'))
+    return {
+        "bench": "ancestry_cache",
+        "entries": len(cache.live) + len(cache.exited),
+        "memory_bytes": used,
+        "memory_mb_per_1000_entries": round(used / 1e6 * 1000 / entries, 3),
+        "lookups": lookups,
+        "mean_depth": round(sum(depths) / len(depths), 1),
+        "max_depth": max(depths),
+        "lookup_p50_us": round(percentile(lat, 50), 1),
+        "lookup_p99_us": round(percentile(lat, 99), 1),
+    }
