@@ -228,3 +228,21 @@ def test_slow_subscriber_misses_are_counted_and_told(daemon_factory):
             break
     slow.close()
     assert missed > 0 and got + missed >= 3000 and got < 3000
+
+
+@pytest.mark.parametrize("method,params,field", [
+    ("table/read", {}, "table"),
+    ("table/read", {"table": "bpf_process_events"}, "table"),
+    ("table/read", {"table": "nope"}, "table"),
+    ("table/read", {"table": "process_ancestry_cache_stats", "x": 1}, "x"),
+    ("process/tree", {}, "pid"),
+    ("process/tree", {"pid": "one"}, "pid"),
+    ("process/tree", {"pid": 0}, "pid"),
+    ("unsubscribe", {"subscription": 99}, "subscription"),
+    ("subscribe", {"table": "nope"}, "table"),
+])
+def test_other_methods_name_the_bad_field(api, method, params, field):
+    [reply] = jsonrpc_lines(api.socket, json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\n", 1)
+    assert reply["error"]["code"] == -32602 and reply["error"]["data"]["field"] == field
+    assert rpc(api, "ping") == "pong"

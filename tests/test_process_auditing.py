@@ -4,8 +4,6 @@ when every parent has exited before the query."""
 import errno
 import json
 import os
-import shutil
-import stat
 import subprocess
 import sys
 import textwrap
@@ -343,7 +341,7 @@ def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
         out = subprocess.run(ctl + [str(sleep_pid)], capture_output=True, text=True, check=True).stdout
         lines = out.splitlines()
         assert lines[-1].lstrip("└─ ").startswith(f"sleep [{sleep_pid}]")
-        assert f"dash [" in lines[-2] and f"bash [{sleeper.pid}]" in lines[-3]
+        assert "dash [" in lines[-2] and f"bash [{sleeper.pid}]" in lines[-3]
         assert lines[0].split()[1] == "[1]"                   # the root of the tree: pid 1
         assert all("started 20" in line for line in lines)
         indents = [len(line) - len(line.lstrip(" └─")) for line in lines]
@@ -353,7 +351,7 @@ def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
     subprocess.run(["sh", "-c", f"{prog}; true"], check=True)
     [e] = execs_of(bpf_daemon, prog)
     out = subprocess.run(ctl + ["--eid", str(e["eid"])], capture_output=True, text=True, check=True).stdout
-    assert f"exec at" in out.splitlines()[-1] and f"(eid {e['eid']})" in out
+    assert "exec at" in out.splitlines()[-1] and f"(eid {e['eid']})" in out
     assert "dash [" in out.splitlines()[-2]
     bad = subprocess.run(ctl + ["999999"], capture_output=True, text=True)
     assert bad.returncode == 1 and "no running process 999999" in bad.stderr

@@ -82,7 +82,3 @@ class ReadOnlySql:
 
     def close(self) -> None:
         self.conn.close()
-
-
-def known_tables() -> list[str]:
-    return sorted(list(TABLES) + list(ALIASES))

@@ -291,9 +291,6 @@ class EventStore:
                           (flt.end_time if flt.end_time is not None else 1 << 62,)).fetchone()
         return lo is None or hi is None or hi[0] - lo[0] <= NARROW_WINDOW_ROWS
 
-    def count(self, table: str) -> int:
-        return self._reader().execute(f"SELECT COUNT(*) FROM {_quote(table)}").fetchone()[0]
-
     def stats(self) -> dict:
         return {"stored": self.stored, "dropped": self.dropped, "pending": self._pending,
                 "expired": self.expired, "path": self.path, "last_error": self.last_error}
