@@ -107,7 +107,7 @@ class ProcessCache:
         k = key(pid, start_ns)
         return self.live.get(k) or self.exited.get(k)
 
-    def _exact(self, pid: int, start_ns: int, parent_start_ns: int | None = None) -> Process | None:
+    def exact(self, pid: int, start_ns: int, parent_start_ns: int | None = None) -> Process | None:
         """The entry for what a kernel event names exactly; an entry seeded from
         /proc knows its start times only to the clock tick, and adopts the
         kernel's so that pproc_time_hr matches the parent's proc_time_hr."""
@@ -122,10 +122,10 @@ class ProcessCache:
 
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
         """A new process: it runs its parent's image until it execs."""
-        found = self._exact(pid, start_ns, parent_start_ns)
+        found = self.exact(pid, start_ns, parent_start_ns)
         if found is not None:        # its exec arrived first (perf buffer order)
             return found
-        parent = self._exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
+        parent = self.exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
         proc = Process(pid, ppid, start_ns, parent_start_ns,
                        parent.path if parent else "", parent.cmdline if parent else "")
         self._insert(key(pid, start_ns), proc)
@@ -133,7 +133,7 @@ class ProcessCache:
 
     def executed(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int,
                  path: str, cmdline: str) -> Process:
-        proc = self._exact(pid, start_ns)
+        proc = self.exact(pid, start_ns)
         if proc is None:
             proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline)
             self._insert(key(pid, start_ns), proc)
@@ -143,11 +143,11 @@ class ProcessCache:
 
     def exited_process(self, pid: int, start_ns: int) -> Process | None:
         """Moves a process to the exited cache, where it lives `ttl` seconds."""
+        proc = self.exact(pid, start_ns)
         k = key(pid, start_ns)
-        proc = self.live.pop(k, None)
-        if proc is not None:
+        if self.live.pop(k, None) is not None:
             self.exited[k] = proc
-        return proc or self.exited.get(k)
+        return proc
 
     def _insert(self, k: tuple[int, int], proc: Process) -> None:
         """One bound for running and exited processes together; the exited
@@ -178,28 +178,27 @@ class ProcessCache:
             pid, start = proc.ppid, proc.parent_start_ns
         return "[" + ",".join(parts) + "]"
 
-    def ancestry_of(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> str:
-        """Ancestry of a process through the parent it was born to: an orphan
-        adopted by a subreaper keeps its original line (the event's ppid is
-        the current real parent, which is what the `parent` column shows)."""
-        proc = self._exact(pid, start_ns)
+    def ancestry_of(self, proc: Process | None, ppid: int, parent_start_ns: int) -> str:
+        """Ancestry of an event's process, given its cache entry when it has one:
+        through the parent it was born to, so that an orphan adopted by a
+        subreaper keeps its original line (the event's ppid is the current
+        real parent, which is what the `parent` column shows)."""
         if proc is not None and proc.ppid:
             if proc.ppid == ppid:            # not reparented: the event's parent time is exact
-                self._exact(ppid, parent_start_ns)
+                self.exact(ppid, parent_start_ns)
             return self.ancestry(proc.ppid, proc.parent_start_ns)
-        self._exact(ppid, parent_start_ns)
+        self.exact(ppid, parent_start_ns)
         return self.ancestry(ppid, parent_start_ns)
 
     def describe(self, pid: int) -> dict | None:
         """The running process with this pid and its ancestry, for vajractl tree."""
         with self.lock:
             found = [p for p in self.live.values() if p.pid == pid]
-            if not found:
-                proc = self._read_proc(pid)
-                found = [proc] if proc and self._from_proc(pid, proc.start_ns) else []
-            if not found:
+            proc = max(found, key=lambda p: p.start_ns) if found else self._read_proc(pid)
+            if proc is None:
                 return None
-            proc = max(found, key=lambda p: p.start_ns)
+            if not found:
+                self._adopt(proc)
             entry = json.loads(proc.entry_json(self.clock))
             return {"process": entry, "ancestry": json.loads(self.ancestry(proc.ppid, proc.parent_start_ns))}
 
@@ -236,10 +235,14 @@ class ProcessCache:
         proc = self._read_proc(pid)
         if proc is None or key(pid, proc.start_ns) != key(pid, start_ns):
             return None
+        self._adopt(proc)
+        return proc
+
+    def _adopt(self, proc: Process) -> None:
+        """Caches a process read from /proc, with its parent's start time."""
         parent = self._read_proc(proc.ppid) if proc.ppid > 0 else None
         proc.parent_start_ns = parent.start_ns if parent else 0
-        self._insert(key(pid, proc.start_ns), proc)
-        return proc
+        self._insert(key(proc.pid, proc.start_ns), proc)
 
     def seed(self) -> int:
         """Every running process, so that those older than the daemon have ancestry."""

@@ -89,9 +89,9 @@ class EventDecoder:
         row.update(syscall="exec", exit_code=str(e.exit_code), path=path, cwd=cwd, cmdline=cmdline,
                    json_cmdline=json.dumps(argv), duration=e.duration_ns, partial=0)
         with self.cache.lock:
-            if e.exit_code == 0:
-                self.cache.executed(h.pid, h.start_ns, h.ppid, h.parent_start_ns, path, cmdline)
-            row["ancestry"] = self.cache.ancestry_of(h.pid, h.start_ns, h.ppid, h.parent_start_ns)
+            proc = self.cache.executed(h.pid, h.start_ns, h.ppid, h.parent_start_ns, path, cmdline) \
+                if e.exit_code == 0 else self.cache.exact(h.pid, h.start_ns)
+            row["ancestry"] = self.cache.ancestry_of(proc, h.ppid, h.parent_start_ns)
         return row
 
     def task_row(self, e: bpf_abi.TaskEvent, h: bpf_abi.ProcHeader) -> dict:
@@ -103,11 +103,10 @@ class EventDecoder:
             else:
                 proc = self.cache.exited_process(h.pid, h.start_ns)
                 row.update(syscall="exit", exit_code=exit_status(e.exit_code), duration=e.duration_ns)
-            row["ancestry"] = self.cache.ancestry_of(h.pid, h.start_ns, h.ppid, h.parent_start_ns)
+            row["ancestry"] = self.cache.ancestry_of(proc, h.ppid, h.parent_start_ns)
         known = proc is not None and bool(proc.path or proc.cmdline)
         row.update(path=proc.path if known else "", cmdline=proc.cmdline if known else "", cwd="",
-                   partial=0 if known else 1)
-        row["json_cmdline"] = None
+                   partial=0 if known else 1, json_cmdline=None)
         return row
 
 
