@@ -332,7 +332,9 @@ def test_ancestry_readme_queries_run_verbatim(bpf_daemon, workdir):
 
 def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
     prog = unique_program(workdir, f"vajra-tree-{uuid.uuid4().hex[:8]}")
-    sleeper = subprocess.Popen(["bash", "-c", "sh -c 'sleep 30; true'; true"])
+    # A newline in an ancestor's command line (as CI's own `bash -c` script
+    # has) must not split that ancestor over two lines of the tree.
+    sleeper = subprocess.Popen(["bash", "-c", "sh -c 'sleep 30; true'\n\x1b[31mtrue"])
     try:
         time.sleep(0.5)
         sleep_pid = int(subprocess.check_output(["pgrep", "-P", str(int(subprocess.check_output(
@@ -342,6 +344,7 @@ def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
         lines = out.splitlines()
         assert lines[-1].lstrip("└─ ").startswith(f"sleep [{sleep_pid}]")
         assert "dash [" in lines[-2] and f"bash [{sleeper.pid}]" in lines[-3]
+        assert lines[-3].endswith("true'\\n\\x1b[31mtrue")
         assert lines[0].split()[1] == "[1]"                   # the root of the tree: pid 1
         assert all("started 20" in line for line in lines)
         indents = [len(line) - len(line.lstrip(" └─")) for line in lines]

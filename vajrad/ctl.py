@@ -36,6 +36,16 @@ def parse_since(value: str) -> int:
     return int(when.timestamp())
 
 
+# A command line may hold newlines and escape sequences (bash -c scripts do);
+# one process must stay one line, and a terminal must not obey what it prints.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7f]}
+_CONTROL.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def printable(value) -> str:
+    return str(value).translate(_CONTROL)
+
+
 def _fmt_time(t) -> str:
     return dt.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S") if t is not None else "-"
 
@@ -56,7 +66,7 @@ class EventPrinter:
                 self.header_done = True
             cols = SUMMARY.get(event["table"]) or [c.name for c in TABLES[event["table"]].columns
                                                    if not c.hidden][:6]
-            details = " ".join(f"{c}={event.get(c)}" for c in cols if event.get(c) not in (None, ""))
+            details = " ".join(f"{c}={printable(event.get(c))}" for c in cols if event.get(c) not in (None, ""))
             line = f"{_fmt_time(event.get('time'))} {event['table']:<20} {event['eid']:>8}  {details}"
             self.out.write((line[:max(self.width, 80)] if self.width else line) + "\n")
         self.out.flush()
@@ -129,8 +139,8 @@ def print_tree(ancestry: list[dict], leaf: str, out=sys.stdout) -> None:
     depth = 0
     for a in reversed(ancestry):
         prefix = "   " * (depth - 1) + "└─ " if depth else ""
-        out.write(f"{prefix}{a['exe_name'] or '?'} [{a['pid']}]  started {_fmt_time(a['proc_time'])}"
-                  f"  {a['cmdline']}\n")
+        out.write(f"{prefix}{printable(a['exe_name'] or '?')} [{a['pid']}]  started {_fmt_time(a['proc_time'])}"
+                  f"  {printable(a['cmdline'])}\n")
         depth += 1
     out.write(("   " * (depth - 1) + "└─ " if depth else "") + leaf + "\n")
 
@@ -143,14 +153,14 @@ def cmd_tree(client: VajraClient, args) -> int:
             return 1
         e = page["events"][0]
         ancestry = json.loads(e["ancestry"] or "[]")
-        name = os.path.basename(e["path"]) if e["path"] else "?"
+        name = printable(os.path.basename(e["path"])) if e["path"] else "?"
         leaf = (f"{name} [{e['pid']}]  {e['syscall']} at {_fmt_time(e['time'])} (eid {e['eid']})"
-                f"  {e['cmdline']}")
+                f"  {printable(e['cmdline'])}")
     else:
         found = client.call("process/tree", {"pid": args.pid})
         p = found["process"]
         ancestry = found["ancestry"]
-        leaf = f"{p['exe_name'] or '?'} [{p['pid']}]  started {_fmt_time(p['proc_time'])}  {p['cmdline']}"
+        leaf = f"{printable(p['exe_name'] or '?')} [{p['pid']}]  started {_fmt_time(p['proc_time'])}  {printable(p['cmdline'])}"
     if args.json:
         print(json.dumps(ancestry, indent=2))
     else:
