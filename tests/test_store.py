@@ -4,6 +4,7 @@ import threading
 import time
 
 from vajrad.schema import TABLES
+from vajrad.sql import ReadOnlySql
 from vajrad.store import EventStore, Filter
 
 T = "bpf_process_events"
@@ -84,6 +85,85 @@ def test_older_store_gains_new_columns(tmp_path):
     s.stop()
     assert [(r["eid"], r["pid"]) for r in got] == [(1, 42), (2, 7)]
     assert "cmdline" in got[0]
+
+
+def test_ancestry_from_before_it_was_shared_still_reads(tmp_path):
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute(f'CREATE TABLE "{T}" (eid INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, time INTEGER, '
+                f'ancestry TEXT)')
+    con.execute(f'INSERT INTO "{T}" (pid, time, ancestry) VALUES (42, 1, \'[{{"pid": 1}}]\')')
+    con.commit()
+    con.close()
+    s = open_store(db)
+    s.submit(T, [dict(r, ancestry='[{"pid": 2}]') for r in rows(1, start=7)])
+    s.stop()
+    s = open_store(db)
+    got = s.query(T, Filter(start_time=0), 10)
+    s.stop()
+    assert [(r["pid"], r["ancestry"]) for r in got] == [(42, '[{"pid": 1}]'), (7, '[{"pid": 2}]')]
+    assert ReadOnlySql(str(db)).run(f"SELECT ancestry FROM {T} ORDER BY eid")[1] == \
+        [('[{"pid": 1}]',), ('[{"pid": 2}]',)]
+
+
+def wait_stored(s, n):
+    deadline = time.monotonic() + 5
+    while s.stored < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert s.stored == n
+
+
+def side_ids(db):
+    con = sqlite3.connect(db)
+    try:
+        return [r[0] for r in con.execute(f'SELECT id FROM "{T}__ancestry" ORDER BY id')]
+    finally:
+        con.close()
+
+
+def test_a_shared_value_is_stored_once_and_read_back_everywhere(tmp_path):
+    db = tmp_path / "e.db"
+    a, b = '[{"pid": 1, "cmdline": "init"}]', '[{"pid": 9}]'
+    s = open_store(db)
+    s.submit(T, [dict(r, ancestry=v) for r, v in zip(rows(4), (a, a, b, a))])
+    s.stop()
+    con = sqlite3.connect(db)
+    stored = con.execute(f'SELECT ancestry, ancestry_ref FROM "{T}" ORDER BY eid').fetchall()
+    assert [text for text, _ in stored] == [None] * 4 and stored[0][1] == stored[1][1] == stored[3][1]
+    assert con.execute(f'SELECT COUNT(*) FROM "{T}__ancestry"').fetchone()[0] == 2
+    s = open_store(db)
+    assert [r["ancestry"] for r in s.query(T, Filter(start_time=0), 10)] == [a, a, b, a]
+    assert [r["ancestry"] for r in s.query(T, Filter(start_time=0), 10, columns=["pid", "ancestry"])] == [a, a, b, a]
+    s.stop()
+    sql = ReadOnlySql(str(db))
+    assert [r[0] for r in sql.run(f"SELECT ancestry FROM {T} ORDER BY eid")[1]] == [a, a, b, a]
+    assert sql.run("SELECT COUNT(*) FROM process_events WHERE ancestry LIKE '%init%'")[1] == [(3,)]
+    columns, _ = sql.run(f"SELECT * FROM {T}")
+    assert "ancestry_ref" not in columns and "ancestry" in columns
+
+
+def test_shared_values_go_when_no_row_points_at_them(tmp_path, monkeypatch):
+    import vajrad.store as store_mod
+    monkeypatch.setattr(store_mod, "SHARED_GENERATION_S", 0)     # a new generation every pass
+    db = tmp_path / "e.db"
+    a, b = '[{"pid": 1}]', '[{"pid": 2}]'
+    s = open_store(db, max_rows=2, retention_interval=3600)
+    s.submit(T, [dict(r, ancestry=a) for r in rows(3)])
+    wait_stored(s, 3)
+    assert s.apply_retention() == 1 and side_ids(db) == [1]      # rows 2 and 3 still point at it
+    s.submit(T, [dict(r, ancestry=v) for r, v in zip(rows(2), (a, b))])
+    wait_stored(s, 5)
+    assert s.apply_retention() == 2
+    assert side_ids(db) == [2, 3]            # a, written again in the new generation, and b
+    assert [r["ancestry"] for r in s.query(T, Filter(start_time=0), 10)] == [a, b]
+    s.stop()
+    s = open_store(db, max_rows=2, retention_interval=3600)     # restart: the old generation survives
+    s.submit(T, [dict(r, ancestry=b) for r in rows(2)])
+    wait_stored(s, 2)
+    assert s.apply_retention() == 2
+    assert side_ids(db) == [4]
+    assert [r["ancestry"] for r in s.query(T, Filter(start_time=0), 10)] == [b, b]
+    s.stop()
 
 
 def test_wal_and_full_sync(tmp_path):

@@ -13,12 +13,12 @@ proc_time (start, unix s), proc_time_hr (start, unix ns) and pproc_time_hr
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import threading
 import time
-
-import cachetools
+from collections import OrderedDict
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TICK_NS = 1_000_000_000 // CLK_TCK
@@ -40,53 +40,51 @@ def key(pid: int, start_ns: int) -> tuple[int, int]:
 
 
 class Process:
-    __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_json")
+    """One process as the events describe it. `image` names this version of
+    its ancestry entry: it changes on exec, and when the kernel's exact start
+    times replace the tick-precise ones of /proc."""
+    __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_json",
+                 "image", "parent", "linked", "exited_at", "lineage", "lineage_image")
 
     def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline):
         self.pid, self.ppid = pid, ppid
         self.start_ns, self.parent_start_ns = start_ns, parent_start_ns
         self.path, self.cmdline = path, cmdline
         self._json: str | None = None
+        self.image = next(_IMAGES)
+        # The parent it was born to, resolved once: a pointer, not a lookup per
+        # event, and it keeps an evicted ancestor's entry alive while needed.
+        self.parent: Process | None = None
+        self.linked = False
+        self.exited_at = 0.0
+        # The ancestry JSON that starts at this process, for its children's
+        # events, and the image it was built for.
+        self.lineage: str | None = None
+        self.lineage_image = 0
 
     def set_image(self, path: str, cmdline: str) -> None:
-        self.path, self.cmdline, self._json = path, cmdline, None
+        self.path, self.cmdline = path, cmdline
+        self.changed()
+
+    def changed(self) -> None:
+        self._json, self.image = None, next(_IMAGES)
 
     def entry_json(self, clock: BootClock) -> str:
         """This process as an ancestry entry, serialised once per image."""
         if self._json is None:
             start = clock.unix_ns(self.start_ns)
-            self._json = json.dumps({
-                "exe_name": os.path.basename(self.path) if self.path else "",
-                "pid": self.pid, "ppid": self.ppid, "path": self.path, "cmdline": self.cmdline,
-                "proc_time": start // 1_000_000_000, "proc_time_hr": start,
-                "pproc_time_hr": clock.unix_ns(self.parent_start_ns) if self.parent_start_ns else 0,
-            })
+            # What json.dumps gives for this dict, built directly: it runs per exec.
+            path = self.path
+            self._json = (
+                f'{{"exe_name": {_quote(os.path.basename(path) if path else "")}, "pid": {self.pid}, '
+                f'"ppid": {self.ppid}, "path": {_quote(path)}, "cmdline": {_quote(self.cmdline)}, '
+                f'"proc_time": {start // 1_000_000_000}, "proc_time_hr": {start}, "pproc_time_hr": '
+                f'{clock.unix_ns(self.parent_start_ns) if self.parent_start_ns else 0}}}')
         return self._json
 
 
-class _CountingLRU(cachetools.LRUCache):
-    def __init__(self, maxsize, stats):
-        super().__init__(maxsize)
-        self._stats = stats
-
-    def popitem(self):
-        self._stats["evictions"] += 1
-        return super().popitem()
-
-
-class _CountingTTL(cachetools.TTLCache):
-    def __init__(self, maxsize, ttl, stats):
-        super().__init__(maxsize, ttl)
-        self._stats = stats
-
-    def popitem(self):
-        self._stats["evictions"] += 1
-        return super().popitem()
-
-    def expire(self, time=None):
-        expired = super().expire(time)
-        self._stats["expired_entries"] += len(expired) if expired else 0
-        return expired
+_IMAGES = itertools.count(1)
+_quote = json.encoder.encode_basestring_ascii
 
 
 class ProcessCache:
@@ -97,15 +95,21 @@ class ProcessCache:
         self.proc = proc
         self.counters = {"cache_hits": 0, "cache_misses": 0, "evictions": 0, "expired_entries": 0}
         self.enabled = size > 0
-        self.live = _CountingLRU(max(size, 1), self.counters)
-        self.exited = _CountingTTL(max(size, 1), max(ttl, 1e-3), self.counters)
+        # Running processes, least recently used first; exited ones in the
+        # order they exited, which is also the order they expire in.
+        self.live: OrderedDict[tuple[int, int], Process] = OrderedDict()
+        self.exited: OrderedDict[tuple[int, int], Process] = OrderedDict()
         # Fed on the collector's thread, read (stats, vajractl tree) on the loop's.
         self.lock = threading.RLock()
 
     # --- feeding ------------------------------------------------------------
     def get(self, pid: int, start_ns: int) -> Process | None:
         k = key(pid, start_ns)
-        return self.live.get(k) or self.exited.get(k)
+        proc = self.live.get(k)
+        if proc is not None:
+            self.live.move_to_end(k)
+            return proc
+        return self.exited.get(k)
 
     def exact(self, pid: int, start_ns: int, parent_start_ns: int | None = None) -> Process | None:
         """The entry for what a kernel event names exactly; an entry seeded from
@@ -114,10 +118,12 @@ class ProcessCache:
         proc = self.get(pid, start_ns)
         if proc is not None:
             if proc.start_ns != start_ns:
-                proc.start_ns, proc._json = start_ns, None
+                proc.start_ns = start_ns
+                proc.changed()
             if parent_start_ns and proc.parent_start_ns != parent_start_ns and \
                     key(proc.ppid, proc.parent_start_ns) == key(proc.ppid, parent_start_ns):
-                proc.parent_start_ns, proc._json = parent_start_ns, None
+                proc.parent_start_ns = parent_start_ns
+                proc.changed()
         return proc
 
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
@@ -128,6 +134,7 @@ class ProcessCache:
         parent = self.exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
         proc = Process(pid, ppid, start_ns, parent_start_ns,
                        parent.path if parent else "", parent.cmdline if parent else "")
+        proc.parent, proc.linked = parent, parent is not None
         self._insert(key(pid, start_ns), proc)
         return proc
 
@@ -146,37 +153,77 @@ class ProcessCache:
         proc = self.exact(pid, start_ns)
         k = key(pid, start_ns)
         if self.live.pop(k, None) is not None:
+            proc.exited_at = time.monotonic()
             self.exited[k] = proc
+            self.expire()
         return proc
+
+    def expire(self) -> None:
+        deadline = time.monotonic() - self.ttl
+        exited = self.exited
+        while exited:
+            k = next(iter(exited))
+            if exited[k].exited_at > deadline:
+                break
+            del exited[k]
+            self.counters["expired_entries"] += 1
 
     def _insert(self, k: tuple[int, int], proc: Process) -> None:
         """One bound for running and exited processes together; the exited
         (oldest first) make room before any running one does."""
         self.live[k] = proc
+        self.live.move_to_end(k)
         while len(self.live) + len(self.exited) > self.max_size:
-            (self.exited if len(self.exited) else self.live).popitem()
+            (self.exited if self.exited else self.live).popitem(last=False)
+            self.counters["evictions"] += 1
 
     # --- reading ------------------------------------------------------------
+    def _parent(self, proc: Process) -> Process | None:
+        """The process proc was born to, looked up once and then remembered."""
+        if not proc.linked:
+            parent = None
+            if proc.ppid > 0:
+                parent = self.get(proc.ppid, proc.parent_start_ns)
+                if parent is None:
+                    self.counters["cache_misses"] += 1
+                    parent = self._from_proc(proc.ppid, proc.parent_start_ns)
+            # Not found now is not found ever: a dead parent cannot come back.
+            proc.parent, proc.linked = parent, True
+        return proc.parent
+
+    def lineage(self, first: Process | None) -> str:
+        """JSON ancestry starting at `first` (the parent), up its birth line.
+
+        Built once per image of `first`: its ancestors are taken as they were
+        then, which saves a walk per event (an ancestor that execs later,
+        while this line lives on, is not seen in it)."""
+        if not self.enabled or first is None:
+            return "[]"
+        if first.lineage_image == first.image:
+            self.counters["cache_hits"] += 1
+            return first.lineage
+        chain = [first]
+        proc, depth = first, self.max_depth
+        while proc.pid != 1 and len(chain) < depth:
+            proc = proc.parent if proc.linked else self._parent(proc)
+            if proc is None:
+                break
+            chain.append(proc)
+        self.counters["cache_hits"] += len(chain)
+        clock = self.clock
+        first.lineage = "[" + ",".join([p.entry_json(clock) for p in chain]) + "]"
+        first.lineage_image = first.image
+        return first.lineage
+
     def ancestry(self, ppid: int, parent_start_ns: int) -> str:
         """JSON ancestry of a process whose parent is (ppid, parent_start_ns)."""
-        if not self.enabled:
+        if not self.enabled or ppid <= 0:
             return "[]"
-        parts = []
-        pid, start = ppid, parent_start_ns
-        while pid > 0 and len(parts) < self.max_depth:
-            proc = self.get(pid, start)
-            if proc is None:
-                self.counters["cache_misses"] += 1
-                proc = self._from_proc(pid, start)
-                if proc is None:
-                    break
-            else:
-                self.counters["cache_hits"] += 1
-            parts.append(proc.entry_json(self.clock))
-            if pid == 1:
-                break
-            pid, start = proc.ppid, proc.parent_start_ns
-        return "[" + ",".join(parts) + "]"
+        first = self.get(ppid, parent_start_ns)
+        if first is None:
+            self.counters["cache_misses"] += 1
+            first = self._from_proc(ppid, parent_start_ns)
+        return self.lineage(first)
 
     def ancestry_of(self, proc: Process | None, ppid: int, parent_start_ns: int) -> str:
         """Ancestry of an event's process, given its cache entry when it has one:
@@ -184,9 +231,17 @@ class ProcessCache:
         subreaper keeps its original line (the event's ppid is the current
         real parent, which is what the `parent` column shows)."""
         if proc is not None and proc.ppid:
+            parent = self._parent(proc)
             if proc.ppid == ppid:            # not reparented: the event's parent time is exact
-                self.exact(ppid, parent_start_ns)
-            return self.ancestry(proc.ppid, proc.parent_start_ns)
+                if parent is not None and parent.start_ns != parent_start_ns and \
+                        key(ppid, parent.start_ns) == key(ppid, parent_start_ns):
+                    parent.start_ns = parent_start_ns
+                    parent.changed()
+                if proc.parent_start_ns != parent_start_ns and \
+                        key(ppid, proc.parent_start_ns) == key(ppid, parent_start_ns):
+                    proc.parent_start_ns = parent_start_ns
+                    proc.changed()
+            return self.lineage(parent)
         self.exact(ppid, parent_start_ns)
         return self.ancestry(ppid, parent_start_ns)
 
@@ -200,11 +255,11 @@ class ProcessCache:
             if not found:
                 self._adopt(proc)
             entry = json.loads(proc.entry_json(self.clock))
-            return {"process": entry, "ancestry": json.loads(self.ancestry(proc.ppid, proc.parent_start_ns))}
+            return {"process": entry, "ancestry": json.loads(self.lineage(self._parent(proc)))}
 
     def stats(self) -> dict:
         with self.lock:
-            self.exited.expire()
+            self.expire()
             return dict(self.counters, cache_size=len(self.live) + len(self.exited), max_size=self.max_size)
 
     # --- /proc --------------------------------------------------------------
@@ -257,5 +312,6 @@ class ProcessCache:
         for proc in found.values():
             parent = found.get(proc.ppid)
             proc.parent_start_ns = parent.start_ns if parent else 0
+            proc.parent, proc.linked = parent, parent is not None
             self._insert(key(proc.pid, proc.start_ns), proc)
         return len(found)

@@ -6,6 +6,7 @@ a header that drifted from this file.
 from __future__ import annotations
 
 import ctypes
+import struct
 from ctypes import c_char, c_int32, c_uint32, c_uint64
 
 ARGS_MAX = 4096
@@ -51,6 +52,16 @@ class ExecEvent(ctypes.Structure):
 
 
 EXEC_DATA_OFFSET = ExecEvent.data.offset
+
+# The same layouts as struct formats, for decoding in place with one call per
+# record; checked against the ctypes mirror when this module loads.
+_HEADER_FORMAT = "<IIQQQ10IQ32s"
+TASK_EVENT = struct.Struct(_HEADER_FORMAT + "QiI")       # + duration_ns, exit_code, fork_kind
+EXEC_EVENT = struct.Struct(_HEADER_FORMAT + "QiIIIII")   # + duration_ns, exit_code, old_tid, lens, pos
+EVENT_TYPE = struct.Struct("<I")
+if (struct.calcsize(_HEADER_FORMAT) != ctypes.sizeof(ProcHeader)
+        or TASK_EVENT.size != ctypes.sizeof(TaskEvent) or EXEC_EVENT.size != EXEC_DATA_OFFSET):
+    raise ImportError("bpf_abi: struct formats disagree with the ctypes mirror of bpf/vajra.h")
 
 # -D flags that make the C side check this mirror at compile time.
 ABI_CHECKS = {

@@ -1,14 +1,17 @@
 """Compiles a bpf/*.bpf.c program with BCC and drains its output buffer."""
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
+import platform
 import sys
 from typing import Callable
 
 from . import bpf_abi
 from .errors import CollectorError
 from .kernel import KernelEnv
+from .ringbuf import RingBufferReader
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,7 @@ class BpfProgram:
         self.source, self.kenv, self.output = source, kenv, output
         self.bpf = None
         self._perf_lost = 0
+        self._reader: RingBufferReader | None = None
 
     def cflags(self) -> list[str]:
         flags = list(self.kenv.cflags) + [f"-I{bpf_source_dir()}"]
@@ -56,22 +60,27 @@ class BpfProgram:
         except Exception as e:  # BCC raises bare Exception with the compiler output on stderr
             raise CollectorError(self.source, f"failed to compile or attach: {e}") from e
 
-    def open_events(self, callback: Callable[[int, int], None]) -> None:
-        """callback(address, size) for each event; the memory is valid during the call only."""
+    def open_events(self, handler: Callable[[object, int, int], None]) -> None:
+        """handler(buffer, offset, size) for each event, in order; the buffer is
+        valid during the call only."""
         table = self.bpf["events"]
-        if self.output == "ringbuf":
-            table.open_ring_buffer(lambda _ctx, data, size: callback(data, size))
+        if self.output == "ringbuf" and platform.machine() == "x86_64":
+            self._reader = RingBufferReader(table.map_fd, table.max_entries, handler)
+        elif self.output == "ringbuf":
+            table.open_ring_buffer(lambda _ctx, data, size: handler(ctypes.string_at(data, size), 0, size))
         else:
             def lost(count):
                 self._perf_lost += count
-            table.open_perf_buffer(lambda _cpu, data, size: callback(data, size),
+            table.open_perf_buffer(lambda _cpu, data, size: handler(ctypes.string_at(data, size), 0, size),
                                    page_cnt=PERF_PAGES_PER_CPU, lost_cb=lost,
                                    wakeup_events=bpf_abi.WAKEUP_EVERY)
 
     def poll(self, timeout_ms: int) -> None:
         """Waits up to timeout_ms for a wakeup, then drains whatever is there:
         the kernel side wakes us only every WAKEUP_EVERY events."""
-        if self.output == "ringbuf":
+        if self._reader is not None:
+            self._reader.poll(timeout_ms)
+        elif self.output == "ringbuf":
             self.bpf.ring_buffer_poll(timeout_ms)
             self.bpf.ring_buffer_consume()
         else:
@@ -87,6 +96,9 @@ class BpfProgram:
         return total
 
     def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None

@@ -25,10 +25,15 @@ class Column:
     index: bool = False
     additional: bool = False
     hidden: bool = False
+    # Stored once per distinct value, in a side table the rows point into;
+    # for large values that many rows repeat (ancestry).
+    shared: bool = False
 
     def __post_init__(self):
         if self.type not in _SQLITE_AFFINITY:
             raise ValueError(f"column {self.name}: unknown type {self.type}")
+        if self.shared and self.type != TEXT:
+            raise ValueError(f"column {self.name}: only TEXT columns can be shared")
 
     @property
     def sqlite_type(self) -> str:

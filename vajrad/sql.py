@@ -11,6 +11,7 @@ import sqlite3
 
 from .errors import VajraError
 from .schema import TABLES
+from .store import column_sql
 
 # Names osquery users query by that Vajra stores under a bpf_ name, so that
 # queries written for the process-ancestry osquery build run verbatim.
@@ -39,6 +40,12 @@ class ReadOnlySql:
             self.conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
             self.conn.execute("PRAGMA busy_timeout=5000")
             have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            # Tables with shared columns are read through a TEMP VIEW of the
+            # same name (temp is searched before main) that puts the text back.
+            for name, table in TABLES.items():
+                if name in have and any(c.shared for c in table.columns):
+                    select = ", ".join(f"{column_sql(table, c.name)} AS \"{c.name}\"" for c in table.columns)
+                    self.conn.execute(f'CREATE TEMP VIEW "{name}" AS SELECT {select} FROM main."{name}" t')
             for alias, target in ALIASES.items():
                 if target in have and alias not in have:
                     self.conn.execute(f'CREATE TEMP VIEW "{alias}" AS SELECT * FROM "{target}"')
@@ -74,6 +81,8 @@ class ReadOnlySql:
         except sqlite3.Warning as e:           # e.g. more than one statement
             raise QueryError(str(e)) from e
         except sqlite3.DatabaseError as e:
+            if "because it is a view" in str(e):       # a write to a table we show as a view
+                self.refused = self.refused or sql.split(None, 1)[0].upper()
             if self.refused:
                 raise QueryError(f"refused: vajractl query is read-only, and this statement needs "
                                  f"{self.refused}") from e

@@ -5,10 +5,18 @@ waits on disk. eids are assigned inside the writing transaction from
 sqlite_sequence, which keeps them monotonic across restarts and retention.
 With synchronous=FULL a crash of the process or the machine loses at most
 the batch that was not yet committed, and never the file.
+
+A `shared` column (ancestry) is kept once per distinct value in a side table,
+"<table>__<column>", and rows hold its id in "<column>_ref"; reads put the
+text back. Side rows are grouped in generations: a generation's rows are
+only pointed at by event rows written during it (a value still in use is
+written again in the next one), so once retention has removed those event
+rows the whole generation goes, by id range, with no reference counting.
 """
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import queue
 import sqlite3
@@ -24,6 +32,12 @@ log = logging.getLogger(__name__)
 
 _STOP = object()
 NARROW_WINDOW_ROWS = 50_000      # below this, time-bounded queries go through the time index
+SHARED_GENERATION_S = 60         # how often a new generation of shared values starts
+SHARED_MEMO_MAX = 20_000         # distinct shared values remembered by the writer
+# Rows per INSERT statement. One multi-row statement is one sqlite3_step, and
+# so one release of the GIL, where executemany releases and retakes it per
+# row and hands it to the collector's thread each time.
+INSERT_CHUNKS = (256, 64, 16, 4, 1)
 
 
 class StoreError(VajraError):
@@ -63,6 +77,53 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def side_table(table: str, column: str) -> str:
+    return f"{table}__{column}"
+
+
+def column_sql(table: Table, name: str, alias: str = "t") -> str:
+    """The SQL expression that reads a column back, shared or not. Rows stored
+    before the column was shared keep their text in the column itself."""
+    column = table.column(name)
+    if not column.shared:
+        return f"{alias}.{_quote(name)}"
+    return (f"COALESCE((SELECT s.value FROM {_quote(side_table(table.name, name))} s "
+            f"WHERE s.id = {alias}.{_quote(name + '_ref')}), {alias}.{_quote(name)})")
+
+
+class _SharedColumn:
+    """The writer's side of one shared column: value -> id, in generations."""
+
+    def __init__(self, table: str, column: str, position: int):
+        self.table, self.column, self.position = table, column, position
+        self.insert_sql = f"INSERT INTO {_quote(side_table(table, column))} (id, value) VALUES (?, ?)"
+        self.ids: dict[str, int] = {}
+        self.next_id = 1
+        self.floor = 1                   # first id of the current generation
+        self.closed: list[tuple[int, int, int]] = []   # (first id, end id, last event eid)
+        self.started = time.monotonic()
+
+    def ref(self, conn: sqlite3.Connection, value) -> int | None:
+        if value is None:
+            return None
+        found = self.ids.get(value)
+        if found is not None and found >= self.floor:
+            return found
+        if len(self.ids) >= SHARED_MEMO_MAX:
+            self.ids.clear()
+        n = self.next_id
+        conn.execute(self.insert_sql, (n, value))
+        self.next_id = n + 1
+        self.ids[value] = n
+        return n
+
+    def rotate(self, last_eid: int) -> None:
+        """Closes the current generation; rows up to last_eid are its users."""
+        if self.next_id > self.floor:
+            self.closed.append((self.floor, self.next_id, last_eid))
+        self.floor, self.started = self.next_id, time.monotonic()
+
+
 class EventStore:
     def __init__(self, path: str, tables: dict[str, Table], *, expiry: int, max_rows: int,
                  queue_rows: int = 200_000, flush_interval: float = 0.05,
@@ -81,6 +142,8 @@ class EventStore:
         self._conn: sqlite3.Connection | None = None
         self._seq: dict[str, int] = {}
         self._insert_sql: dict[str, str] = {}
+        self._row_values: dict[str, Callable[[dict], tuple]] = {}
+        self._shared: dict[str, list[_SharedColumn]] = {}
         self._local = threading.local()
         self.stored = 0
         self.dropped = 0
@@ -101,24 +164,42 @@ class EventStore:
                 self._create(conn, table)
             for table in self.tables:
                 self._seq[table] = self._high_water(conn, table)
+                for shared in self._shared[table]:
+                    # What an earlier run wrote is one closed generation.
+                    top = conn.execute(f"SELECT MAX(id) FROM {_quote(side_table(table, shared.column))}"
+                                       ).fetchone()[0] or 0
+                    shared.next_id = shared.floor = top + 1
+                    if top:
+                        shared.closed.append((1, top + 1, self._seq[table]))
         except (OSError, sqlite3.Error) as e:
             raise StoreError(self.path, str(e)) from e
         self._conn = conn
 
     def _create(self, conn: sqlite3.Connection, table: Table) -> None:
-        cols = ", ".join(f"{_quote(c.name)} {c.sqlite_type}" for c in table.columns if c.name != "eid")
         t = _quote(table.name)
+        physical = [(c.name, c.sqlite_type) for c in table.columns if c.name != "eid"]
+        physical += [(c.name + "_ref", "INTEGER") for c in table.columns if c.shared]
+        cols = ", ".join(f"{_quote(n)} {kind}" for n, kind in physical)
         conn.execute(f"CREATE TABLE IF NOT EXISTS {t} (eid INTEGER PRIMARY KEY AUTOINCREMENT, {cols})")
         # A store written by an older vajrad gains the columns added since.
         have = {row[1] for row in conn.execute(f"PRAGMA table_info({t})")}
-        for c in table.columns:
-            if c.name not in have:
-                conn.execute(f"ALTER TABLE {t} ADD COLUMN {_quote(c.name)} {c.sqlite_type}")
+        for name, kind in physical:
+            if name not in have:
+                conn.execute(f"ALTER TABLE {t} ADD COLUMN {_quote(name)} {kind}")
         conn.execute(f"CREATE INDEX IF NOT EXISTS {_quote(table.name + '_time')} ON {t}(time)")
         names = table.column_names
-        self._insert_sql[table.name] = (
-            f"INSERT INTO {t} ({', '.join(_quote(n) for n in names)}) "
-            f"VALUES ({', '.join('?' for _ in names)})")
+        stored = [n + "_ref" if table.column(n).shared else n for n in names]
+        one = f"({', '.join('?' for _ in names)})"
+        self._insert_sql[table.name] = {
+            rows: f"INSERT INTO {t} ({', '.join(_quote(n) for n in stored)}) VALUES " + ", ".join([one] * rows)
+            for rows in INSERT_CHUNKS}
+        self._row_values[table.name] = operator.itemgetter(*names)
+        self._shared[table.name] = []
+        for i, c in enumerate(table.columns):
+            if c.shared:
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {_quote(side_table(table.name, c.name))} "
+                             f"(id INTEGER PRIMARY KEY, value TEXT)")
+                self._shared[table.name].append(_SharedColumn(table.name, c.name, i))
 
     @staticmethod
     def _high_water(conn: sqlite3.Connection, table: str) -> int:
@@ -193,15 +274,23 @@ class EventStore:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for table, rows in batch:
-                names = self.tables[table].column_names
+                row_values, shared = self._row_values[table], self._shared[table]
                 n = seq[table]
                 values = []
                 for row in rows:
                     n += 1
                     row["eid"] = n
-                    values.append(tuple(row.get(c) for c in names))
+                    try:
+                        v = row_values(row)
+                    except KeyError:          # a row without some optional column
+                        v = tuple(row.get(c) for c in self.tables[table].column_names)
+                    if shared:
+                        v = list(v)
+                        for col in shared:
+                            v[col.position] = col.ref(conn, v[col.position])
+                    values.append(v)
                 seq[table] = n
-                conn.executemany(self._insert_sql[table], values)
+                self._insert(conn, table, values)
                 committed.setdefault(table, []).extend(rows)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
@@ -210,6 +299,8 @@ class EventStore:
             except sqlite3.Error:
                 pass
             self.last_error = str(e)
+            for shared in (c for cols in self._shared.values() for c in cols):
+                shared.ids.clear()        # side rows of the rolled-back batch are gone too
             log.error("event store %s: write of %d rows failed: %s", self.path, count, e)
             with self._lock:
                 self.dropped += count
@@ -223,6 +314,14 @@ class EventStore:
             self._pending -= count
         if self.on_commit:
             self.on_commit(list(committed.items()))
+
+    def _insert(self, conn: sqlite3.Connection, table: str, values: list) -> None:
+        statements, at = self._insert_sql[table], 0
+        for rows in INSERT_CHUNKS:
+            sql = statements[rows]
+            while len(values) - at >= rows:
+                conn.execute(sql, [x for v in values[at:at + rows] for x in v])
+                at += rows
 
     def apply_retention(self, now: float | None = None) -> int:
         """Deletes rows older than expiry and beyond max_rows per table."""
@@ -241,11 +340,29 @@ class EventStore:
                     removed += conn.execute(
                         f"DELETE FROM {t} WHERE eid <= (SELECT eid FROM {t} ORDER BY eid DESC "
                         f"LIMIT 1 OFFSET ?)", (self.max_rows,)).rowcount
+                self._collect_shared(conn, table)
         except sqlite3.Error as e:
             log.error("event store %s: retention failed: %s", self.path, e)
             return 0
         self.expired += removed
         return removed
+
+    def _collect_shared(self, conn: sqlite3.Connection, table: str, generation_s: float | None = None) -> None:
+        """Starts a new generation of shared values when the current one is old
+        enough, and deletes each closed generation none of whose rows is left."""
+        shared = self._shared[table]
+        if not shared:
+            return
+        age = SHARED_GENERATION_S if generation_s is None else generation_s
+        for col in shared:
+            if time.monotonic() - col.started >= age:
+                col.rotate(self._seq[table])
+        oldest = conn.execute(f"SELECT MIN(eid) FROM {_quote(table)}").fetchone()[0]
+        for col in shared:
+            while col.closed and (oldest is None or col.closed[0][2] < oldest):
+                first, end, _ = col.closed.pop(0)
+                conn.execute(f"DELETE FROM {_quote(side_table(table, col.column))} WHERE id >= ? AND id < ?",
+                             (first, end))
 
     # --- reading ----------------------------------------------------------
     def _reader(self) -> sqlite3.Connection:
@@ -267,7 +384,8 @@ class EventStore:
         try:
             conn = self._reader()
             hint = f" INDEXED BY {_quote(table + '_time')}" if self._narrow_window(conn, table, flt) else ""
-            sql = (f"SELECT {', '.join(_quote(n) for n in names)} FROM {_quote(table)}{hint} WHERE eid > ?"
+            sql = (f"SELECT {', '.join(column_sql(spec, n) + ' AS ' + _quote(n) for n in names)} "
+                   f"FROM {_quote(table)} t{hint} WHERE eid > ?"
                    + (f" AND {where}" if where else "") + " ORDER BY eid LIMIT ?")
             return [dict(r) for r in conn.execute(sql, [after_eid, *params, limit])]
         except sqlite3.Error as e:

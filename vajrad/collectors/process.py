@@ -3,7 +3,6 @@ each with its ancestry from the ProcessCache."""
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import json
 import logging
 import os
@@ -22,6 +21,9 @@ MAX_BATCH = 2048
 TABLE = "bpf_process_events"
 
 
+_quote = json.encoder.encode_basestring_ascii   # json.dumps of a str, without its dispatch
+
+
 class MonotonicClock:
     """Converts bpf_ktime_get_ns() (CLOCK_MONOTONIC) to unix time; the offset is
     refreshed so that a wall-clock step is followed within a second."""
@@ -32,9 +34,6 @@ class MonotonicClock:
     def refresh(self) -> None:
         self.offset_ns = time.time_ns() - time.monotonic_ns()
         self.stamp = time.monotonic()
-
-    def unix_seconds(self, ktime_ns: int) -> int:
-        return (ktime_ns + self.offset_ns) // 1_000_000_000
 
 
 def decode_args(raw: bytes) -> list[str]:
@@ -51,63 +50,79 @@ def exit_status(wait_status: int) -> str:
 
 
 class EventDecoder:
-    """Raw kernel records to rows; keeps the ProcessCache current on the way."""
+    """Raw kernel records to rows; keeps the ProcessCache current on the way.
+
+    This runs once per event, so it decodes each record with one struct call
+    and builds each row as one dict display."""
 
     def __init__(self, cache: ProcessCache, clock: MonotonicClock):
         self.cache, self.clock = cache, clock
+        self._ttys: dict[bytes, str] = {}
 
-    def common(self, h: bpf_abi.ProcHeader) -> dict:
-        return {
-            "tid": h.tid, "pid": h.pid, "parent": h.ppid, "uid": h.uid, "gid": h.gid,
-            "euid": h.euid, "egid": h.egid, "auid": h.auid, "sid": h.sid,
-            "tty": h.tty.decode("utf-8", "backslashreplace"), "cid": h.cgroup_id,
-            "probe_error": h.flags & 0xF, "ntime": str(h.ktime_ns),
-            "time": self.clock.unix_seconds(h.ktime_ns),
-        }
+    def row(self, buf, off: int, size: int) -> dict:
+        kind = bpf_abi.EVENT_TYPE.unpack_from(buf, off)[0]
+        if kind == bpf_abi.EV_EXEC:
+            return self.exec_row(buf, off)
+        if kind == bpf_abi.EV_FORK or kind == bpf_abi.EV_EXIT:
+            return self.task_row(buf, off, kind)
+        raise ValueError(f"unknown event type {kind}")
 
-    def row(self, addr: int) -> dict:
-        h = bpf_abi.ProcHeader.from_address(addr)
-        if h.type == bpf_abi.EV_EXEC:
-            return self.exec_row(addr, h)
-        if h.type in (bpf_abi.EV_FORK, bpf_abi.EV_EXIT):
-            return self.task_row(bpf_abi.TaskEvent.from_address(addr), h)
-        raise ValueError(f"unknown event type {h.type}")
+    def _tty(self, raw: bytes) -> str:
+        tty = self._ttys.get(raw)
+        if tty is None:
+            if len(self._ttys) > 1024:
+                self._ttys.clear()
+            tty = self._ttys[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+        return tty
 
-    def exec_row(self, addr: int, h: bpf_abi.ProcHeader) -> dict:
-        e = bpf_abi.ExecEvent.from_address(addr)
-        a, c, x = e.args_len, e.cwd_len, e.exe_len
-        raw = ctypes.string_at(addr + bpf_abi.EXEC_DATA_OFFSET, a + c + x)
+    def exec_row(self, buf, off: int) -> dict:
+        (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, _pad, cgroup, tty,
+         duration, code, _old_tid, a, c, x, _pos) = bpf_abi.EXEC_EVENT.unpack_from(buf, off)
+        data = off + bpf_abi.EXEC_DATA_OFFSET
+        raw = buf[data:data + a + c + x]
         argv = decode_args(raw[:a])
         cwd = bpf_abi.join_components(raw[a:a + c])
-        if h.flags & bpf_abi.F_EXE_AS_GIVEN:      # a failed exec: what the caller asked for
+        if flags & bpf_abi.F_EXE_AS_GIVEN:        # a failed exec: what the caller asked for
             given = raw[a + c:].rstrip(b"\0").decode("utf-8", "backslashreplace")
             path = os.path.normpath(os.path.join(cwd, given)) if given else ""
         else:
             path = bpf_abi.join_components(raw[a + c:])
         cmdline = " ".join(argv)
-        row = self.common(h)
-        row.update(syscall="exec", exit_code=str(e.exit_code), path=path, cwd=cwd, cmdline=cmdline,
-                   json_cmdline=json.dumps(argv), duration=e.duration_ns, partial=0)
-        with self.cache.lock:
-            proc = self.cache.executed(h.pid, h.start_ns, h.ppid, h.parent_start_ns, path, cmdline) \
-                if e.exit_code == 0 else self.cache.exact(h.pid, h.start_ns)
-            row["ancestry"] = self.cache.ancestry_of(proc, h.ppid, h.parent_start_ns)
-        return row
+        cache = self.cache
+        with cache.lock:
+            proc = cache.executed(pid, start, ppid, pstart, path, cmdline) if code == 0 \
+                else cache.exact(pid, start)
+            ancestry = cache.ancestry_of(proc, ppid, pstart)
+        return {
+            "tid": tid, "pid": pid, "parent": ppid, "uid": uid, "gid": gid, "euid": euid, "egid": egid,
+            "auid": auid, "sid": sid, "tty": self._tty(tty), "cid": cgroup, "exit_code": str(code),
+            "probe_error": flags & 0xF, "partial": 0, "syscall": "exec", "path": path, "cwd": cwd,
+            "cmdline": cmdline, "duration": duration, "json_cmdline": "[" + ", ".join([_quote(a) for a in argv]) + "]",
+            "ancestry": ancestry, "ntime": str(ktime),
+            "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
+        }
 
-    def task_row(self, e: bpf_abi.TaskEvent, h: bpf_abi.ProcHeader) -> dict:
-        row = self.common(h)
-        with self.cache.lock:
-            if h.type == bpf_abi.EV_FORK:
-                proc = self.cache.forked(h.pid, h.start_ns, h.ppid, h.parent_start_ns)
-                row.update(syscall=bpf_abi.FORK_KINDS.get(e.fork_kind, "clone"), exit_code="0", duration=0)
+    def task_row(self, buf, off: int, kind: int) -> dict:
+        (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, _pad, cgroup, tty,
+         duration, code, fork_kind) = bpf_abi.TASK_EVENT.unpack_from(buf, off)
+        cache = self.cache
+        with cache.lock:
+            if kind == bpf_abi.EV_FORK:
+                proc = cache.forked(pid, start, ppid, pstart)
+                syscall, exit_code, duration = bpf_abi.FORK_KINDS.get(fork_kind, "clone"), "0", 0
             else:
-                proc = self.cache.exited_process(h.pid, h.start_ns)
-                row.update(syscall="exit", exit_code=exit_status(e.exit_code), duration=e.duration_ns)
-            row["ancestry"] = self.cache.ancestry_of(proc, h.ppid, h.parent_start_ns)
+                proc = cache.exited_process(pid, start)
+                syscall, exit_code = "exit", exit_status(code)
+            ancestry = cache.ancestry_of(proc, ppid, pstart)
         known = proc is not None and bool(proc.path or proc.cmdline)
-        row.update(path=proc.path if known else "", cmdline=proc.cmdline if known else "", cwd="",
-                   partial=0 if known else 1, json_cmdline=None)
-        return row
+        return {
+            "tid": tid, "pid": pid, "parent": ppid, "uid": uid, "gid": gid, "euid": euid, "egid": egid,
+            "auid": auid, "sid": sid, "tty": self._tty(tty), "cid": cgroup, "exit_code": exit_code,
+            "probe_error": flags & 0xF, "partial": 0 if known else 1, "syscall": syscall,
+            "path": proc.path if known else "", "cwd": "", "cmdline": proc.cmdline if known else "",
+            "duration": duration, "json_cmdline": None, "ancestry": ancestry, "ntime": str(ktime),
+            "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
+        }
 
 
 class ProcessCollector(Collector):
@@ -139,10 +154,10 @@ class ProcessCollector(Collector):
         self._thread.start()
         self.state = "running"
 
-    def _on_event(self, addr: int, size: int) -> None:
-        # Runs on the polling thread, inside BCC's callback.
+    def _on_event(self, buf, off: int, size: int) -> None:
+        # Runs on the polling thread, while the record is still in the buffer.
         try:
-            self._pending.append(self.decoder.row(addr))
+            self._pending.append(self.decoder.row(buf, off, size))
         except Exception:  # a malformed record must not kill the poller
             self.dropped += 1
             log.exception("process: undecodable event of %d bytes", size)
