@@ -32,9 +32,8 @@ def run(entries: int = 1000, lookups: int = 20000) -> dict:
     before = tracemalloc.take_snapshot()
     cache = ProcessCache(size=entries, max_depth=32, ttl=300, proc="/nonexistent")
     procs = build(cache, entries, rng)
-    for pid, start in procs:                  # what serving events leaves cached
-        p = cache.get(pid, start)
-        p.entry_json(cache.clock)
+    for pid, start in procs:                  # what serving events leaves cached,
+        cache.ancestry(pid, start)            # the kept ancestry texts included
     used = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
     tracemalloc.stop()
     lat = []

@@ -44,7 +44,7 @@ class Process:
     its ancestry entry: it changes on exec, and when the kernel's exact start
     times replace the tick-precise ones of /proc."""
     __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_json",
-                 "image", "parent", "linked", "exited_at", "lineage", "lineage_image")
+                 "image", "parent", "linked", "exited_at")
 
     def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline):
         self.pid, self.ppid = pid, ppid
@@ -57,10 +57,6 @@ class Process:
         self.parent: Process | None = None
         self.linked = False
         self.exited_at = 0.0
-        # The ancestry JSON that starts at this process, for its children's
-        # events, and the image it was built for.
-        self.lineage: str | None = None
-        self.lineage_image = 0
 
     def set_image(self, path: str, cmdline: str) -> None:
         self.path, self.cmdline = path, cmdline
@@ -84,6 +80,7 @@ class Process:
 
 
 _IMAGES = itertools.count(1)
+LINEAGES_KEPT = 32
 _quote = json.encoder.encode_basestring_ascii
 
 
@@ -99,6 +96,10 @@ class ProcessCache:
         # order they exited, which is also the order they expire in.
         self.live: OrderedDict[tuple[int, int], Process] = OrderedDict()
         self.exited: OrderedDict[tuple[int, int], Process] = OrderedDict()
+        # The ancestry JSON that starts at a process, for its children's rows,
+        # by that process's image; only for the parents busy right now, since
+        # each text is a few KB.
+        self._lineages: OrderedDict[int, str] = OrderedDict()
         # Fed on the collector's thread, read (stats, vajractl tree) on the loop's.
         self.lock = threading.RLock()
 
@@ -199,9 +200,12 @@ class ProcessCache:
         while this line lives on, is not seen in it)."""
         if not self.enabled or first is None:
             return "[]"
-        if first.lineage_image == first.image:
+        memo = self._lineages
+        text = memo.get(first.image)
+        if text is not None:
+            memo.move_to_end(first.image)
             self.counters["cache_hits"] += 1
-            return first.lineage
+            return text
         chain = [first]
         proc, depth = first, self.max_depth
         while proc.pid != 1 and len(chain) < depth:
@@ -211,9 +215,10 @@ class ProcessCache:
             chain.append(proc)
         self.counters["cache_hits"] += len(chain)
         clock = self.clock
-        first.lineage = "[" + ",".join([p.entry_json(clock) for p in chain]) + "]"
-        first.lineage_image = first.image
-        return first.lineage
+        text = memo[first.image] = "[" + ",".join([p.entry_json(clock) for p in chain]) + "]"
+        if len(memo) > LINEAGES_KEPT:
+            memo.popitem(last=False)
+        return text
 
     def ancestry(self, ppid: int, parent_start_ns: int) -> str:
         """JSON ancestry of a process whose parent is (ppid, parent_start_ns)."""
