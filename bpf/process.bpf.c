@@ -278,7 +278,7 @@ static __always_inline int exec_exit(void *ctx, long ret)
         if (bpf_probe_read_user(&arg, sizeof(arg), &call->argv[i]) < 0 || !arg)
             break;
         u32 used = e->args_len;
-        if (used > VAJRA_ARGS_MAX - VAJRA_NAME_MAX) {
+        if (used > VAJRA_ARGS_LIMIT - VAJRA_NAME_MAX) {
             e->hdr.flags |= VAJRA_F_ARGS_TRUNCATED;
             break;
         }
@@ -336,8 +336,8 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
     bpf_probe_read_kernel(&arg_start, sizeof(arg_start), mm + VAJRA_OFF_MM_ARG_START);
     bpf_probe_read_kernel(&arg_end, sizeof(arg_end), mm + VAJRA_OFF_MM_ARG_END);
     u64 len = arg_end > arg_start ? arg_end - arg_start : 0;
-    if (len > VAJRA_ARGS_MAX) {
-        len = VAJRA_ARGS_MAX;
+    if (len > VAJRA_ARGS_LIMIT) {
+        len = VAJRA_ARGS_LIMIT;
         e->hdr.flags |= VAJRA_F_ARGS_TRUNCATED;
     }
     len &= (2 * VAJRA_ARGS_MAX - 1);

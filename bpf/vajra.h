@@ -4,8 +4,13 @@
 #ifndef VAJRA_H
 #define VAJRA_H
 
-#define VAJRA_ARGS_MAX 4096      /* argv bytes read per exec (power of two) */
+#define VAJRA_ARGS_MAX 8192      /* room for argv per exec (power of two); the limit is below */
 #define VAJRA_PATH_MAX 4096      /* bytes of one resolved path */
+#ifndef VAJRA_ARGS_LIMIT           /* --process_cmdline_max_bytes */
+#define VAJRA_ARGS_LIMIT 4096
+#endif
+/* args + cwd + exe must stay below VAJRA_DATA_SIZE, which sizes are masked by */
+_Static_assert(VAJRA_ARGS_LIMIT >= 256 && VAJRA_ARGS_LIMIT <= VAJRA_ARGS_MAX - 256, "argv limit out of range");
 #define VAJRA_NAME_MAX 256       /* bytes of one path component, with its NUL */
 #define VAJRA_PATH_DEPTH 64      /* path components walked, mounts included */
 #define VAJRA_DATA_SIZE 16384    /* args | cwd | exe, packed (power of two) */

@@ -93,6 +93,23 @@ def test_header_trees_are_merged(tmp_path):
     assert (dst / "include" / "linux" / "sched.h").exists()
 
 
+def test_a_published_header_tree_is_reused_not_rebuilt_under_another_daemon(tmp_path):
+    """Daemons (tests, a second instance) share the runtime dir: one must never
+    remove the tree another is compiling against (CI saw kconfig.h vanish)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "include").mkdir(parents=True)
+        (d / "include" / f"{d.name}.h").write_text("")
+    merged = tmp_path / "run" / "kernel-headers" / "linux-headers-x-amd64"
+    kernel._publish_merged(str(merged), [str(a)])
+    inode = (merged / "include").stat().st_ino
+    kernel._publish_merged(str(merged), [str(a)])        # what a second daemon does
+    assert (merged / "include").stat().st_ino == inode
+    kernel._publish_merged(str(merged), [str(b)])        # new header sources: replaced
+    assert (merged / "include" / "b.h").exists() and not (merged / "include" / "a.h").exists()
+    assert sorted(p.name for p in merged.parent.iterdir()) == [merged.name]     # nothing left aside
+
+
 def test_no_btf_no_headers_names_what_to_install(tmp_path, monkeypatch):
     monkeypatch.setattr(os.path, "isdir", lambda p: False if p.startswith("/lib/modules") else os.path.exists(p))
     with pytest.raises(KernelSupportError) as e:

@@ -41,6 +41,8 @@ def test_osquery_style_flags():
     (["--dbus=bogus"], "--dbus"),
     (["--api_socket=relative.sock"], "--api_socket"),
     (["--bpf_output=pipe"], "--bpf_output"),
+    (["--process_cmdline_max_bytes=100"], "--process_cmdline_max_bytes"),
+    (["--process_cmdline_max_bytes=8192"], "--process_cmdline_max_bytes"),
     (["--no_such_flag=1"], "--no_such_flag"),
     (["--database_path"], "--database_path"),
     (["stray"], "stray"),

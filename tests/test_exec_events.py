@@ -76,11 +76,23 @@ def test_relative_and_symlinked_exec_paths_are_resolved(bpf_daemon, workdir):
 
 
 def test_cmdline_cut_is_flagged(bpf_daemon, workdir):
-    big = ["x" * 1000] * 6       # more than the 4096 argv bytes read in the kernel
+    big = ["x" * 1000] * 6       # more than the 4096 argv bytes read in the kernel by default
     name, prog, pid, cwd = run_probe(workdir, *big)
     e = bpf_daemon.wait_events(by_path(prog))[0]
     assert e["probe_error"] & 1
-    assert len(e["cmdline"]) <= 4096 and e["cmdline"].startswith(prog)
+    assert 3000 < len(e["cmdline"]) <= 4096 and e["cmdline"].startswith(prog)
+
+
+@needs_bpf
+@pytest.mark.parametrize("limit", [1024, 7936])
+def test_cmdline_byte_limit_is_configurable(daemon_factory, workdir, limit):
+    d = daemon_factory(f"--process_cmdline_max_bytes={limit}")
+    _, short, _, _ = run_probe(workdir, *["y" * 100] * 5)
+    _, cut, _, _ = run_probe(workdir, *["x" * 1000] * (limit // 1000 + 2))
+    [whole] = d.wait_events(by_path(short))
+    [e] = d.wait_events(by_path(cut))
+    assert whole["probe_error"] & 1 == 0 and len(json.loads(whole["json_cmdline"])) == 6
+    assert e["probe_error"] & 1 and limit - 1000 < len(e["cmdline"]) <= limit
 
 
 def test_subscribe_streams_new_events(bpf_daemon, workdir):

@@ -9,7 +9,7 @@ import ctypes
 import struct
 from ctypes import c_char, c_int32, c_uint32, c_uint64
 
-ARGS_MAX = 4096
+ARGS_MAX = 8192
 PATH_MAX = 4096
 NAME_MAX = 256
 DATA_SIZE = 16384

@@ -34,12 +34,13 @@ def bpf_source_dir() -> str:
 
 
 class BpfProgram:
-    def __init__(self, source: str, kenv: KernelEnv, output: str = "auto"):
+    def __init__(self, source: str, kenv: KernelEnv, output: str = "auto", defines: dict | None = None):
         if output == "auto":
             output = "ringbuf" if kenv.has_ringbuf else "perf"
         if output == "ringbuf" and not kenv.has_ringbuf:
             raise CollectorError(source, f"kernel {kenv.release} has no BPF ring buffer (5.8+); use bpf_output=perf")
         self.source, self.kenv, self.output = source, kenv, output
+        self.defines = dict(defines or {})      # the program's own -D settings, from the config
         self.bpf = None
         self._perf_lost = 0
         self._reader: RingBufferReader | None = None
@@ -47,6 +48,7 @@ class BpfProgram:
     def cflags(self) -> list[str]:
         flags = list(self.kenv.cflags) + [f"-I{bpf_source_dir()}"]
         flags += [f"-D{k}={v}" for k, v in bpf_abi.ABI_CHECKS.items()]
+        flags += [f"-D{k}={v}" for k, v in self.defines.items()]
         if self.output == "ringbuf":
             flags += ["-DVAJRA_RINGBUF=1", f"-DVAJRA_RINGBUF_PAGES={RINGBUF_PAGES}"]
         return flags

@@ -45,6 +45,7 @@ class Option:
     check: Callable[[Any], str | None] | None = None
     choices: tuple = ()
     minimum: int | None = None
+    maximum: int | None = None
     reloadable: bool = False
     in_file: bool = True   # may appear under "options" in the config file
 
@@ -73,6 +74,8 @@ class Option:
                 raise ConfigError(key, f"expected an integer, got {raw!r}", source) from None
             if self.minimum is not None and value < self.minimum:
                 raise ConfigError(key, f"must be >= {self.minimum}, got {value}", source)
+            if self.maximum is not None and value > self.maximum:
+                raise ConfigError(key, f"must be <= {self.maximum}, got {value}", source)
         elif not isinstance(raw, str):
             raise ConfigError(key, f"expected a string, got {raw!r}", source)
         if self.choices and value not in self.choices:
@@ -110,6 +113,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("process_ancestry_max_depth", int, 32, "Ancestors listed per row, at most.", minimum=1),
     Option("process_ancestry_cache_ttl", int, 300,
            "Seconds an exited process stays in the ancestry cache.", minimum=0),
+    Option("process_cmdline_max_bytes", int, 4096,
+           "Bytes of argv read per exec; a longer command line is cut and flagged "
+           "(probe_error bit 1).", minimum=256, maximum=7936),
     Option("subscriber_queue_events", int, 10000,
            "Events queued per live subscriber; beyond that a slow subscriber misses events (and is told).",
            minimum=1),

@@ -101,7 +101,8 @@ class Vajrad:
             cache = ProcessCache(self.config.process_ancestry_cache_size,
                                  self.config.process_ancestry_max_depth,
                                  self.config.process_ancestry_cache_ttl)
-            found.append(ProcessCollector(self.kenv, self.config.bpf_output, cache))
+            found.append(ProcessCollector(self.kenv, self.config.bpf_output, cache,
+                                          self.config.process_cmdline_max_bytes))
         else:
             log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
         return found

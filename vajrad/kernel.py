@@ -186,10 +186,46 @@ def probe(runtime_dir: str, btf_path: str = BTF_PATH, headers_root: str = HEADER
             f"install linux-headers{_arch_suffix(uname.machine)}")
     arch_dir, common = pairs[0]
     merged = os.path.join(runtime_dir, "kernel-headers", os.path.basename(arch_dir))
-    shutil.rmtree(merged, ignore_errors=True)
-    merge_trees(merged, [d for d in (arch_dir, common) if d])
+    _publish_merged(merged, [d for d in (arch_dir, common) if d])
     env.headers = merged
     os.environ["BCC_KERNEL_SOURCE"] = merged
     log.info("kernel %s has no matching headers: BCC compiles against %s, offsets come from BTF",
              uname.release, os.path.basename(arch_dir))
     return env
+
+
+def _publish_merged(merged: str, sources: list[str]) -> None:
+    """Puts the merged header tree at `merged` without ever removing one that
+    another vajrad (a test, a second instance) may be compiling against: a
+    tree for the same sources is reused, and a new one is built aside and
+    renamed into place."""
+    want = "\n".join(sources)
+
+    def published() -> bool:
+        try:
+            with open(os.path.join(merged, ".vajra-sources")) as f:
+                return f.read() == want
+        except OSError:
+            return False
+
+    if published():
+        return
+    tmp = f"{merged}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge_trees(tmp, sources)
+    with open(os.path.join(tmp, ".vajra-sources"), "w") as f:
+        f.write(want)
+    if published():                     # another vajrad was quicker
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    old = f"{merged}.{os.getpid()}.old"
+    try:
+        os.rename(merged, old)          # a tree for other sources, or an unfinished one
+    except FileNotFoundError:
+        old = ""
+    try:
+        os.rename(tmp, merged)
+    except OSError:                     # another vajrad published first: use its tree
+        shutil.rmtree(tmp, ignore_errors=True)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)

@@ -129,9 +129,10 @@ class ProcessCollector(Collector):
     name = "process"
     tables = (TABLE,)
 
-    def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None):
+    def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None,
+                 cmdline_max_bytes: int = 4096):
         super().__init__()
-        self.program = BpfProgram("process.bpf.c", kenv, output)
+        self.program = BpfProgram("process.bpf.c", kenv, output, {"VAJRA_ARGS_LIMIT": cmdline_max_bytes})
         self.clock = MonotonicClock()
         self.cache = cache or ProcessCache()
         self.decoder = EventDecoder(self.cache, self.clock)
