@@ -21,7 +21,7 @@ TABLE = Table.events(
                                   "or -N when killed by signal N; fork: 0"),
         Column("probe_error", INTEGER,
                "Bitmask of what the kernel side could not read in full: 1 argv cut at the "
-               "byte limit, 2 cwd cut, 4 executable path cut, 8 a read failed"),
+               "byte limit (--process_cmdline_max_bytes), 2 cwd cut, 4 executable path cut, 8 a read failed"),
         Column("partial", INTEGER, "1 when path or cmdline could not be known at the event "
                                    "(a fork or exit of a process the daemon never saw)"),
         Column("syscall", TEXT, "exec, fork, vfork, clone or exit"),
