@@ -65,6 +65,18 @@ class Process:
     def changed(self) -> None:
         self._json, self.image = None, next(_IMAGES)
 
+    def adopt_times(self, start_ns: int, parent_start_ns: int | None = None) -> None:
+        """Takes the kernel's exact start times (ns) for the same process's
+        and parent's; an entry seeded from /proc knows them only to the tick."""
+        adopted = False
+        if self.start_ns != start_ns and key(self.pid, self.start_ns) == key(self.pid, start_ns):
+            self.start_ns, adopted = start_ns, True
+        if parent_start_ns and self.parent_start_ns != parent_start_ns and \
+                key(self.ppid, self.parent_start_ns) == key(self.ppid, parent_start_ns):
+            self.parent_start_ns, adopted = parent_start_ns, True
+        if adopted:
+            self.changed()
+
     def entry_json(self, clock: BootClock) -> str:
         """This process as an ancestry entry, serialised once per image."""
         if self._json is None:
@@ -118,13 +130,7 @@ class ProcessCache:
         kernel's so that pproc_time_hr matches the parent's proc_time_hr."""
         proc = self.get(pid, start_ns)
         if proc is not None:
-            if proc.start_ns != start_ns:
-                proc.start_ns = start_ns
-                proc.changed()
-            if parent_start_ns and proc.parent_start_ns != parent_start_ns and \
-                    key(proc.ppid, proc.parent_start_ns) == key(proc.ppid, parent_start_ns):
-                proc.parent_start_ns = parent_start_ns
-                proc.changed()
+            proc.adopt_times(start_ns, parent_start_ns)
         return proc
 
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
@@ -238,14 +244,9 @@ class ProcessCache:
         if proc is not None and proc.ppid:
             parent = self._parent(proc)
             if proc.ppid == ppid:            # not reparented: the event's parent time is exact
-                if parent is not None and parent.start_ns != parent_start_ns and \
-                        key(ppid, parent.start_ns) == key(ppid, parent_start_ns):
-                    parent.start_ns = parent_start_ns
-                    parent.changed()
-                if proc.parent_start_ns != parent_start_ns and \
-                        key(ppid, proc.parent_start_ns) == key(ppid, parent_start_ns):
-                    proc.parent_start_ns = parent_start_ns
-                    proc.changed()
+                if parent is not None:
+                    parent.adopt_times(parent_start_ns)
+                proc.adopt_times(proc.start_ns, parent_start_ns)
             return self.lineage(parent)
         self.exact(ppid, parent_start_ns)
         return self.ancestry(ppid, parent_start_ns)

@@ -95,7 +95,7 @@ class _SharedColumn:
     """The writer's side of one shared column: value -> id, in generations."""
 
     def __init__(self, table: str, column: str, position: int):
-        self.table, self.column, self.position = table, column, position
+        self.column, self.position = column, position
         self.insert_sql = f"INSERT INTO {_quote(side_table(table, column))} (id, value) VALUES (?, ?)"
         self.ids: dict[str, int] = {}
         self.next_id = 1
@@ -141,7 +141,7 @@ class EventStore:
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
         self._seq: dict[str, int] = {}
-        self._insert_sql: dict[str, str] = {}
+        self._insert_sql: dict[str, dict[int, str]] = {}     # table -> rows per statement -> SQL
         self._row_values: dict[str, Callable[[dict], tuple]] = {}
         self._shared: dict[str, list[_SharedColumn]] = {}
         self._local = threading.local()
@@ -347,15 +347,14 @@ class EventStore:
         self.expired += removed
         return removed
 
-    def _collect_shared(self, conn: sqlite3.Connection, table: str, generation_s: float | None = None) -> None:
+    def _collect_shared(self, conn: sqlite3.Connection, table: str) -> None:
         """Starts a new generation of shared values when the current one is old
         enough, and deletes each closed generation none of whose rows is left."""
         shared = self._shared[table]
         if not shared:
             return
-        age = SHARED_GENERATION_S if generation_s is None else generation_s
         for col in shared:
-            if time.monotonic() - col.started >= age:
+            if time.monotonic() - col.started >= SHARED_GENERATION_S:
                 col.rotate(self._seq[table])
         oldest = conn.execute(f"SELECT MIN(eid) FROM {_quote(table)}").fetchone()[0]
         for col in shared:
