@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [exec|osquery|all]`: each bench prints JSON
+"""`make bench` / `python -m bench [exec|ancestry|socket|osquery|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ sys.path[:0] = [str(Path(__file__).resolve().parent)]
 import exec_bench  # noqa: E402  (puts the repo and tests/ on sys.path)
 import ancestry_bench  # noqa: E402
 import osquery_bench  # noqa: E402
+import socket_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -27,6 +28,9 @@ def main() -> int:
     p.add_argument("--events", type=int, default=1_000_000, help="osquery: events in the store")
     p.add_argument("--span-hours", type=float, default=24, help="osquery: time the store's events span")
     p.add_argument("--queries", type=int, default=200, help="osquery: generate calls")
+    p.add_argument("--socket-rate", type=int, default=5000, help="socket: TCP cycles per second")
+    p.add_argument("--socket-duration", type=float, default=30, help="socket: seconds of cycles")
+    p.add_argument("--closes", type=int, default=1_000_000, help="socket: close() calls per run")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -36,6 +40,8 @@ def main() -> int:
         results["exec"] = exec_bench.run(args)
     if args.which in ("ancestry", "all"):
         results["ancestry"] = ancestry_bench.run()
+    if args.which in ("socket", "all"):
+        results["socket"] = socket_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

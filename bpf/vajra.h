@@ -21,6 +21,7 @@ enum vajra_event_type {
     VAJRA_EV_EXEC = 1,      /* struct vajra_exec_event; failed when exit_code < 0 */
     VAJRA_EV_FORK = 2,      /* struct vajra_task_event: a new process (not a thread) */
     VAJRA_EV_EXIT = 3,      /* struct vajra_task_event: the last thread of a process exited */
+    VAJRA_EV_SOCKET = 4,    /* struct vajra_sock_event */
 };
 
 /* The syscall that created a process, for fork events. */
@@ -81,6 +82,50 @@ struct vajra_exec_event {
     char data[VAJRA_DATA_SIZE + VAJRA_NAME_MAX];
 };
 
+/* --- sockets ------------------------------------------------------------ */
+
+enum vajra_sock_syscall {
+    VAJRA_SYS_CONNECT = 1,
+    VAJRA_SYS_ACCEPT = 2,
+    VAJRA_SYS_ACCEPT4 = 3,
+    VAJRA_SYS_BIND = 4,
+    VAJRA_SYS_LISTEN = 5,
+    VAJRA_SYS_CLOSE = 6,
+};
+
+/* hdr.flags above the probe_error bits */
+enum vajra_sock_flags {
+    VAJRA_SF_LAST_REF   = 1 << 8,   /* close: this fd held the last reference to the socket */
+    VAJRA_SF_START_SEEN = 1 << 9,   /* close: duration_ns is the socket's lifetime */
+};
+
+#define VAJRA_SOCKADDR_ROOM 128   /* a sockaddr_un (110 bytes) fits */
+#define VAJRA_SUN_PATH_ROOM 128   /* sun_path is 108 bytes */
+
+struct vajra_sock_event {
+    struct vajra_proc_hdr hdr;
+    u64 duration_ns;     /* in the syscall; for close, the socket's lifetime (VAJRA_SF_START_SEEN) */
+    u64 inode;           /* the socket's inode; 0 when the fd held no socket */
+    s64 ret;             /* the syscall's return value: 0, a new fd, or -errno */
+    s32 fd;              /* the fd argument */
+    u32 syscall;         /* enum vajra_sock_syscall */
+    u32 net_ns;          /* inode of the socket's network namespace */
+    u16 family;          /* read from the socket */
+    u16 type;
+    u16 protocol;
+    u16 state;           /* TCP state numbering, as sock_diag reports it */
+    u16 local_port;      /* host order */
+    u16 remote_port;
+    u8 local_addr[16];   /* 4 bytes for AF_INET */
+    u8 remote_addr[16];
+    u32 user_addr_len;   /* bytes of the caller's sockaddr copied to user_addr (connect, bind) */
+    u16 local_path_len;  /* AF_UNIX: sun_path bytes of the socket's own address */
+    u16 remote_path_len; /* AF_UNIX: sun_path bytes of the peer's address */
+    u8 user_addr[VAJRA_SOCKADDR_ROOM];
+    char local_path[VAJRA_SUN_PATH_ROOM];
+    char remote_path[VAJRA_SUN_PATH_ROOM];
+};
+
 /* Kernel struct offsets come as -DVAJRA_OFF_*=N, read from the running
  * kernel's BTF by vajrad/kernel.py. Without BTF, headers that match the
  * running kernel give them through offsetof(). */
@@ -126,6 +171,37 @@ struct vajra_exec_event {
 #define VAJRA_OFF_TTY_NAME offsetof(struct tty_struct, name)
 #define VAJRA_OFF_PID_NUMBERS offsetof(struct pid, numbers)
 #define VAJRA_OFF_UPID_NR offsetof(struct upid, nr)
+#include <linux/fdtable.h>
+#include <linux/net.h>
+#include <net/sock.h>
+#include <net/af_unix.h>
+#define VAJRA_OFF_TASK_FILES offsetof(struct task_struct, files)
+#define VAJRA_OFF_FILES_FDT offsetof(struct files_struct, fdt)
+#define VAJRA_OFF_FDTABLE_FD offsetof(struct fdtable, fd)
+#define VAJRA_OFF_FDTABLE_MAX_FDS offsetof(struct fdtable, max_fds)
+#define VAJRA_OFF_FILE_F_INODE offsetof(struct file, f_inode)
+#define VAJRA_OFF_FILE_PRIVATE_DATA offsetof(struct file, private_data)
+#define VAJRA_OFF_FILE_REFS offsetof(struct file, f_count)
+#define VAJRA_FILE_ONE_REF 1
+#define VAJRA_OFF_INODE_I_MODE offsetof(struct inode, i_mode)
+#define VAJRA_OFF_INODE_I_INO offsetof(struct inode, i_ino)
+#define VAJRA_OFF_SOCKET_SK offsetof(struct socket, sk)
+#define VAJRA_OFF_SOCKET_TYPE offsetof(struct socket, type)
+#define VAJRA_OFF_SKC_FAMILY offsetof(struct sock_common, skc_family)
+#define VAJRA_OFF_SKC_STATE offsetof(struct sock_common, skc_state)
+#define VAJRA_OFF_SKC_DADDR offsetof(struct sock_common, skc_daddr)
+#define VAJRA_OFF_SKC_RCV_SADDR offsetof(struct sock_common, skc_rcv_saddr)
+#define VAJRA_OFF_SKC_DPORT offsetof(struct sock_common, skc_dport)
+#define VAJRA_OFF_SKC_NUM offsetof(struct sock_common, skc_num)
+#define VAJRA_OFF_SKC_V6_DADDR offsetof(struct sock_common, skc_v6_daddr)
+#define VAJRA_OFF_SKC_V6_RCV_SADDR offsetof(struct sock_common, skc_v6_rcv_saddr)
+#define VAJRA_OFF_SKC_NET offsetof(struct sock_common, skc_net)
+#define VAJRA_OFF_SK_PROTOCOL offsetof(struct sock, sk_protocol)
+#define VAJRA_OFF_UNIX_ADDR offsetof(struct unix_sock, addr)
+#define VAJRA_OFF_UNIX_PEER offsetof(struct unix_sock, peer)
+#define VAJRA_OFF_UNIX_ADDRESS_LEN offsetof(struct unix_address, len)
+#define VAJRA_OFF_UNIX_ADDRESS_NAME offsetof(struct unix_address, name)
+#define VAJRA_OFF_NET_NS_INUM (offsetof(struct net, ns) + offsetof(struct ns_common, inum))
 #endif
 
 #define VAJRA_PF_KTHREAD 0x00200000  /* task->flags of a kernel thread */
@@ -134,6 +210,7 @@ struct vajra_exec_event {
 #if defined(VAJRA_EXPECT_EXEC_EVENT_SIZE)
 _Static_assert(sizeof(struct vajra_exec_event) == VAJRA_EXPECT_EXEC_EVENT_SIZE &&
                sizeof(struct vajra_task_event) == VAJRA_EXPECT_TASK_EVENT_SIZE &&
+               sizeof(struct vajra_sock_event) == VAJRA_EXPECT_SOCK_EVENT_SIZE &&
                VAJRA_TTY_MAX == VAJRA_EXPECT_TTY_MAX &&
                VAJRA_ARGS_MAX == VAJRA_EXPECT_ARGS_MAX && VAJRA_PATH_MAX == VAJRA_EXPECT_PATH_MAX &&
                VAJRA_NAME_MAX == VAJRA_EXPECT_NAME_MAX && VAJRA_DATA_SIZE == VAJRA_EXPECT_DATA_SIZE &&

@@ -114,6 +114,8 @@ class ProcessCache:
         self._lineages: OrderedDict[int, str] = OrderedDict()
         # Fed on the collector's thread, read (stats, vajractl tree) on the loop's.
         self.lock = threading.RLock()
+        # CLOCK_MONOTONIC ns up to which process events have been applied.
+        self.synced_ns = 0
 
     # --- feeding ------------------------------------------------------------
     def get(self, pid: int, start_ns: int) -> Process | None:
@@ -132,6 +134,11 @@ class ProcessCache:
         if proc is not None:
             proc.adopt_times(start_ns, parent_start_ns)
         return proc
+
+    def running(self, pid: int, start_ns: int) -> Process | None:
+        """The process an event of another collector names (a socket call),
+        from /proc when the process events have not told us about it yet."""
+        return self.exact(pid, start_ns) or self._from_proc(pid, start_ns)
 
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
         """A new process: it runs its parent's image until it execs."""
@@ -262,6 +269,20 @@ class ProcessCache:
                 self._adopt(proc)
             entry = json.loads(proc.entry_json(self.clock))
             return {"process": entry, "ancestry": json.loads(self.lineage(self._parent(proc)))}
+
+    def ancestry_by_pid(self, pids: set[int]) -> dict[int, str]:
+        """Ancestry of running processes by pid alone, for live tables."""
+        with self.lock:
+            newest: dict[int, Process] = {}
+            for proc in self.live.values():
+                if proc.pid in pids and (proc.pid not in newest or proc.start_ns > newest[proc.pid].start_ns):
+                    newest[proc.pid] = proc
+            for pid in pids - newest.keys():
+                proc = self._read_proc(pid)
+                if proc is not None:
+                    self._adopt(proc)
+                    newest[pid] = proc
+            return {pid: self.lineage(self._parent(proc)) for pid, proc in newest.items()}
 
     def stats(self) -> dict:
         with self.lock:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from ctypes import c_char, c_int32, c_uint32, c_uint64
+from ctypes import c_char, c_int32, c_int64, c_uint8, c_uint16, c_uint32, c_uint64
 
 ARGS_MAX = 8192
 PATH_MAX = 4096
@@ -16,7 +16,7 @@ DATA_SIZE = 16384
 WAKEUP_EVERY = 64
 TTY_MAX = 32
 
-EV_EXEC, EV_FORK, EV_EXIT = 1, 2, 3
+EV_EXEC, EV_FORK, EV_EXIT, EV_SOCKET = 1, 2, 3, 4
 FORK_KINDS = {0: "clone", 1: "fork", 2: "vfork"}
 
 F_ARGS_TRUNCATED = 1 << 0
@@ -24,6 +24,14 @@ F_CWD_TRUNCATED = 1 << 1
 F_EXE_TRUNCATED = 1 << 2
 F_READ_FAILED = 1 << 3
 F_EXE_AS_GIVEN = 1 << 4
+
+SYS_CONNECT, SYS_ACCEPT, SYS_ACCEPT4, SYS_BIND, SYS_LISTEN, SYS_CLOSE = 1, 2, 3, 4, 5, 6
+SOCK_SYSCALLS = {SYS_CONNECT: "connect", SYS_ACCEPT: "accept", SYS_ACCEPT4: "accept4",
+                 SYS_BIND: "bind", SYS_LISTEN: "listen", SYS_CLOSE: "close"}
+SF_LAST_REF = 1 << 8
+SF_START_SEEN = 1 << 9
+SOCKADDR_ROOM = 128
+SUN_PATH_ROOM = 128
 
 
 class ProcHeader(ctypes.Structure):
@@ -51,6 +59,19 @@ class ExecEvent(ctypes.Structure):
     ]
 
 
+class SockEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", ProcHeader), ("duration_ns", c_uint64), ("inode", c_uint64), ("ret", c_int64),
+        ("fd", c_int32), ("syscall", c_uint32), ("net_ns", c_uint32),
+        ("family", c_uint16), ("type", c_uint16), ("protocol", c_uint16), ("state", c_uint16),
+        ("local_port", c_uint16), ("remote_port", c_uint16),
+        ("local_addr", c_uint8 * 16), ("remote_addr", c_uint8 * 16),
+        ("user_addr_len", c_uint32), ("local_path_len", c_uint16), ("remote_path_len", c_uint16),
+        ("user_addr", c_uint8 * SOCKADDR_ROOM),
+        ("local_path", c_char * SUN_PATH_ROOM), ("remote_path", c_char * SUN_PATH_ROOM),
+    ]
+
+
 EXEC_DATA_OFFSET = ExecEvent.data.offset
 
 # The same layouts as struct formats, for decoding in place with one call per
@@ -58,15 +79,19 @@ EXEC_DATA_OFFSET = ExecEvent.data.offset
 _HEADER_FORMAT = "<IIQQQ10IQ32s"
 TASK_EVENT = struct.Struct(_HEADER_FORMAT + "QiI")       # + duration_ns, exit_code, fork_kind
 EXEC_EVENT = struct.Struct(_HEADER_FORMAT + "QiIIIII")   # + duration_ns, exit_code, old_tid, lens, pos
+# + duration_ns .. remote_path: addresses stay bytes, formatted by family
+SOCK_EVENT = struct.Struct(_HEADER_FORMAT + f"QQqiII6H16s16sIHH{SOCKADDR_ROOM}s{SUN_PATH_ROOM}s{SUN_PATH_ROOM}s")
 EVENT_TYPE = struct.Struct("<I")
 if (struct.calcsize(_HEADER_FORMAT) != ctypes.sizeof(ProcHeader)
-        or TASK_EVENT.size != ctypes.sizeof(TaskEvent) or EXEC_EVENT.size != EXEC_DATA_OFFSET):
+        or TASK_EVENT.size != ctypes.sizeof(TaskEvent) or EXEC_EVENT.size != EXEC_DATA_OFFSET
+        or SOCK_EVENT.size != ctypes.sizeof(SockEvent)):
     raise ImportError("bpf_abi: struct formats disagree with the ctypes mirror of bpf/vajra.h")
 
 # -D flags that make the C side check this mirror at compile time.
 ABI_CHECKS = {
     "VAJRA_EXPECT_EXEC_EVENT_SIZE": ctypes.sizeof(ExecEvent),
     "VAJRA_EXPECT_TASK_EVENT_SIZE": ctypes.sizeof(TaskEvent),
+    "VAJRA_EXPECT_SOCK_EVENT_SIZE": ctypes.sizeof(SockEvent),
     "VAJRA_EXPECT_TTY_MAX": TTY_MAX,
     "VAJRA_EXPECT_ARGS_MAX": ARGS_MAX, "VAJRA_EXPECT_PATH_MAX": PATH_MAX,
     "VAJRA_EXPECT_NAME_MAX": NAME_MAX, "VAJRA_EXPECT_DATA_SIZE": DATA_SIZE,

@@ -6,6 +6,7 @@ import logging
 import os
 import platform
 import sys
+import time
 from typing import Callable
 
 from . import bpf_abi
@@ -17,6 +18,7 @@ log = logging.getLogger(__name__)
 
 RINGBUF_PAGES = 2048          # 8 MiB shared by all CPUs
 PERF_PAGES_PER_CPU = 256      # 1 MiB per CPU
+SPLICED_HEADER = "common.bpf.h"
 
 
 def bpf_source_dir() -> str:
@@ -44,6 +46,11 @@ class BpfProgram:
         self.bpf = None
         self._perf_lost = 0
         self._reader: RingBufferReader | None = None
+        self._records = 0       # through BCC's consumers; the ring reader counts its own
+        self._wakeups: int | None = None
+        # bpf_ktime_get_ns() (CLOCK_MONOTONIC) up to which every record has
+        # been handed over: how far this program's events are known.
+        self.synced_ns = 0
 
     def cflags(self) -> list[str]:
         flags = list(self.kenv.cflags) + [f"-I{bpf_source_dir()}"]
@@ -53,12 +60,27 @@ class BpfProgram:
             flags += ["-DVAJRA_RINGBUF=1", f"-DVAJRA_RINGBUF_PAGES={RINGBUF_PAGES}"]
         return flags
 
+    def text(self) -> str:
+        """The program's source with bpf/common.bpf.h spliced in where it is
+        included: BCC turns map method calls into BPF helpers only in the
+        file it was given, and the shared helpers make such calls."""
+        d = bpf_source_dir()
+        with open(os.path.join(d, self.source)) as f:
+            source = f.read()
+        with open(os.path.join(d, SPLICED_HEADER)) as f:
+            common = f.read()
+        include = f'#include "{SPLICED_HEADER}"'
+        if include not in source:
+            return source
+        before, after = source.split(include, 1)
+        resume = before.count("\n") + 2        # compiler messages keep naming the right lines
+        return f'{before}#line 1 "{SPLICED_HEADER}"\n{common}\n#line {resume} "{self.source}"{after}'
+
     def load(self) -> None:
         """Compiles and attaches every TRACEPOINT_PROBE. Blocking (~0.3 s)."""
         from bcc import BPF  # imported late: only the collectors need libbcc
-        path = os.path.join(bpf_source_dir(), self.source)
         try:
-            self.bpf = BPF(src_file=path.encode(), cflags=self.cflags())
+            self.bpf = BPF(text=self.text().encode(), cflags=self.cflags())
         except Exception as e:  # BCC raises bare Exception with the compiler output on stderr
             raise CollectorError(self.source, f"failed to compile or attach: {e}") from e
 
@@ -68,12 +90,18 @@ class BpfProgram:
         table = self.bpf["events"]
         if self.output == "ringbuf" and platform.machine() == "x86_64":
             self._reader = RingBufferReader(table.map_fd, table.max_entries, handler)
-        elif self.output == "ringbuf":
-            table.open_ring_buffer(lambda _ctx, data, size: handler(ctypes.string_at(data, size), 0, size))
+            return
+
+        def counted(data, size):
+            self._records += 1
+            handler(ctypes.string_at(data, size), 0, size)
+
+        if self.output == "ringbuf":
+            table.open_ring_buffer(lambda _ctx, data, size: counted(data, size))
         else:
             def lost(count):
                 self._perf_lost += count
-            table.open_perf_buffer(lambda _cpu, data, size: handler(ctypes.string_at(data, size), 0, size),
+            table.open_perf_buffer(lambda _cpu, data, size: counted(data, size),
                                    page_cnt=PERF_PAGES_PER_CPU, lost_cb=lost,
                                    wakeup_events=bpf_abi.WAKEUP_EVERY)
 
@@ -82,12 +110,27 @@ class BpfProgram:
         the kernel side wakes us only every WAKEUP_EVERY events."""
         if self._reader is not None:
             self._reader.poll(timeout_ms)
+            self.synced_ns = self._reader.synced_ns
         elif self.output == "ringbuf":
             self.bpf.ring_buffer_poll(timeout_ms)
+            synced = time.monotonic_ns()
             self.bpf.ring_buffer_consume()
+            self.synced_ns = synced
         else:
             self.bpf.perf_buffer_poll(timeout_ms)
+            synced = time.monotonic_ns()
             self.bpf.perf_buffer_consume()
+            self.synced_ns = synced
+
+    @property
+    def records(self) -> int:
+        """Records that reached userspace."""
+        return self._reader.records if self._reader is not None else self._records
+
+    @property
+    def wakeups(self) -> int | None:
+        """Times the kernel woke the consumer; None where BCC's consumer hides it."""
+        return self._reader.wakeups if self._reader is not None else self._wakeups
 
     def kernel_lost(self) -> int:
         """Events the kernel side could not hand over: full buffer drops."""
@@ -100,6 +143,7 @@ class BpfProgram:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+            self._records, self._wakeups = self._reader.records, self._reader.wakeups
             self._reader = None
         if self.bpf is not None:
             self.bpf.cleanup()

@@ -108,6 +108,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("bpf_output", str, "auto",
            "Kernel-to-user channel: ringbuf (5.8+), perf (older kernels), or auto.",
            choices=("auto", "ringbuf", "perf")),
+    Option("enable_socket_events", bool, True,
+           "Record connect, accept, bind, listen and close of sockets (bpf_socket_events) and serve "
+           "vajra_open_sockets; needs enable_bpf_events."),
     Option("process_ancestry_cache_size", int, 1000,
            "Processes kept for ancestry; 0 disables ancestry (every row gets []).", minimum=0),
     Option("process_ancestry_max_depth", int, 32, "Ancestors listed per row, at most.", minimum=1),

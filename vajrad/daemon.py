@@ -103,6 +103,9 @@ class Vajrad:
                                  self.config.process_ancestry_cache_ttl)
             found.append(ProcessCollector(self.kenv, self.config.bpf_output, cache,
                                           self.config.process_cmdline_max_bytes))
+            if self.config.enable_socket_events:
+                from .collectors.socket import SocketCollector
+                found.append(SocketCollector(self.kenv, self.config.bpf_output, cache))
         else:
             log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
         return found

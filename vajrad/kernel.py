@@ -65,7 +65,47 @@ KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "MOUNT_MNT": ("mount", "mnt"),
     "MOUNT_MNT_PARENT": ("mount", "mnt_parent"),
     "MOUNT_MNT_MOUNTPOINT": ("mount", "mnt_mountpoint"),
+    # sockets: fd -> file -> socket -> sock
+    "TASK_FILES": ("task_struct", "files"),
+    "FILES_FDT": ("files_struct", "fdt"),
+    "FDTABLE_FD": ("fdtable", "fd"),
+    "FDTABLE_MAX_FDS": ("fdtable", "max_fds"),
+    "FILE_F_INODE": ("file", "f_inode"),
+    "FILE_PRIVATE_DATA": ("file", "private_data"),
+    "INODE_I_MODE": ("inode", "i_mode"),
+    "INODE_I_INO": ("inode", "i_ino"),
+    "SOCKET_SK": ("socket", "sk"),
+    "SOCKET_TYPE": ("socket", "type"),
+    "SKC_FAMILY": ("sock_common", "skc_family"),
+    "SKC_STATE": ("sock_common", "skc_state"),
+    "SKC_DADDR": ("sock_common", "skc_daddr"),
+    "SKC_RCV_SADDR": ("sock_common", "skc_rcv_saddr"),
+    "SKC_DPORT": ("sock_common", "skc_dport"),
+    "SKC_NUM": ("sock_common", "skc_num"),
+    "SKC_V6_DADDR": ("sock_common", "skc_v6_daddr"),
+    "SKC_V6_RCV_SADDR": ("sock_common", "skc_v6_rcv_saddr"),
+    "SKC_NET": ("sock_common", "skc_net"),
+    "SK_PROTOCOL": ("sock", "sk_protocol"),
+    "UNIX_ADDR": ("unix_sock", "addr"),
+    "UNIX_PEER": ("unix_sock", "peer"),
+    "UNIX_ADDRESS_LEN": ("unix_address", "len"),
+    "UNIX_ADDRESS_NAME": ("unix_address", "name"),
+    "NET_NS_INUM": ("net", "ns.inum"),
 }
+
+# struct file's reference count was f_count (1 for one reference) until 6.13
+# made it f_ref, a file_ref_t that counts from 0: (member, value of one reference).
+FILE_REF_LAYOUTS = (("f_ref", 0), ("f_count", 1))
+
+
+def file_ref_layout(btf: Btf) -> tuple[int, int]:
+    """(offset of struct file's reference count, its value for one reference)."""
+    for member, one in FILE_REF_LAYOUTS:
+        try:
+            return btf.offsetof("file", member), one
+        except KernelSupportError:
+            continue
+    raise KernelSupportError(f"{btf.source}: struct file has neither f_ref nor f_count")
 
 
 def _release_tuple(release: str) -> tuple[int, ...]:
@@ -80,10 +120,12 @@ class KernelEnv:
     headers: str = ""                 # the tree BCC compiles against
     headers_match: bool = False
     has_ringbuf: bool = False
+    defines: dict[str, int] = field(default_factory=dict)   # other layout facts, as -D
 
     @property
     def cflags(self) -> list[str]:
         flags = [f"-DVAJRA_OFF_{k}={v}" for k, v in sorted(self.offsets.items())]
+        flags += [f"-D{k}={v}" for k, v in sorted(self.defines.items())]
         if self.offsets_source == "btf":
             flags.append("-DVAJRA_HAVE_MOUNT_LAYOUT=1")
         return flags
@@ -166,6 +208,7 @@ def probe(runtime_dir: str, btf_path: str = BTF_PATH, headers_root: str = HEADER
     if have_btf:
         btf = Btf.from_file(btf_path)
         env.offsets = {k: btf.offsetof(s, m) for k, (s, m) in KERNEL_FIELDS.items()}
+        env.offsets["FILE_REFS"], env.defines["VAJRA_FILE_ONE_REF"] = file_ref_layout(btf)
         env.offsets_source = "btf"
     elif env.headers_match:
         # No -D values: vajra.h computes offsetof() from the matching headers.

@@ -20,6 +20,7 @@ import mmap
 import os
 import select
 import struct
+import time
 from typing import Callable
 
 from .errors import CollectorError
@@ -67,13 +68,19 @@ class RingBufferReader:
         self._handler = handler
         self._fd = map_fd
         self._poll: select.epoll | None = None
+        self.wakeups = 0        # polls the kernel woke, for the cost of in-kernel filtering
+        self.synced_ns = 0      # CLOCK_MONOTONIC up to which records have been handed over
+        self.records = 0
 
     def poll(self, timeout_ms: int) -> int:
         """Waits for a wakeup (the kernel side sends few), then drains."""
         if self._poll is None:
             self._poll = select.epoll()
             self._poll.register(self._fd, select.EPOLLIN)
-        self._poll.poll(timeout_ms / 1000)
+        if self._poll.poll(timeout_ms / 1000):
+            self.wakeups += 1
+        # Everything committed before this instant is handled by the drain below.
+        self.synced_ns = time.monotonic_ns()
         return self.drain()
 
     def drain(self) -> int:
@@ -93,6 +100,7 @@ class RingBufferReader:
                 at = base + (cons & mask)
                 length = unpack_u32(data, at)[0]
                 if length & _BUSY:          # reserved, still being written
+                    self.records += count
                     return count
                 size = length & ~(_BUSY | _DISCARD)
                 if not length & _DISCARD:
@@ -100,6 +108,7 @@ class RingBufferReader:
                     count += 1
                 cons += (size + _HEADER + 7) & ~7
                 consumer_pos.value = cons
+        self.records += count
         return count
 
     def close(self) -> None:

@@ -6,34 +6,19 @@ import asyncio
 import json
 import logging
 import os
-import time
 
 from .. import bpf_abi
 from ..ancestry import ProcessCache
 from ..bpf_program import BpfProgram
 from ..kernel import KernelEnv
-from . import Collector, PollingThread
+from .bpf import BpfCollector, MonotonicClock
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 50
-MAX_BATCH = 2048
 TABLE = "bpf_process_events"
 
 
 _quote = json.encoder.encode_basestring_ascii   # json.dumps of a str, without its dispatch
-
-
-class MonotonicClock:
-    """Converts bpf_ktime_get_ns() (CLOCK_MONOTONIC) to unix time; the offset is
-    refreshed so that a wall-clock step is followed within a second."""
-
-    def __init__(self):
-        self.refresh()
-
-    def refresh(self) -> None:
-        self.offset_ns = time.time_ns() - time.monotonic_ns()
-        self.stamp = time.monotonic()
 
 
 def decode_args(raw: bytes) -> list[str]:
@@ -125,81 +110,30 @@ class EventDecoder:
         }
 
 
-class ProcessCollector(Collector):
+class ProcessCollector(BpfCollector):
     name = "process"
     tables = (TABLE,)
+    table = TABLE
 
     def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None,
                  cmdline_max_bytes: int = 4096):
-        super().__init__()
-        self.program = BpfProgram("process.bpf.c", kenv, output, {"VAJRA_ARGS_LIMIT": cmdline_max_bytes})
-        self.clock = MonotonicClock()
+        super().__init__(BpfProgram("process.bpf.c", kenv, output, {"VAJRA_ARGS_LIMIT": cmdline_max_bytes}))
         self.cache = cache or ProcessCache()
         self.decoder = EventDecoder(self.cache, self.clock)
-        self._pending: list[dict] = []
-        self._thread: PollingThread | None = None
+        self.row = self.decoder.row
 
-    async def start(self) -> None:
-        self._open_channel()
-        self.state = "starting"
-        try:
-            await asyncio.to_thread(self.program.load)
-            # Seeded after attaching, so that nothing forked in between is missed.
-            seeded = await asyncio.to_thread(self.cache.seed)
-            log.info("process cache seeded with %d running processes", seeded)
-            self.program.open_events(self._on_event)
-        except Exception as e:
-            self.state, self.error = "failed", str(e)
-            raise
-        self._thread = PollingThread("vajra-process", self._poll_once)
-        self._thread.start()
-        self.state = "running"
+    async def prepare(self) -> None:
+        # Seeded after attaching, so that nothing forked in between is missed.
+        seeded = await asyncio.to_thread(self.cache.seed)
+        log.info("process cache seeded with %d running processes", seeded)
 
-    def _on_event(self, buf, off: int, size: int) -> None:
-        # Runs on the polling thread, while the record is still in the buffer.
-        try:
-            self._pending.append(self.decoder.row(buf, off, size))
-        except Exception:  # a malformed record must not kill the poller
-            self.dropped += 1
-            log.exception("process: undecodable event of %d bytes", size)
-            return
-        if len(self._pending) >= MAX_BATCH:
-            self._flush()
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        self.captured += len(batch)
-        self._deliver((TABLE, batch))
-
-    def _poll_once(self) -> None:
-        self.program.poll(POLL_MS)
-        if self._pending:
-            self._flush()
-        if time.monotonic() - self.clock.stamp > 1.0:
-            self.clock.refresh()
-
-    async def stop(self) -> None:
-        if self._thread:
-            self._thread.stop()
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
-        self.program.close()
-        if self._queue is not None:
-            self._deliver(None)
-        self.state = "stopped"
-
-    @property
-    def healthy(self) -> bool:
-        return self.state == "running" and self._thread is not None and self._thread.is_alive()
-
-    def stats(self) -> dict:
-        s = super().stats()
-        s["kernel_lost"] = self.program.kernel_lost() if self.program.bpf else 0
-        s["output"] = self.program.output
-        return s
-
-    def snapshots(self) -> dict:
-        return {"process_ancestry_cache_stats": lambda: [self.cache.stats()]}
+    def _after_poll(self, final: bool = False) -> None:
+        # Other collectors attribute their events only once the cache has seen
+        # every exec and fork before them.
+        self.cache.synced_ns = self.program.synced_ns
 
     def describe_process(self, pid: int) -> dict | None:
         return self.cache.describe(pid)
+
+    def snapshots(self) -> dict:
+        return {"process_ancestry_cache_stats": lambda: [self.cache.stats()]}

@@ -1,0 +1,155 @@
+/* What every Vajra BPF program shares: its output channel and drop counter,
+ * safe reads of kernel memory at BTF offsets, the process header each event
+ * starts with, and the path walk. Each program that includes this gets its own
+ * instance of these maps. */
+#ifndef VAJRA_COMMON_BPF_H
+#define VAJRA_COMMON_BPF_H
+
+#include "vajra.h"
+
+#ifdef VAJRA_RINGBUF
+BPF_RINGBUF_OUTPUT(events, VAJRA_RINGBUF_PAGES);
+#else
+BPF_PERF_OUTPUT(events);  /* kernels before 5.8 have no ring buffer */
+#endif
+
+BPF_PERCPU_ARRAY(lost, u64, 1);
+BPF_PERCPU_ARRAY(since_wakeup, u64, 1);
+
+static __always_inline void *read_ptr(void *base, u64 off)
+{
+    void *p = 0;
+    bpf_probe_read_kernel(&p, sizeof(p), base + off);
+    return p;
+}
+
+/* A full buffer drops the event; the drop is counted for `status`.
+ * The consumer is woken only every VAJRA_WAKEUP_EVERY events per CPU and
+ * otherwise drains on its own timer: a wakeup per event costs userspace far
+ * more than the event itself. */
+static __always_inline void submit(void *ctx, void *ev, u32 size)
+{
+#ifdef VAJRA_RINGBUF
+    int zero = 0;
+    u64 flags = BPF_RB_NO_WAKEUP;
+    u64 *pending = since_wakeup.lookup(&zero);
+    if (pending && ++(*pending) >= VAJRA_WAKEUP_EVERY) {
+        *pending = 0;
+        flags = BPF_RB_FORCE_WAKEUP;
+    }
+    int err = events.ringbuf_output(ev, size, flags);
+#else
+    int err = events.perf_submit(ctx, ev, size);
+#endif
+    if (err < 0) {
+        int idx = 0;
+        u64 *n = lost.lookup(&idx);
+        if (n)
+            (*n)++;
+    }
+}
+
+/* Writes the components of (vfsmnt, dentry) leaf first, each NUL-terminated,
+ * at data[base...] and their byte count to *len; userspace reverses them.
+ * Mount points are crossed through struct mount, so the result is absolute in
+ * the task's mount namespace.
+ *
+ * base and *len live in map memory on purpose: the verifier then sees them as
+ * unknown scalars, so loop iterations that reach the loop head by different
+ * branches compare equal and are pruned, instead of exploding. */
+static __always_inline void walk_path(char *data, u32 *base, u32 *len, void *vfsmnt,
+                                      void *dentry, u32 *flags, u32 trunc_flag)
+{
+    int i;
+
+    *len = 0;
+    for (i = 0; i < VAJRA_PATH_DEPTH; i++) {
+        void *parent = read_ptr(dentry, VAJRA_OFF_DENTRY_D_PARENT);
+        void *mnt_root = read_ptr(vfsmnt, VAJRA_OFF_VFSMOUNT_MNT_ROOT);
+
+        if (dentry == mnt_root || dentry == parent) {
+#ifdef VAJRA_HAVE_MOUNT_LAYOUT
+            void *mnt = vfsmnt - VAJRA_OFF_MOUNT_MNT;
+            void *mnt_parent = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_PARENT);
+            if (dentry != mnt_root || !mnt_parent || mnt_parent == mnt)
+                return;
+            dentry = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_MOUNTPOINT);
+            vfsmnt = mnt_parent + VAJRA_OFF_MOUNT_MNT;
+            continue;
+#else
+            /* Without struct mount's layout the walk stops at the first
+             * mount point; flag the path as cut unless it is the real root. */
+            if (dentry != parent)
+                *flags |= trunc_flag;
+            return;
+#endif
+        }
+        u32 used = *len;
+        if (used > VAJRA_PATH_MAX - VAJRA_NAME_MAX) {
+            *flags |= trunc_flag;
+            return;
+        }
+        void *name = read_ptr(dentry, VAJRA_OFF_DENTRY_D_NAME + VAJRA_OFF_QSTR_NAME);
+        u32 at = (*base + used) & (VAJRA_DATA_SIZE - 1);
+        int n = bpf_probe_read_kernel_str(&data[at], VAJRA_NAME_MAX, name);
+        if (n <= 0) {
+            *flags |= VAJRA_F_READ_FAILED;
+            return;
+        }
+        *len = used + n;
+        dentry = parent;
+    }
+    *flags |= trunc_flag;
+}
+
+static __always_inline u32 read_u32(void *base, u64 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), base + off);
+    return v;
+}
+
+static __always_inline u64 read_u64(void *base, u64 off)
+{
+    u64 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), base + off);
+    return v;
+}
+
+/* Everything about who: from the task itself, so that a fork event
+ * describes the child and not the parent that runs the probe. */
+static __always_inline void fill_hdr(struct vajra_proc_hdr *h, void *task, u32 type)
+{
+    void *real_parent = read_ptr(task, VAJRA_OFF_TASK_REAL_PARENT);
+    void *cred = read_ptr(task, VAJRA_OFF_TASK_CRED);
+    void *signal = read_ptr(task, VAJRA_OFF_TASK_SIGNAL);
+
+    h->type = type;
+    h->flags = 0;
+    h->ktime_ns = bpf_ktime_get_ns();
+    h->start_ns = read_u64(task, VAJRA_OFF_TASK_START_BOOTTIME);
+    h->parent_start_ns = read_u64(real_parent, VAJRA_OFF_TASK_START_BOOTTIME);
+    h->pid = read_u32(task, VAJRA_OFF_TASK_TGID);
+    h->tid = read_u32(task, VAJRA_OFF_TASK_PID);
+    h->ppid = read_u32(real_parent, VAJRA_OFF_TASK_TGID);
+    h->uid = read_u32(cred, VAJRA_OFF_CRED_UID);
+    h->gid = read_u32(cred, VAJRA_OFF_CRED_GID);
+    h->euid = read_u32(cred, VAJRA_OFF_CRED_EUID);
+    h->egid = read_u32(cred, VAJRA_OFF_CRED_EGID);
+    h->auid = read_u32(task, VAJRA_OFF_TASK_LOGINUID);
+    void *sid_pid = read_ptr(signal, VAJRA_OFF_SIGNAL_PIDS + VAJRA_PIDTYPE_SID * sizeof(void *));
+    h->sid = sid_pid ? read_u32(sid_pid, VAJRA_OFF_PID_NUMBERS + VAJRA_OFF_UPID_NR) : 0;
+    h->_pad = 0;
+    h->cgroup_id = bpf_get_current_cgroup_id();
+    h->tty[0] = 0;
+    void *tty = read_ptr(signal, VAJRA_OFF_SIGNAL_TTY);
+    if (tty)
+        bpf_probe_read_kernel_str(h->tty, sizeof(h->tty), tty + VAJRA_OFF_TTY_NAME);
+}
+
+static __always_inline int is_kernel_thread(void *task)
+{
+    return read_u32(task, VAJRA_OFF_TASK_FLAGS) & VAJRA_PF_KTHREAD;
+}
+
+#endif

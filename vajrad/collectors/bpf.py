@@ -1,0 +1,115 @@
+"""What every BPF collector shares: a program, a thread that drains its
+output buffer into row batches, and the clock that dates the rows."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..bpf_program import BpfProgram
+from . import Collector, PollingThread
+
+log = logging.getLogger(__name__)
+
+POLL_MS = 50
+MAX_BATCH = 2048
+
+
+class MonotonicClock:
+    """Converts bpf_ktime_get_ns() (CLOCK_MONOTONIC) to unix time; the offset is
+    refreshed so that a wall-clock step is followed within a second."""
+
+    def __init__(self):
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.offset_ns = time.time_ns() - time.monotonic_ns()
+        self.stamp = time.monotonic()
+
+
+class BpfCollector(Collector):
+    """Subclasses set `table` and `program`, and decode records in row()."""
+
+    table: str = ""
+
+    def __init__(self, program: BpfProgram):
+        super().__init__()
+        self.program = program
+        self.clock = MonotonicClock()
+        self._pending: list[dict] = []
+        self._thread: PollingThread | None = None
+
+    def row(self, buf, off: int, size: int) -> dict | None:
+        """One record to one row (None: nothing to store). Runs on the polling
+        thread while the record is still in the buffer."""
+        raise NotImplementedError
+
+    async def prepare(self) -> None:
+        """After the program is attached, before the first record is read."""
+
+    async def start(self) -> None:
+        self._open_channel()
+        self.state = "starting"
+        try:
+            await asyncio.to_thread(self.program.load)
+            await self.prepare()
+            self.program.open_events(self._on_event)
+        except Exception as e:
+            self.state, self.error = "failed", str(e)
+            raise
+        self._thread = PollingThread(f"vajra-{self.name}", self._poll_once)
+        self._thread.start()
+        self.state = "running"
+
+    def _on_event(self, buf, off: int, size: int) -> None:
+        try:
+            row = self.row(buf, off, size)
+        except Exception:  # a malformed record must not kill the poller
+            self.dropped += 1
+            log.exception("%s: undecodable event of %d bytes", self.name, size)
+            return
+        if row is not None:
+            self._pending.append(row)
+            if len(self._pending) >= MAX_BATCH:
+                self._flush()
+
+    def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        self.captured += len(batch)
+        self._deliver((self.table, batch))
+
+    def _after_poll(self, final: bool = False) -> None:
+        """On the polling thread, after each drain (final: the last one, at stop)."""
+
+    def _poll_once(self) -> None:
+        self.program.poll(POLL_MS)
+        self._after_poll()
+        if self._pending:
+            self._flush()
+        if time.monotonic() - self.clock.stamp > 1.0:
+            self.clock.refresh()
+
+    async def stop(self) -> None:
+        if self._thread:
+            self._thread.stop()
+            await asyncio.to_thread(self._thread.join)
+            self._thread = None
+            self._after_poll(final=True)
+            if self._pending:
+                self._flush()
+        self.program.close()
+        if self._queue is not None:
+            self._deliver(None)
+        self.state = "stopped"
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "running" and self._thread is not None and self._thread.is_alive()
+
+    def stats(self) -> dict:
+        s = super().stats()
+        s["kernel_lost"] = self.program.kernel_lost() if self.program.bpf else 0
+        s["output"] = self.program.output
+        s["records"] = self.program.records
+        s["wakeups"] = self.program.wakeups
+        return s
