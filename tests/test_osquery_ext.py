@@ -4,12 +4,14 @@ Extension client calling the shim."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 from osquery.extensions import Extension, ExtensionManager, ttypes
 
+from conftest import needs_bpf
 from harness import OsqueryCore as Core
 from test_api import NOW, seed
 from vajrad.osquery import protocol as p
@@ -238,3 +240,31 @@ def test_live_table_through_the_shim(core, daemon_factory):
     assert resp.status.code == 0 and len(resp.response) == 1
     row = resp.response[0]
     assert row["max_size"] == "1000" and int(row["cache_size"]) > 0
+
+
+@needs_bpf
+def test_socket_tables_through_the_shim(core, daemon_factory):
+    d = daemon_factory()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    try:
+        assert d.wait_events(lambda e: e["pid"] == os.getpid() and e["syscall"] == "listen"
+                             and e["local_port"] == port, table="bpf_socket_events")
+        c = core()
+        c.start_shim(d.socket)
+        client = c.client()
+        live = client.call("table", "vajra_open_sockets", {"action": "generate", "context": "{}"})
+        assert live.status.code == 0
+        [row] = [r for r in live.response if r["pid"] == str(os.getpid()) and r["local_port"] == str(port)]
+        assert (row["fd"], row["family"], row["protocol"], row["local_address"], row["state"]) == \
+            (str(listener.fileno()), "2", "6", "127.0.0.1", "LISTEN")
+        assert json.loads(row["ancestry"])[0]["pid"] == os.getppid()
+        events = generate(client, "bpf_socket_events")
+        assert events.status.code == 0
+        mine = [r for r in events.response if r["pid"] == str(os.getpid()) and r["local_port"] == str(port)]
+        assert [r["syscall"] for r in mine] == ["bind", "listen"]
+        assert set(mine[0]) == set(TABLES["bpf_socket_events"].column_names)
+    finally:
+        listener.close()

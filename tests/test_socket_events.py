@@ -233,3 +233,34 @@ def test_socket_events_can_be_turned_off(daemon_factory):
     assert "socket" not in d.call("status")["collectors"]
     with pytest.raises(Exception, match="vajra_open_sockets has no source"):
         d.call("table/read", {"table": "vajra_open_sockets"})
+
+
+def test_open_sockets_in_another_namespace_come_from_events(bpf_daemon, netns, workdir):
+    """sock_diag here cannot see another namespace's sockets: the events
+    record them, and they go when their holder dies without close()."""
+    ready = os.path.join(workdir, f"held-{netns}.json")
+    holder = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(HERE / "socket_scenarios.py"),
+                               "hold", ready], stdin=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while not os.path.exists(ready) or not Path(ready).read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        s = json.loads(Path(ready).read_text())
+        inode = os.stat(f"/run/netns/{netns}").st_ino
+        socket_rows(bpf_daemon, s["pid"], 5)          # bind, listen, connect, accept4 (+ netlink)
+
+        def held():
+            return sorted((r["fd"], r["local_port"], r["remote_port"], r["state"], r["net_namespace"])
+                          for r in bpf_daemon.call("table/read", {"table": "vajra_open_sockets"})["rows"]
+                          if r["pid"] == s["pid"])
+        assert held() == sorted([
+            (s["srv"], s["port"], 0, "LISTEN", inode),
+            (s["cli"], s["client_port"], s["port"], "ESTABLISHED", inode),
+            (s["conn"], s["port"], s["client_port"], "ESTABLISHED", inode),
+        ])
+        holder.kill()                                   # no close(): the exit closes them
+        holder.wait(10)
+        assert held() == []
+    finally:
+        holder.kill()
