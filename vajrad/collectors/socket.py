@@ -86,7 +86,8 @@ class OpenSockets:
         entry.update(family=row["family"], protocol=row["protocol"],
                      local_address=row["local_address"], local_port=row["local_port"],
                      remote_address=row["remote_address"], remote_port=row["remote_port"],
-                     path=row["socket"], state=row.pop("_state"), net_namespace=row["net_namespace"])
+                     path=row["local_address"] if row["family"] == AF_UNIX else "",
+                     state=row.pop("_state"), net_namespace=row["net_namespace"])
         entry["owners"].add((pid, fd))
 
     def closed(self, inode: int, row: dict, pid: int, fd: int, last: bool) -> None:
