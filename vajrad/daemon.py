@@ -25,6 +25,16 @@ STATUS_INTERVAL = 2.0
 EXIT_CONFIG, EXIT_STARTUP = 2, 1
 
 
+def release_compiler_memory() -> None:
+    """BCC compiles each program with LLVM in-process; glibc keeps the freed
+    heap afterwards. Handing it back costs one call at start-up."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):    # not glibc
+        pass
+
+
 class Vajrad:
     def __init__(self, argv: list[str]):
         self.flags = config.parse_flags(argv)
@@ -122,6 +132,8 @@ class Vajrad:
             await collector.start()
             self.collectors.append(collector)
             self._pumps.append(asyncio.create_task(self._pump(collector)))
+        if self.collectors:
+            release_compiler_memory()
         snapshots = {name: rows for c in self.collectors for name, rows in c.snapshots().items()}
         describe = next((c.describe_process for c in self.collectors
                          if type(c).describe_process is not Collector.describe_process), None)
