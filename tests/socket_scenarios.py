@@ -93,9 +93,10 @@ def hold(ready_file: str) -> None:
     srv.listen()
     cli = socket.create_connection(srv.getsockname())
     conn, _ = srv.accept()
-    with open(ready_file, "w") as f:
+    with open(ready_file + ".tmp", "w") as f:       # renamed into place: never read half-written
         json.dump({"pid": os.getpid(), "port": srv.getsockname()[1], "client_port": cli.getsockname()[1],
                    "cli": fd(cli), "conn": fd(conn), "srv": fd(srv)}, f)
+    os.rename(ready_file + ".tmp", ready_file)
     sys.stdin.readline()
     cli.close()
     conn.close()

@@ -16,7 +16,7 @@ from .. import bpf_abi, sockdiag
 from ..ancestry import ProcessCache
 from ..bpf_program import BpfProgram
 from ..kernel import KernelEnv
-from .bpf import MAX_BATCH, BpfCollector, MonotonicClock
+from .bpf import BpfCollector, MonotonicClock
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +259,6 @@ class SocketCollector(BpfCollector):
 
     def _poll_once(self) -> None:
         super()._poll_once()
-        if len(self._pending) >= MAX_BATCH:
-            self._flush()
         if time.monotonic() - self._pruned > PRUNE_EVERY:
             self._pruned = time.monotonic()
             self.open_sockets.prune()
