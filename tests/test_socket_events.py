@@ -189,16 +189,23 @@ def test_closing_files_reaches_no_userspace(bpf_daemon, workdir):
     assert after - before < 50
 
 
-def test_socket_older_than_the_daemon(daemon_factory, workdir):
-    ready = os.path.join(workdir, "held.json")
-    holder = subprocess.Popen([sys.executable, str(HERE / "socket_scenarios.py"), "hold", ready],
+def start_holder(workdir: str, prefix=()) -> tuple[subprocess.Popen, dict]:
+    """A process holding a listener and both ends of a connection until its stdin gets a line."""
+    ready = os.path.join(workdir, f"held-{uuid.uuid4().hex[:6]}.json")
+    holder = subprocess.Popen([*prefix, sys.executable, str(HERE / "socket_scenarios.py"), "hold", ready],
                               stdin=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 10
+    while not os.path.exists(ready):
+        if time.monotonic() > deadline:
+            holder.kill()
+            raise AssertionError("the socket holder did not get ready")
+        time.sleep(0.05)
+    return holder, json.loads(Path(ready).read_text())
+
+
+def test_socket_older_than_the_daemon(daemon_factory, workdir):
+    holder, s = start_holder(workdir)
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(ready):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        s = json.loads(Path(ready).read_text())
         d = daemon_factory()
         assert d.call("status")["collectors"]["socket"]["seeded"] > 0
         open_rows = [r for r in d.call("table/read", {"table": "vajra_open_sockets"})["rows"]
@@ -238,15 +245,8 @@ def test_socket_events_can_be_turned_off(daemon_factory):
 def test_open_sockets_in_another_namespace_come_from_events(bpf_daemon, netns, workdir):
     """sock_diag here cannot see another namespace's sockets: the events
     record them, and they go when their holder dies without close()."""
-    ready = os.path.join(workdir, f"held-{netns}.json")
-    holder = subprocess.Popen(["ip", "netns", "exec", netns, sys.executable, str(HERE / "socket_scenarios.py"),
-                               "hold", ready], stdin=subprocess.PIPE, text=True)
+    holder, s = start_holder(workdir, prefix=("ip", "netns", "exec", netns))
     try:
-        deadline = time.monotonic() + 10
-        while not os.path.exists(ready):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        s = json.loads(Path(ready).read_text())
         inode = os.stat(f"/run/netns/{netns}").st_ino
         socket_rows(bpf_daemon, s["pid"], 5)          # bind, listen, connect, accept4 (+ netlink)
 
