@@ -261,28 +261,30 @@ class ProcessCache:
     def describe(self, pid: int) -> dict | None:
         """The running process with this pid and its ancestry, for vajractl tree."""
         with self.lock:
-            found = [p for p in self.live.values() if p.pid == pid]
-            proc = max(found, key=lambda p: p.start_ns) if found else self._read_proc(pid)
+            proc = self._running_by_pid({pid}).get(pid)
             if proc is None:
                 return None
-            if not found:
-                self._adopt(proc)
             entry = json.loads(proc.entry_json(self.clock))
             return {"process": entry, "ancestry": json.loads(self.lineage(self._parent(proc)))}
 
     def ancestry_by_pid(self, pids: set[int]) -> dict[int, str]:
         """Ancestry of running processes by pid alone, for live tables."""
         with self.lock:
-            newest: dict[int, Process] = {}
-            for proc in self.live.values():
-                if proc.pid in pids and (proc.pid not in newest or proc.start_ns > newest[proc.pid].start_ns):
-                    newest[proc.pid] = proc
-            for pid in pids - newest.keys():
-                proc = self._read_proc(pid)
-                if proc is not None:
-                    self._adopt(proc)
-                    newest[pid] = proc
-            return {pid: self.lineage(self._parent(proc)) for pid, proc in newest.items()}
+            return {pid: self.lineage(self._parent(proc)) for pid, proc in self._running_by_pid(pids).items()}
+
+    def _running_by_pid(self, pids: set[int]) -> dict[int, Process]:
+        """The newest cached process of each pid; from /proc (and then cached)
+        for those the cache does not hold. Callers hold the lock."""
+        newest: dict[int, Process] = {}
+        for proc in self.live.values():
+            if proc.pid in pids and (proc.pid not in newest or proc.start_ns > newest[proc.pid].start_ns):
+                newest[proc.pid] = proc
+        for pid in pids - newest.keys():
+            proc = self._read_proc(pid)
+            if proc is not None:
+                self._adopt(proc)
+                newest[pid] = proc
+        return newest
 
     def stats(self) -> dict:
         with self.lock:
