@@ -79,7 +79,7 @@ class OpenSockets:
         self.seeded = len(found)
         return self.seeded
 
-    def opened(self, inode: int, row: dict, pid: int, fd: int) -> None:
+    def opened(self, inode: int, row: dict, state: str, pid: int, fd: int) -> None:
         entry = self.by_inode.get(inode)
         if entry is None:
             entry = self.by_inode[inode] = {"owners": set()}
@@ -87,7 +87,7 @@ class OpenSockets:
                      local_address=row["local_address"], local_port=row["local_port"],
                      remote_address=row["remote_address"], remote_port=row["remote_port"],
                      path=row["local_address"] if row["family"] == AF_UNIX else "",
-                     state=row.pop("_state"), net_namespace=row["net_namespace"])
+                     state=state, net_namespace=row["net_namespace"])
         entry["owners"].add((pid, fd))
 
     def closed(self, inode: int, row: dict, pid: int, fd: int, last: bool) -> None:
@@ -197,9 +197,8 @@ class SocketDecoder:
                 if syscall == bpf_abi.SYS_CLOSE:
                     track.closed(inode, row, pid, fd, bool(flags & bpf_abi.SF_LAST_REF))
                 elif ret >= 0:
-                    row["_state"] = sockdiag.TCP_STATES.get(state, str(state))
-                    track.opened(inode, row, pid, ret if syscall in (bpf_abi.SYS_ACCEPT, bpf_abi.SYS_ACCEPT4)
-                                 else fd)
+                    held_as = ret if syscall in (bpf_abi.SYS_ACCEPT, bpf_abi.SYS_ACCEPT4) else fd
+                    track.opened(inode, row, sockdiag.TCP_STATES.get(state, str(state)), pid, held_as)
         return row, (pid, start, ppid, pstart, ktime)
 
     def attribute(self, row: dict, who: tuple) -> None:
