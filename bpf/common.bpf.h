@@ -102,6 +102,20 @@ static __always_inline void walk_path(char *data, u32 *base, u32 *len, void *vfs
     *flags |= trunc_flag;
 }
 
+static __always_inline u8 read_u8(void *base, u64 off)
+{
+    u8 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), base + off);
+    return v;
+}
+
+static __always_inline u16 read_u16(void *base, u64 off)
+{
+    u16 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), base + off);
+    return v;
+}
+
 static __always_inline u32 read_u32(void *base, u64 off)
 {
     u32 v = 0;

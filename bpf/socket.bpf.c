@@ -32,13 +32,6 @@ BPF_TABLE("lru_hash", u64, u64, sock_starts, 65536);
 /* socketpair's output array, between entry and exit. */
 BPF_HASH(pair_calls, u32, int *, 1024);
 
-static __always_inline u16 read_u16(void *base, u64 off)
-{
-    u16 v = 0;
-    bpf_probe_read_kernel(&v, sizeof(v), base + off);
-    return v;
-}
-
 static __always_inline u16 net_to_host16(u16 v)
 {
 #if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
@@ -102,9 +95,7 @@ static __always_inline void describe_socket(struct vajra_sock_event *e, void *so
     u16 family = read_u16(sk, VAJRA_OFF_SKC_FAMILY);
     e->family = family;
     e->protocol = read_u16(sk, VAJRA_OFF_SK_PROTOCOL);
-    u8 state = 0;
-    bpf_probe_read_kernel(&state, 1, sk + VAJRA_OFF_SKC_STATE);
-    e->state = state;
+    e->state = read_u8(sk, VAJRA_OFF_SKC_STATE);
     void *net = read_ptr(sk, VAJRA_OFF_SKC_NET);
     e->net_ns = net ? read_u32(net, VAJRA_OFF_NET_NS_INUM) : 0;
     if (family == VAJRA_AF_INET) {
