@@ -111,16 +111,15 @@ class BpfProgram:
         if self._reader is not None:
             self._reader.poll(timeout_ms)
             self.synced_ns = self._reader.synced_ns
-        elif self.output == "ringbuf":
-            self.bpf.ring_buffer_poll(timeout_ms)
-            synced = time.monotonic_ns()
-            self.bpf.ring_buffer_consume()
-            self.synced_ns = synced
+            return
+        if self.output == "ringbuf":
+            wait, drain = self.bpf.ring_buffer_poll, self.bpf.ring_buffer_consume
         else:
-            self.bpf.perf_buffer_poll(timeout_ms)
-            synced = time.monotonic_ns()
-            self.bpf.perf_buffer_consume()
-            self.synced_ns = synced
+            wait, drain = self.bpf.perf_buffer_poll, self.bpf.perf_buffer_consume
+        wait(timeout_ms)
+        synced = time.monotonic_ns()        # what was committed by now, the drain hands over
+        drain()
+        self.synced_ns = synced
 
     @property
     def records(self) -> int:
