@@ -96,12 +96,11 @@ def close_runs(workloads: dict[str, list[str]], count: int, rounds: int) -> dict
             for k, v in times.items()}
 
 
-def rows_by_syscall(db: str, pids: list[int]) -> dict:
+def rows_by_syscall(db: str, pid: int) -> dict:
     con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     try:
-        marks = ",".join("?" * len(pids))
-        return dict(con.execute(f"SELECT syscall, count(*) FROM bpf_socket_events WHERE pid IN ({marks}) "
-                                f"GROUP BY syscall", pids).fetchall())
+        return dict(con.execute("SELECT syscall, count(*) FROM bpf_socket_events WHERE pid = ? GROUP BY syscall",
+                                (pid,)).fetchall())
     finally:
         con.close()
 
@@ -128,20 +127,17 @@ def run(args) -> dict:
         # --- connect/accept/close cycles
         before = d.call("status")
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
-        gen = subprocess.run([sys.executable, __file__, "cycles", str(args.socket_rate), str(args.socket_duration)],
-                             check=True, capture_output=True, text=True)
+        gen = subprocess.Popen([sys.executable, __file__, "cycles", str(args.socket_rate),
+                                str(args.socket_duration)], stdout=subprocess.PIPE, text=True)
+        out, _ = gen.communicate()
         wall = time.monotonic() - t0
-        cycles, gen_seconds = int(gen.stdout.split()[0]), float(gen.stdout.split()[1])
+        if gen.returncode != 0:
+            raise RuntimeError(f"the cycle generator exited with {gen.returncode}")
+        cycles, gen_seconds = int(out.split()[0]), float(out.split()[1])
         wait_drained(d)
         cpu1, t1 = cpu_seconds(pid), time.monotonic()
         after = d.call("status")
-        # the generator is python re-executing this file: find its pid by its rows
-        con = sqlite3.connect(f"file:{d.database}?mode=ro", uri=True)
-        gen_pids = [r[0] for r in con.execute(
-            "SELECT pid FROM bpf_socket_events WHERE syscall = 'listen' AND local_address = '127.0.0.1' "
-            "ORDER BY eid DESC LIMIT 1")]
-        con.close()
-        counts = rows_by_syscall(d.database, gen_pids)
+        counts = rows_by_syscall(d.database, gen.pid)
         expected = {"bind": 1, "listen": 1, "connect": cycles, "accept4": cycles, "close": 2 * cycles + 1}
         missing = sum(max(0, n - counts.get(k, 0)) for k, n in expected.items())
         ev0, ev1 = before["events"], after["events"]
