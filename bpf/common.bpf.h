@@ -27,7 +27,7 @@ static __always_inline void *read_ptr(void *base, u64 off)
  * The consumer is woken only every VAJRA_WAKEUP_EVERY events per CPU and
  * otherwise drains on its own timer: a wakeup per event costs userspace far
  * more than the event itself. */
-static __always_inline void submit(void *ctx, void *ev, u32 size)
+static __always_inline void submit(void *ctx, void *ev, u64 size)
 {
 #ifdef VAJRA_RINGBUF
     int zero = 0;
@@ -128,6 +128,73 @@ static __always_inline u64 read_u64(void *base, u64 off)
     u64 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), base + off);
     return v;
+}
+
+/* The struct file behind one of the current task's fds, or 0. */
+static __always_inline void *fd_file(int fd)
+{
+    if (fd < 0)
+        return 0;
+    void *task = (void *)bpf_get_current_task();
+    void *files = read_ptr(task, VAJRA_OFF_TASK_FILES);
+    void *fdt = read_ptr(files, VAJRA_OFF_FILES_FDT);
+    if (!fdt || (u32)fd >= read_u32(fdt, VAJRA_OFF_FDTABLE_MAX_FDS))
+        return 0;
+    void *fds = read_ptr(fdt, VAJRA_OFF_FDTABLE_FD);
+    return read_ptr(fds, (u64)fd * sizeof(void *));
+}
+
+/* Writes the path of (vfsmnt, dentry) root first so that it ends just before
+ * data[end], and returns where it starts (end itself for the root). Names are
+ * copied by their d_name.len, which is what lets the walk go backwards.
+ * The position lives in map memory (*pos) for the same reason as in walk_path. */
+static __always_inline u32 path_before(char *data, u32 end, u32 *pos, void *vfsmnt,
+                                       void *dentry, u32 *flags, u32 trunc_flag)
+{
+    int i;
+
+    /* Every way out is a break to the one return below, which reads the
+     * position back from map memory: the callers then continue from a single
+     * verifier state instead of one per exit and iteration. */
+    *pos = end;
+    for (i = 0; i < VAJRA_PATH_DEPTH; i++) {
+        void *parent = read_ptr(dentry, VAJRA_OFF_DENTRY_D_PARENT);
+        void *mnt_root = read_ptr(vfsmnt, VAJRA_OFF_VFSMOUNT_MNT_ROOT);
+
+        if (dentry == mnt_root || dentry == parent) {
+#ifdef VAJRA_HAVE_MOUNT_LAYOUT
+            void *mnt = vfsmnt - VAJRA_OFF_MOUNT_MNT;
+            void *mnt_parent = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_PARENT);
+            if (dentry != mnt_root || !mnt_parent || mnt_parent == mnt)
+                break;
+            dentry = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_MOUNTPOINT);
+            vfsmnt = mnt_parent + VAJRA_OFF_MOUNT_MNT;
+            continue;
+#else
+            if (dentry != parent)
+                *flags |= trunc_flag;
+            break;
+#endif
+        }
+        u32 len = read_u32(dentry, VAJRA_OFF_DENTRY_D_NAME + VAJRA_OFF_QSTR_LEN);
+        u32 at = *pos;
+        if (len > VAJRA_NAME_MAX - 1 || len + 1 > at) {
+            *flags |= trunc_flag;
+            break;
+        }
+        at -= len + 1;
+        data[at & (VAJRA_FILE_HALF - 1)] = '/';
+        void *name = read_ptr(dentry, VAJRA_OFF_DENTRY_D_NAME + VAJRA_OFF_QSTR_NAME);
+        if (bpf_probe_read_kernel(&data[(at + 1) & (VAJRA_FILE_HALF - 1)], len & (VAJRA_NAME_MAX - 1), name) < 0) {
+            *flags |= VAJRA_F_READ_FAILED;
+            break;
+        }
+        *pos = at;
+        dentry = parent;
+        if (i == VAJRA_PATH_DEPTH - 1)
+            *flags |= trunc_flag;
+    }
+    return *pos;
 }
 
 /* Everything about who: from the task itself, so that a fork event

@@ -41,20 +41,6 @@ static __always_inline u16 net_to_host16(u16 v)
 #endif
 }
 
-/* The struct file behind one of the current task's fds, or 0. */
-static __always_inline void *fd_file(int fd)
-{
-    if (fd < 0)
-        return 0;
-    void *task = (void *)bpf_get_current_task();
-    void *files = read_ptr(task, VAJRA_OFF_TASK_FILES);
-    void *fdt = read_ptr(files, VAJRA_OFF_FILES_FDT);
-    if (!fdt || (u32)fd >= read_u32(fdt, VAJRA_OFF_FDTABLE_MAX_FDS))
-        return 0;
-    void *fds = read_ptr(fdt, VAJRA_OFF_FDTABLE_FD);
-    return read_ptr(fds, (u64)fd * sizeof(void *));
-}
-
 /* The struct socket of a file, or 0 when the file is not a socket: decided
  * by the inode's type, as the VFS itself does. */
 static __always_inline void *file_socket(void *file, u64 *inode_nr)

@@ -22,6 +22,7 @@ enum vajra_event_type {
     VAJRA_EV_FORK = 2,      /* struct vajra_task_event: a new process (not a thread) */
     VAJRA_EV_EXIT = 3,      /* struct vajra_task_event: the last thread of a process exited */
     VAJRA_EV_SOCKET = 4,    /* struct vajra_sock_event */
+    VAJRA_EV_FILE = 5,      /* struct vajra_file_event */
 };
 
 /* The syscall that created a process, for fork events. */
@@ -126,6 +127,81 @@ struct vajra_sock_event {
     char remote_path[VAJRA_SUN_PATH_ROOM];
 };
 
+/* --- files ------------------------------------------------------------- */
+
+enum vajra_file_syscall {
+    VAJRA_FS_OPEN = 1, VAJRA_FS_OPENAT, VAJRA_FS_OPENAT2, VAJRA_FS_CREAT,
+    VAJRA_FS_TRUNCATE, VAJRA_FS_FTRUNCATE,
+    VAJRA_FS_UNLINK, VAJRA_FS_UNLINKAT, VAJRA_FS_RMDIR,
+    VAJRA_FS_MKDIR, VAJRA_FS_MKDIRAT,
+    VAJRA_FS_RENAME, VAJRA_FS_RENAMEAT, VAJRA_FS_RENAMEAT2,
+    VAJRA_FS_CHMOD, VAJRA_FS_FCHMOD, VAJRA_FS_FCHMODAT, VAJRA_FS_FCHMODAT2,
+    VAJRA_FS_CHOWN, VAJRA_FS_LCHOWN, VAJRA_FS_FCHOWN, VAJRA_FS_FCHOWNAT,
+    VAJRA_FS_LINK, VAJRA_FS_LINKAT, VAJRA_FS_SYMLINK, VAJRA_FS_SYMLINKAT,
+    VAJRA_FS_SETXATTR, VAJRA_FS_LSETXATTR, VAJRA_FS_FSETXATTR, VAJRA_FS_SETXATTRAT,
+};
+
+/* One resolved path is built in a region of 2 * VAJRA_FILE_HALF bytes: the
+ * directory it is relative to ends at VAJRA_FILE_HALF, written backwards from
+ * the dentries, and what the caller passed follows it. The slack lets the
+ * verifier accept reads of VAJRA_FIM_KEY_MAX bytes from any masked offset. */
+#define VAJRA_FILE_HALF 4096
+#define VAJRA_FILE_REGION (2 * VAJRA_FILE_HALF + 256)
+#define VAJRA_FIM_KEY_MAX 256     /* bytes of a path the watch rules compare (LPM trie key) */
+
+enum vajra_fim_rule_kind {
+    VAJRA_FIM_TREE = 1,       /* the prefix and everything below it (%%) */
+    VAJRA_FIM_LEVEL = 2,      /* entries directly below the prefix (%, or a plain directory) */
+    VAJRA_FIM_EXACT = 3,      /* this path only; the key includes its NUL */
+    VAJRA_FIM_EXCLUDE = 4,    /* exclude_paths: nothing at or below the prefix */
+};
+
+/* settings array slots, written by vajrad */
+enum vajra_fim_setting {
+    VAJRA_FIM_ENABLED = 0,     /* any rule at all */
+    VAJRA_FIM_ACCESS_ANY = 1,  /* some rule records read access (file_accesses) */
+    VAJRA_FIM_SELF_TGID = 2,   /* vajrad's own activity is never recorded */
+    VAJRA_FIM_SETTINGS = 3,
+};
+
+/* counters slots */
+enum vajra_fim_counter {
+    VAJRA_FIM_CHECKED = 0,     /* calls whose path was compared with the rules */
+    VAJRA_FIM_MATCHED = 1,     /* ... and matched: handed to userspace */
+    VAJRA_FIM_COUNTERS = 2,
+};
+
+struct vajra_fim_key {
+    u32 prefixlen;            /* bits */
+    char data[VAJRA_FIM_KEY_MAX];
+};
+
+struct vajra_fim_rule {
+    u32 kind;                 /* enum vajra_fim_rule_kind */
+    u32 len;                  /* bytes of the prefix */
+    u32 access;               /* reads below it are recorded too */
+    u32 _pad;
+};
+
+struct vajra_file_event {
+    struct vajra_proc_hdr hdr;
+    u64 duration_ns;     /* in the syscall */
+    s64 ret;             /* the syscall's return value */
+    u32 syscall;         /* enum vajra_file_syscall */
+    u32 open_flags;      /* open*: the flags as passed */
+    u32 mode;            /* open*, mkdir*, chmod*: the mode argument */
+    u32 owner_uid;       /* chown*: the requested owner (-1: unchanged) */
+    u32 owner_gid;
+    s32 fd;              /* fd-based calls: the fd; open*: -1 (the new fd is ret) */
+    u32 call_flags;      /* unlinkat, renameat2, linkat, fchownat, fchmodat2: the flags argument */
+    u32 matched;         /* 1: the path matched a rule, 2: dest_path did */
+    u32 path_start, path_end;   /* file_path: data[path_start, path_end) */
+    u32 dest_start, dest_end;   /* dest_path, in the second region; empty when start == end */
+    u32 pos;             /* scratch for the kernel side */
+    u32 _pad;
+    char data[2 * VAJRA_FILE_REGION];
+};
+
 /* Kernel struct offsets come as -DVAJRA_OFF_*=N, read from the running
  * kernel's BTF by vajrad/kernel.py. Without BTF, headers that match the
  * running kernel give them through offsetof(). */
@@ -152,6 +228,7 @@ struct vajra_sock_event {
 #define VAJRA_OFF_DENTRY_D_PARENT offsetof(struct dentry, d_parent)
 #define VAJRA_OFF_DENTRY_D_NAME offsetof(struct dentry, d_name)
 #define VAJRA_OFF_QSTR_NAME offsetof(struct qstr, name)
+#define VAJRA_OFF_QSTR_LEN offsetof(struct qstr, len)
 #define VAJRA_OFF_VFSMOUNT_MNT_ROOT offsetof(struct vfsmount, mnt_root)
 #define VAJRA_OFF_TASK_PID offsetof(struct task_struct, pid)
 #define VAJRA_OFF_TASK_FLAGS offsetof(struct task_struct, flags)
@@ -211,6 +288,8 @@ struct vajra_sock_event {
 _Static_assert(sizeof(struct vajra_exec_event) == VAJRA_EXPECT_EXEC_EVENT_SIZE &&
                sizeof(struct vajra_task_event) == VAJRA_EXPECT_TASK_EVENT_SIZE &&
                sizeof(struct vajra_sock_event) == VAJRA_EXPECT_SOCK_EVENT_SIZE &&
+               sizeof(struct vajra_file_event) == VAJRA_EXPECT_FILE_EVENT_SIZE &&
+               VAJRA_FILE_HALF == VAJRA_EXPECT_FILE_HALF && VAJRA_FIM_KEY_MAX == VAJRA_EXPECT_FIM_KEY_MAX &&
                VAJRA_TTY_MAX == VAJRA_EXPECT_TTY_MAX &&
                VAJRA_ARGS_MAX == VAJRA_EXPECT_ARGS_MAX && VAJRA_PATH_MAX == VAJRA_EXPECT_PATH_MAX &&
                VAJRA_NAME_MAX == VAJRA_EXPECT_NAME_MAX && VAJRA_DATA_SIZE == VAJRA_EXPECT_DATA_SIZE &&

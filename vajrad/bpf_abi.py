@@ -16,7 +16,7 @@ DATA_SIZE = 16384
 WAKEUP_EVERY = 64
 TTY_MAX = 32
 
-EV_EXEC, EV_FORK, EV_EXIT, EV_SOCKET = 1, 2, 3, 4
+EV_EXEC, EV_FORK, EV_EXIT, EV_SOCKET, EV_FILE = 1, 2, 3, 4, 5
 FORK_KINDS = {0: "clone", 1: "fork", 2: "vfork"}
 
 F_ARGS_TRUNCATED = 1 << 0
@@ -32,6 +32,24 @@ SF_LAST_REF = 1 << 8
 SF_START_SEEN = 1 << 9
 SOCKADDR_ROOM = 128
 SUN_PATH_ROOM = 128
+
+# enum vajra_file_syscall, in order from 1
+FILE_SYSCALLS = dict(enumerate((
+    "open", "openat", "openat2", "creat", "truncate", "ftruncate",
+    "unlink", "unlinkat", "rmdir", "mkdir", "mkdirat",
+    "rename", "renameat", "renameat2",
+    "chmod", "fchmod", "fchmodat", "fchmodat2",
+    "chown", "lchown", "fchown", "fchownat",
+    "link", "linkat", "symlink", "symlinkat",
+    "setxattr", "lsetxattr", "fsetxattr", "setxattrat"), start=1))
+# Syscalls only some kernels have: the program hooks them when the tracepoint exists.
+FILE_OPTIONAL_SYSCALLS = ("openat2", "fchmodat2", "setxattrat")
+FILE_HALF = 4096
+FILE_REGION = 2 * FILE_HALF + 256
+FIM_KEY_MAX = 256
+FIM_TREE, FIM_LEVEL, FIM_EXACT, FIM_EXCLUDE = 1, 2, 3, 4
+FIM_ENABLED, FIM_ACCESS_ANY, FIM_SELF_TGID = 0, 1, 2
+FIM_CHECKED, FIM_MATCHED = 0, 1
 
 
 class ProcHeader(ctypes.Structure):
@@ -72,7 +90,27 @@ class SockEvent(ctypes.Structure):
     ]
 
 
+class FileEvent(ctypes.Structure):
+    _fields_ = [
+        ("hdr", ProcHeader), ("duration_ns", c_uint64), ("ret", c_int64),
+        ("syscall", c_uint32), ("open_flags", c_uint32), ("mode", c_uint32),
+        ("owner_uid", c_uint32), ("owner_gid", c_uint32), ("fd", c_int32), ("call_flags", c_uint32),
+        ("matched", c_uint32), ("path_start", c_uint32), ("path_end", c_uint32),
+        ("dest_start", c_uint32), ("dest_end", c_uint32), ("pos", c_uint32), ("_pad", c_uint32),
+        ("data", c_char * (2 * FILE_REGION)),
+    ]
+
+
+class FimKey(ctypes.Structure):
+    _fields_ = [("prefixlen", c_uint32), ("data", c_char * FIM_KEY_MAX)]
+
+
+class FimRule(ctypes.Structure):
+    _fields_ = [("kind", c_uint32), ("len", c_uint32), ("access", c_uint32), ("_pad", c_uint32)]
+
+
 EXEC_DATA_OFFSET = ExecEvent.data.offset
+FILE_DATA_OFFSET = FileEvent.data.offset
 
 # The same layouts as struct formats, for decoding in place with one call per
 # record; checked against the ctypes mirror when this module loads.
@@ -81,10 +119,12 @@ TASK_EVENT = struct.Struct(_HEADER_FORMAT + "QiI")       # + duration_ns, exit_c
 EXEC_EVENT = struct.Struct(_HEADER_FORMAT + "QiIIIII")   # + duration_ns, exit_code, old_tid, lens, pos
 # + duration_ns .. remote_path: addresses stay bytes, formatted by family
 SOCK_EVENT = struct.Struct(_HEADER_FORMAT + f"QQqiII6H16s16sIHH{SOCKADDR_ROOM}s{SUN_PATH_ROOM}s{SUN_PATH_ROOM}s")
+# + duration_ns .. _pad; the paths follow at FILE_DATA_OFFSET
+FILE_EVENT = struct.Struct(_HEADER_FORMAT + "Qq14I")
 EVENT_TYPE = struct.Struct("<I")
 if (struct.calcsize(_HEADER_FORMAT) != ctypes.sizeof(ProcHeader)
         or TASK_EVENT.size != ctypes.sizeof(TaskEvent) or EXEC_EVENT.size != EXEC_DATA_OFFSET
-        or SOCK_EVENT.size != ctypes.sizeof(SockEvent)):
+        or SOCK_EVENT.size != ctypes.sizeof(SockEvent) or FILE_EVENT.size != FILE_DATA_OFFSET):
     raise ImportError("bpf_abi: struct formats disagree with the ctypes mirror of bpf/vajra.h")
 
 # -D flags that make the C side check this mirror at compile time.
@@ -92,6 +132,8 @@ ABI_CHECKS = {
     "VAJRA_EXPECT_EXEC_EVENT_SIZE": ctypes.sizeof(ExecEvent),
     "VAJRA_EXPECT_TASK_EVENT_SIZE": ctypes.sizeof(TaskEvent),
     "VAJRA_EXPECT_SOCK_EVENT_SIZE": ctypes.sizeof(SockEvent),
+    "VAJRA_EXPECT_FILE_EVENT_SIZE": ctypes.sizeof(FileEvent),
+    "VAJRA_EXPECT_FILE_HALF": FILE_HALF, "VAJRA_EXPECT_FIM_KEY_MAX": FIM_KEY_MAX,
     "VAJRA_EXPECT_TTY_MAX": TTY_MAX,
     "VAJRA_EXPECT_ARGS_MAX": ARGS_MAX, "VAJRA_EXPECT_PATH_MAX": PATH_MAX,
     "VAJRA_EXPECT_NAME_MAX": NAME_MAX, "VAJRA_EXPECT_DATA_SIZE": DATA_SIZE,

@@ -36,13 +36,16 @@ def bpf_source_dir() -> str:
 
 
 class BpfProgram:
-    def __init__(self, source: str, kenv: KernelEnv, output: str = "auto", defines: dict | None = None):
+    def __init__(self, source: str, kenv: KernelEnv, output: str = "auto", defines: dict | None = None,
+                 tail_calls: dict[str, tuple[str, ...]] | None = None):
         if output == "auto":
             output = "ringbuf" if kenv.has_ringbuf else "perf"
         if output == "ringbuf" and not kenv.has_ringbuf:
             raise CollectorError(source, f"kernel {kenv.release} has no BPF ring buffer (5.8+); use bpf_output=perf")
         self.source, self.kenv, self.output = source, kenv, output
         self.defines = dict(defines or {})      # the program's own -D settings, from the config
+        # BPF_PROG_ARRAY name -> the functions it holds, in slot order
+        self.tail_calls = dict(tail_calls or {})
         self.bpf = None
         self._perf_lost = 0
         self._reader: RingBufferReader | None = None
@@ -81,6 +84,10 @@ class BpfProgram:
         from bcc import BPF  # imported late: only the collectors need libbcc
         try:
             self.bpf = BPF(text=self.text().encode(), cflags=self.cflags())
+            for array, functions in self.tail_calls.items():
+                slots = self.bpf[array]
+                for slot, name in enumerate(functions):
+                    slots[ctypes.c_int(slot)] = ctypes.c_int(self.bpf.load_func(name, BPF.TRACEPOINT).fd)
         except Exception as e:  # BCC raises bare Exception with the compiler output on stderr
             raise CollectorError(self.source, f"failed to compile or attach: {e}") from e
 

@@ -41,6 +41,7 @@ KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "DENTRY_D_PARENT": ("dentry", "d_parent"),
     "DENTRY_D_NAME": ("dentry", "d_name"),
     "QSTR_NAME": ("qstr", "name"),
+    "QSTR_LEN": ("qstr", "len"),
     "VFSMOUNT_MNT_ROOT": ("vfsmount", "mnt_root"),
     "TASK_PID": ("task_struct", "pid"),
     "TASK_FLAGS": ("task_struct", "flags"),
