@@ -283,6 +283,7 @@ int file_decide(void *ctx)
     e->dest_start += VAJRA_FILE_REGION;
     e->dest_end += VAJRA_FILE_REGION;
     u64 size = offsetof(struct vajra_file_event, data) + (u64)last + 1;
+    asm volatile("" : "+r"(size));      /* the bound below must be on the register passed on */
     if (size > sizeof(*e))
         size = sizeof(*e);
     submit(ctx, e, size);

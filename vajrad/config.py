@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__
+from . import __version__, fim
 from .errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/vajra/vajra.conf"
@@ -108,6 +108,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("bpf_output", str, "auto",
            "Kernel-to-user channel: ringbuf (5.8+), perf (older kernels), or auto.",
            choices=("auto", "ringbuf", "perf")),
+    Option("enable_file_events", bool, True,
+           "File integrity monitoring of the config's file_paths: file_events (inotify, with hashes) and, "
+           "with enable_bpf_events, bpf_file_events (who changed what, filtered in the kernel)."),
+    Option("read_max", int, 50 * 1024 * 1024,
+           "Largest file, in bytes, that file_events hashes; bigger files get hashed = 0.",
+           minimum=0, reloadable=True),
     Option("enable_socket_events", bool, True,
            "Record connect, accept, bind, listen and close of sockets (bpf_socket_events) and serve "
            "vajra_open_sockets; needs enable_bpf_events."),
@@ -125,15 +131,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("verbose", bool, False, "Log debug messages.", reloadable=True),
 )
 OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
-TOP_LEVEL_KEYS = ("options",)
+TOP_LEVEL_KEYS = ("options",) + fim.SECTIONS
 
 
 class Config:
     """Resolved options. Attribute access by option name."""
 
-    def __init__(self, values: dict[str, Any], explicit: set[str]):
+    def __init__(self, values: dict[str, Any], explicit: set[str], fim_rules: fim.FimRules | None = None):
         self._values = values
         self.explicit = explicit     # options set by a flag, which a reload must not override
+        self.fim = fim_rules if fim_rules is not None else fim.FimRules()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -145,7 +152,9 @@ class Config:
         return dict(self._values)
 
     def changed(self, other: "Config") -> set[str]:
-        return {k for k in self._values if self._values[k] != other._values[k]}
+        """Options, and "file_paths" for any FIM section, that differ."""
+        found = {k for k in self._values if self._values[k] != other._values[k]}
+        return found | ({"file_paths"} if self.fim != other.fim else set())
 
 
 def parse_flags(argv: list[str]) -> dict[str, Any]:
@@ -178,8 +187,8 @@ def parse_flags(argv: list[str]) -> dict[str, Any]:
     return flags
 
 
-def read_config_file(path: str) -> dict[str, Any]:
-    """The `options` of a config file, validated; ConfigError names the bad key."""
+def read_config_file(path: str) -> tuple[dict[str, Any], fim.FimRules]:
+    """The `options` and FIM rules of a config file, validated; ConfigError names the bad key."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
@@ -193,7 +202,7 @@ def read_config_file(path: str) -> dict[str, Any]:
     return validate_document(doc, path)
 
 
-def validate_document(doc: Any, source: str) -> dict[str, Any]:
+def validate_document(doc: Any, source: str) -> tuple[dict[str, Any], fim.FimRules]:
     if not isinstance(doc, dict):
         raise ConfigError("config_path", "the config must be a JSON object", source)
     for key in doc:
@@ -208,7 +217,7 @@ def validate_document(doc: Any, source: str) -> dict[str, Any]:
         if option is None or not option.in_file:
             raise ConfigError(f"options.{key}", "unknown option", source)
         out[key] = option.parse(raw, source, f"options.{key}")
-    return out
+    return out, fim.parse(doc, source)
 
 
 def load(argv: list[str], previous_flags: dict[str, Any] | None = None) -> Config:
@@ -216,14 +225,14 @@ def load(argv: list[str], previous_flags: dict[str, Any] | None = None) -> Confi
     flags = parse_flags(argv) if previous_flags is None else previous_flags
     path = flags.get("config_path", DEFAULT_CONFIG_PATH)
     if "config_path" not in flags and not os.path.exists(path):
-        file_opts = validate_document(EMBEDDED_CONFIG, "embedded config")
+        file_opts, rules = validate_document(EMBEDDED_CONFIG, "embedded config")
     else:
-        file_opts = read_config_file(path)
+        file_opts, rules = read_config_file(path)
     values = {o.name: o.default for o in OPTIONS}
     values.update(file_opts)
     values.update(flags)
     values["config_path"] = path
-    return Config(values, set(flags))
+    return Config(values, set(flags), rules)
 
 
 def resolve_host_identifier(setting: str) -> str:

@@ -116,8 +116,15 @@ class Vajrad:
             if self.config.enable_socket_events:
                 from .collectors.socket import SocketCollector
                 found.append(SocketCollector(self.kenv, self.config.bpf_output, cache))
+            if self.config.enable_file_events:
+                from .collectors.file import FileCollector
+                found.append(FileCollector(self.kenv, self.config.bpf_output, cache, self.config.fim))
         else:
             log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
+        if self.config.enable_file_events:
+            from .collectors.fim_watcher import FimWatcher
+            found.append(FimWatcher(self.config.fim, self.config.read_max,
+                                    causes=any(c.name == "file" for c in found)))
         return found
 
     async def _start(self) -> None:
@@ -126,7 +133,7 @@ class Vajrad:
                                 max_rows=cfg.events_max)
         self.store.open()
         loop = asyncio.get_running_loop()
-        self.store.on_commit = lambda batches: loop.call_soon_threadsafe(self.hub.publish, batches)
+        self.store.on_commit = lambda batches: loop.call_soon_threadsafe(self._committed, batches)
         self.store.start()
         for collector in self._build_collectors():
             await collector.start()
@@ -142,6 +149,13 @@ class Vajrad:
         await self.api.start()
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)
         await self.dbus.start()
+
+    def _committed(self, batches: list[tuple[str, list[dict]]]) -> None:
+        self.hub.publish(batches)
+        for collector in self.collectors:
+            for table, rows in batches:
+                if table in collector.observes:
+                    collector.observe(table, rows)
 
     async def _pump(self, collector: Collector) -> None:
         async for table, rows in collector.events():
@@ -220,13 +234,20 @@ class Vajrad:
             return
         changed = self.config.changed(new)
         for name in sorted(changed):
-            if not config.OPTIONS_BY_NAME[name].reloadable:
+            if name in config.OPTIONS_BY_NAME and not config.OPTIONS_BY_NAME[name].reloadable:
                 log.warning("option %s changed; restart vajrad to apply it", name)
         if "host_identifier" in changed:
             self.host_id = config.resolve_host_identifier(new.host_identifier)
         if self.store:
             self.store.expiry, self.store.max_rows = new.events_expiry, new.events_max
         logs.set_verbose(new.verbose)
+        for collector in self.collectors:
+            try:
+                collector.reconfigure(new)
+            except Exception as e:      # a collector that cannot follow keeps its old settings
+                log.error("collector %s could not apply the new configuration: %s", collector.name, e)
+        if new.fim.unmatched:
+            log.warning("file_paths patterns that match nothing yet: %s", ", ".join(new.fim.unmatched))
         self.config = new
         log.info("configuration reloaded from %s (%s)", new.config_path,
                  ", ".join(sorted(changed)) or "no changes")

@@ -62,6 +62,16 @@ EVENT_COLUMNS = (
 )
 EVENT_COLUMN_NAMES = frozenset(c.name for c in EVENT_COLUMNS)
 
+# Who made a call, for the tables of syscalls (sockets, files).
+CALLER_COLUMNS = (
+    Column("tid", BIGINT, "Thread ID of the caller"),
+    Column("pid", BIGINT, "Process ID of the caller"),
+    Column("parent", BIGINT, "Process ID of the caller's real parent"),
+    Column("uid", BIGINT, "Real user ID of the caller"),
+    Column("gid", BIGINT, "Real group ID of the caller"),
+    Column("cid", INTEGER, "Cgroup ID of the caller"),
+)
+
 
 @dataclass(frozen=True)
 class Table:

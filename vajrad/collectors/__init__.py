@@ -17,6 +17,7 @@ Batch = tuple[str, list[dict]]
 class Collector(abc.ABC):
     name: str = ""
     tables: tuple[str, ...] = ()
+    observes: tuple[str, ...] = ()     # tables whose committed rows observe() is given
 
     def __init__(self, queue_batches: int = 4096):
         self.state = "stopped"
@@ -42,6 +43,12 @@ class Collector(abc.ABC):
     def snapshots(self) -> dict:
         """Live (not evented) tables this collector answers: {name: rows()}."""
         return {}
+
+    def observe(self, table: str, rows: list[dict]) -> None:
+        """Rows of an `observes` table as committed (eid set); on the event loop."""
+
+    def reconfigure(self, config) -> None:
+        """A reloaded Config (SIGHUP); collectors take what they can apply live."""
 
     def describe_process(self, pid: int) -> dict | None:
         """A running process and its ancestry, when this collector tracks processes."""

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 
+from ..ancestry import ProcessCache
 from ..bpf_program import BpfProgram
 from . import Collector, PollingThread
 
@@ -13,6 +15,9 @@ log = logging.getLogger(__name__)
 
 POLL_MS = 50
 MAX_BATCH = 2048
+# How long a row waits for the process collector before it is attributed
+# with what the cache (or /proc) knows then.
+ATTRIBUTION_WAIT_NS = 500_000_000
 
 
 class MonotonicClock:
@@ -113,3 +118,56 @@ class BpfCollector(Collector):
         s["records"] = self.program.records
         s["wakeups"] = self.program.wakeups
         return s
+
+
+class AttributedCollector(BpfCollector):
+    """A collector whose rows name a process: path, cmdline and ancestry come
+    from the ProcessCache the process collector keeps.
+
+    The collectors drain separate buffers, so a row waits (at most
+    ATTRIBUTION_WAIT_NS) until the process collector has applied every
+    event older than it: a process that acts and exits at once is otherwise
+    gone before we look it up. Subclasses decode records in decode()."""
+
+    def __init__(self, program: BpfProgram, cache: ProcessCache | None):
+        super().__init__(program)
+        self.cache = cache or ProcessCache()
+        self._waiting: deque[tuple[tuple, dict]] = deque()
+
+    def decode(self, buf, off: int, size: int) -> tuple[dict, tuple] | None:
+        """(row, who) with who = (pid, start_ns, ppid, parent_start_ns, ktime_ns),
+        or None for a record that makes no row."""
+        raise NotImplementedError
+
+    def row(self, buf, off: int, size: int) -> None:
+        decoded = self.decode(buf, off, size)
+        if decoded is not None:
+            self._waiting.append((decoded[1], decoded[0]))
+        return None
+
+    def attribute(self, row: dict, who: tuple) -> None:
+        """Fills path, ancestry and (where the table has it) cmdline; holds cache.lock."""
+        pid, start, ppid, pstart, _ = who
+        cache = self.cache
+        proc = cache.running(pid, start)
+        row["ancestry"] = cache.ancestry_of(proc, ppid, pstart)
+        if proc is not None:
+            row["path"] = proc.path
+            if "cmdline" in row:
+                row["cmdline"] = proc.cmdline
+
+    def _after_poll(self, final: bool = False) -> None:
+        waiting = self._waiting
+        if not waiting:
+            return
+        synced = self.cache.synced_ns
+        stale = time.monotonic_ns() - ATTRIBUTION_WAIT_NS
+        attribute, pending = self.attribute, self._pending
+        with self.cache.lock:
+            while waiting:
+                who, row = waiting[0]
+                if not final and who[4] > synced and who[4] > stale:
+                    break
+                waiting.popleft()
+                attribute(row, who)
+                pending.append(row)

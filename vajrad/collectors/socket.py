@@ -10,13 +10,12 @@ import os
 import socket as _socket
 import threading
 import time
-from collections import deque
 
 from .. import bpf_abi, sockdiag
 from ..ancestry import ProcessCache
 from ..bpf_program import BpfProgram
 from ..kernel import KernelEnv
-from .bpf import BpfCollector, MonotonicClock
+from .bpf import AttributedCollector, MonotonicClock
 
 log = logging.getLogger(__name__)
 
@@ -24,9 +23,6 @@ TABLE = "bpf_socket_events"
 OPEN_TABLE = "vajra_open_sockets"
 AF_UNIX, AF_INET, AF_INET6 = _socket.AF_UNIX, _socket.AF_INET, _socket.AF_INET6
 PRUNE_EVERY = 60.0
-# How long a row waits for the process collector before it is attributed
-# with what the cache (or /proc) knows then.
-ATTRIBUTION_WAIT_NS = 500_000_000
 _ntop = _socket.inet_ntop
 _U16 = int.from_bytes
 
@@ -148,8 +144,8 @@ class OpenSockets:
 
 
 class SocketDecoder:
-    def __init__(self, cache: ProcessCache, clock: MonotonicClock, open_sockets: OpenSockets):
-        self.cache, self.clock, self.open = cache, clock, open_sockets
+    def __init__(self, clock: MonotonicClock, open_sockets: OpenSockets):
+        self.clock, self.open = clock, open_sockets
 
     def row(self, buf, off: int, size: int) -> tuple[dict, tuple]:
         """The row, but for who (path, ancestry): that waits for attribute()."""
@@ -201,52 +197,20 @@ class SocketDecoder:
                     track.opened(inode, row, sockdiag.TCP_STATES.get(state, str(state)), pid, held_as)
         return row, (pid, start, ppid, pstart, ktime)
 
-    def attribute(self, row: dict, who: tuple) -> None:
-        """path and ancestry, from the ProcessCache; holds cache.lock."""
-        pid, start, ppid, pstart, _ = who
-        cache = self.cache
-        proc = cache.running(pid, start)
-        row["ancestry"] = cache.ancestry_of(proc, ppid, pstart)
-        if proc is not None:
-            row["path"] = proc.path
 
-
-class SocketCollector(BpfCollector):
+class SocketCollector(AttributedCollector):
     name = "socket"
     tables = (TABLE,)
     table = TABLE
 
     def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None):
-        super().__init__(BpfProgram("socket.bpf.c", kenv, output))
-        self.cache = cache or ProcessCache()
+        super().__init__(BpfProgram("socket.bpf.c", kenv, output), cache)
         self.open_sockets = OpenSockets()
-        self.decoder = SocketDecoder(self.cache, self.clock, self.open_sockets)
+        self.decoder = SocketDecoder(self.clock, self.open_sockets)
         self._pruned = time.monotonic()
-        # Rows waiting until the process events before them are in the cache:
-        # the two collectors drain separate buffers, and a process that
-        # connects and exits at once is otherwise gone before we look it up.
-        self._waiting: deque[tuple[tuple, dict]] = deque()
 
-    def row(self, buf, off: int, size: int) -> None:
-        row, who = self.decoder.row(buf, off, size)
-        self._waiting.append((who, row))
-        return None
-
-    def _after_poll(self, final: bool = False) -> None:
-        waiting = self._waiting
-        if not waiting:
-            return
-        synced = self.cache.synced_ns
-        stale = time.monotonic_ns() - ATTRIBUTION_WAIT_NS
-        attribute, pending = self.decoder.attribute, self._pending
-        with self.cache.lock:
-            while waiting:
-                who, row = waiting[0]
-                if not final and who[4] > synced and who[4] > stale:
-                    break
-                waiting.popleft()
-                attribute(row, who)
-                pending.append(row)
+    def decode(self, buf, off: int, size: int) -> tuple[dict, tuple]:
+        return self.decoder.row(buf, off, size)
 
     async def prepare(self) -> None:
         # After attaching: a socket opened in between is in both, which is harmless.

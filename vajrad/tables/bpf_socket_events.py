@@ -1,17 +1,12 @@
 """One module per table; each defines TABLE (see vajrad/schema.py)."""
-from vajrad.schema import BIGINT, INTEGER, TEXT, Column, Table
+from vajrad.schema import BIGINT, CALLER_COLUMNS, INTEGER, TEXT, Column, Table
 
 TABLE = Table.events(
     "bpf_socket_events",
     "Socket activity, captured in the kernel by eBPF tracepoints: connect, accept, accept4, bind, "
     "listen and close of TCP, UDP and Unix sockets, each with both ends as the kernel held them.",
     (
-        Column("tid", BIGINT, "Thread ID of the caller"),
-        Column("pid", BIGINT, "Process ID of the caller"),
-        Column("parent", BIGINT, "Process ID of the caller's real parent"),
-        Column("uid", BIGINT, "Real user ID of the caller"),
-        Column("gid", BIGINT, "Real group ID of the caller"),
-        Column("cid", INTEGER, "Cgroup ID of the caller"),
+        *CALLER_COLUMNS,
         Column("exit_code", TEXT, "The syscall's return value: 0, the new fd (accept), or -errno"),
         Column("probe_error", INTEGER, "8 when the kernel side could not read the socket"),
         Column("syscall", TEXT, "connect, accept, accept4, bind, listen or close"),
