@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [exec|ancestry|socket|osquery|all]`: each bench prints JSON
+"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ import exec_bench  # noqa: E402  (puts the repo and tests/ on sys.path)
 import ancestry_bench  # noqa: E402
 import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
+import fim_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -31,6 +32,10 @@ def main() -> int:
     p.add_argument("--socket-rate", type=int, default=5000, help="socket: TCP cycles per second")
     p.add_argument("--socket-duration", type=float, default=30, help="socket: seconds of cycles")
     p.add_argument("--closes", type=int, default=1_000_000, help="socket: close() calls per run")
+    p.add_argument("--fim-iterations", type=int, default=1000,
+                   help="fim: iterations of exec, read, write and rename in the watched dir")
+    p.add_argument("--fim-opens", type=int, default=1_000_000, help="fim: opens of unwatched files")
+    p.add_argument("--fim-rounds", type=int, default=3, help="fim: runs per configuration (median)")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -42,6 +47,8 @@ def main() -> int:
         results["ancestry"] = ancestry_bench.run()
     if args.which in ("socket", "all"):
         results["socket"] = socket_bench.run(args)
+    if args.which in ("fim", "all"):
+        results["fim"] = fim_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"
