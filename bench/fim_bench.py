@@ -205,6 +205,15 @@ def run(args) -> dict:
     finally:
         d.stop()
 
+    # And with file integrity monitoring off: what FIM itself adds to a vajrad
+    # that already audits processes and sockets.
+    d = Daemon(work, f"--config_path={cfg}", "--enable_file_events=false").start()
+    try:
+        wait_drained(d)
+        no_fim, _, no_fim_cpu = measured(load, rounds, lambda: cpu_seconds(d.proc.pid))
+    finally:
+        d.stop()
+
     problem = ensure_auditd()
     audit = None
     if problem is None:
@@ -239,6 +248,9 @@ def run(args) -> dict:
         "vajrad_without_socket_collector": {"median_s": fim_only,
                                             "slowdown_percent": slowdown(fim_only, baseline),
                                             "vajrad_cpu_percent": fim_only_cpu},
+        "vajrad_without_file_events": {"median_s": no_fim, "slowdown_percent": slowdown(no_fim, baseline),
+                                       "vajrad_cpu_percent": no_fim_cpu,
+                                       "fim_adds_percent": slowdown(vajrad, no_fim)},
         "auditd": audit if audit else {"skipped": problem},
         "kernel": os.uname().release,
     }
