@@ -374,3 +374,27 @@ def test_perf_buffer_output_carries_file_events(daemon_factory, workdir):
     rows = d.wait_events(lambda e: e["file_path"] == f"{watched}/f", "bpf_file_events")
     assert [(r["syscall"], r["pid"], r["category"]) for r in rows] == [("openat", int(out), "w")]
     assert d.call("status")["collectors"]["file"]["output"] == "perf"
+
+
+def test_first_file_paths_on_sighup_start_the_bpf_side(daemon_factory, workdir):
+    """Without file_paths there is no file program to compile or hook; the
+    reload that brings the first pattern starts it."""
+    watched = Path(workdir, "w")
+    watched.mkdir()
+    cfg = Path(workdir, "fim.conf")
+    cfg.write_text('{"options": {}}')
+    d = daemon_factory(f"--config_path={cfg}")
+    assert "file" not in d.call("status")["collectors"]
+    cfg.write_text(json.dumps({"file_paths": {"w": [str(watched) + "/%%"]}}))
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while d.call("status")["collectors"].get("file", {}).get("state") != "running":
+        assert time.monotonic() < deadline, d.log
+        time.sleep(0.2)
+    out = subprocess.run([BASH, "-c", f"echo $$; echo x > {watched}/f"], check=True,
+                         capture_output=True, text=True).stdout
+    rows = d.wait_events(lambda e: e["file_path"] == f"{watched}/f", "bpf_file_events")
+    assert [(r["syscall"], r["pid"]) for r in rows] == [("openat", int(out))]
+    seen = d.wait_events(lambda e: e["target_path"] == f"{watched}/f" and e["action"] == "UPDATED",
+                         "file_events")
+    assert seen and seen[0]["pid"] == int(out) and seen[0]["bpf_eid"] == rows[0]["eid"]

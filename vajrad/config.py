@@ -110,7 +110,8 @@ OPTIONS: tuple[Option, ...] = (
            choices=("auto", "ringbuf", "perf")),
     Option("enable_file_events", bool, True,
            "File integrity monitoring of the config's file_paths: file_events (inotify, with hashes) and, "
-           "with enable_bpf_events, bpf_file_events (who changed what, filtered in the kernel)."),
+           "with enable_bpf_events, bpf_file_events (who changed what, filtered in the kernel; its BPF "
+           "program is loaded once file_paths has a pattern)."),
     Option("read_max", int, 50 * 1024 * 1024,
            "Largest file, in bytes, that file_events hashes; bigger files get hashed = 0.",
            minimum=0, reloadable=True),

@@ -43,6 +43,7 @@ class Vajrad:
         self.notifier = Notifier()
         self.started = time.time()
         self.kenv: kernel.KernelEnv | None = None
+        self.process_cache = None
         self.collectors: list[Collector] = []
         self.store: EventStore | None = None
         self.hub = EventHub(self.config.subscriber_queue_events)
@@ -116,16 +117,34 @@ class Vajrad:
             if self.config.enable_socket_events:
                 from .collectors.socket import SocketCollector
                 found.append(SocketCollector(self.kenv, self.config.bpf_output, cache))
-            if self.config.enable_file_events:
-                from .collectors.file import FileCollector
-                found.append(FileCollector(self.kenv, self.config.bpf_output, cache, self.config.fim))
+            self.process_cache = cache
+            file_collector = self._file_collector(self.config)
+            if file_collector:
+                found.append(file_collector)
         else:
             log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
         if self.config.enable_file_events:
             from .collectors.fim_watcher import FimWatcher
-            found.append(FimWatcher(self.config.fim, self.config.read_max,
-                                    causes=any(c.name == "file" for c in found)))
+            found.append(FimWatcher(self.config.fim, self.config.read_max))
         return found
+
+    def _file_collector(self, cfg: config.Config) -> Collector | None:
+        """The BPF file collector, when there is something to watch: it costs a
+        compile at start-up and a hook on every open for writing, so a host
+        without file_paths does without it until a reload brings some."""
+        if not (cfg.fim and cfg.enable_file_events and cfg.enable_bpf_events and not cfg.disable_events
+                and self.kenv is not None and self.process_cache is not None):
+            return None
+        from .collectors.file import FileCollector
+        return FileCollector(self.kenv, cfg.bpf_output, self.process_cache, cfg.fim)
+
+    async def _add_collector(self, collector: Collector) -> None:
+        await collector.start()
+        self.collectors.append(collector)
+        self._pumps.append(asyncio.create_task(self._pump(collector)))
+        produced = {t for c in self.collectors for t in c.tables}
+        for c in self.collectors:
+            c.producers(produced)
 
     async def _start(self) -> None:
         cfg = self.config
@@ -136,9 +155,7 @@ class Vajrad:
         self.store.on_commit = lambda batches: loop.call_soon_threadsafe(self._committed, batches)
         self.store.start()
         for collector in self._build_collectors():
-            await collector.start()
-            self.collectors.append(collector)
-            self._pumps.append(asyncio.create_task(self._pump(collector)))
+            await self._add_collector(collector)
         if self.collectors:
             release_compiler_memory()
         snapshots = {name: rows for c in self.collectors for name, rows in c.snapshots().items()}
@@ -246,6 +263,14 @@ class Vajrad:
                 collector.reconfigure(new)
             except Exception as e:      # a collector that cannot follow keeps its old settings
                 log.error("collector %s could not apply the new configuration: %s", collector.name, e)
+        if not any(c.name == "file" for c in self.collectors):
+            started = self._file_collector(new)
+            if started is not None:
+                try:
+                    await self._add_collector(started)
+                    release_compiler_memory()
+                except VajraError as e:
+                    log.error("file collector could not start: %s", e)
         if new.fim.unmatched:
             log.warning("file_paths patterns that match nothing yet: %s", ", ".join(new.fim.unmatched))
         self.config = new

@@ -47,6 +47,9 @@ class Collector(abc.ABC):
     def observe(self, table: str, rows: list[dict]) -> None:
         """Rows of an `observes` table as committed (eid set); on the event loop."""
 
+    def producers(self, tables: set[str]) -> None:
+        """The tables the running collectors fill, whenever that set changes."""
+
     def reconfigure(self, config) -> None:
         """A reloaded Config (SIGHUP); collectors take what they can apply live."""
 

@@ -105,7 +105,7 @@ class FimWatcher(Collector):
     tables = (TABLE,)
     observes = (CAUSE_TABLE,)
 
-    def __init__(self, rules: fim.FimRules, read_max: int, causes: bool = True):
+    def __init__(self, rules: fim.FimRules, read_max: int, causes: bool = False):
         super().__init__()
         self.rules = rules
         self.read_max = read_max
@@ -163,6 +163,9 @@ class FimWatcher(Collector):
         if self._queue is not None:
             self._deliver(None)
         self.state = "stopped"
+
+    def producers(self, tables: set[str]) -> None:
+        self.causes = CAUSE_TABLE in tables
 
     def reconfigure(self, config) -> None:
         self.read_max = config.read_max
