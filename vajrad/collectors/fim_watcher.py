@@ -143,9 +143,27 @@ class FimWatcher(Collector):
         except Exception as e:                 # no inotify at all (seccomp, old kernel)
             self.state, self.error = "failed", str(e)
             raise
+        self._throttle_move_cleanup()
         self._apply(self.rules)
         self._ticker = asyncio.create_task(self._tick())
         self.state = "running"
+
+    def _throttle_move_cleanup(self) -> None:
+        """pyinotify prunes its rename bookkeeping (entries older than a
+        minute) on every read, walking all of it: under steady renames that
+        was most of the event loop's time. Once a second is enough."""
+        sys_proc = getattr(self._notifier, "_sys_proc_fun", None)
+        prune = getattr(sys_proc, "cleanup", None)
+        if prune is None:
+            return
+        last = [0.0]
+
+        def throttled() -> None:
+            now = time.monotonic()
+            if now - last[0] >= 1.0:
+                last[0] = now
+                prune()
+        sys_proc.cleanup = throttled
 
     async def stop(self) -> None:
         if self._notifier is not None:
@@ -304,36 +322,36 @@ class FimWatcher(Collector):
         """Committed bpf_file_events rows (with their eids), on the event loop."""
         if table != CAUSE_TABLE:
             return
+        touched = set()
         for r in rows:
             if r.get("exit_code", "").startswith("-"):
                 continue
             entry = (int(r["ntime"]), r["syscall"], r["eid"], r["pid"], r["path"], r["file_path"],
                      r["dest_path"])
             self._recent[r["file_path"]].append(entry)
+            touched.add(r["file_path"])
             if r["dest_path"] and not r["syscall"].startswith("symlink"):
                 self._recent[r["dest_path"]].append(entry)
+                touched.add(r["dest_path"])
         for now, row, action, _ in self._pending:
-            if row["bpf_eid"] is None:
+            if row["bpf_eid"] is None and row["target_path"] in touched:
                 self._find_cause(now, row, action, fresh_only=True)
 
     def _find_cause(self, now: int, row: dict, action: str, fresh_only: bool = False) -> None:
+        """The newest call on the target that can cause the action, not after
+        the event (give or take CAUSE_SLACK_NS)."""
         target = row["target_path"]
         calls, field = CAUSES[action]
-        best = None
-        for entry in self._recent.get(target, ()):
-            ntime, syscall, _, _, _, file_path, dest_path = entry
-            if ntime > now + CAUSE_SLACK_NS or ntime < now - CAUSE_KEEP_NS:
+        for entry in reversed(self._recent.get(target, ())):
+            ntime, syscall, eid, pid, exe, file_path, dest_path = entry
+            if ntime > now + CAUSE_SLACK_NS:
                 continue
-            if syscall in calls and (file_path if field == "file_path" else dest_path) == target:
-                pass
-            elif action == "CREATED" and syscall in LINK_CREATES and dest_path == target:
-                pass
-            else:
-                continue
-            if best is None or ntime > best[0]:
-                best = entry
-        if best is not None and (not fresh_only or best[0] >= now - CAUSE_FRESH_NS):
-            row["bpf_eid"], row["pid"], row["path"] = best[2], best[3], best[4]
+            if ntime < now - CAUSE_KEEP_NS or (fresh_only and ntime < now - CAUSE_FRESH_NS):
+                return
+            if (syscall in calls and (file_path if field == "file_path" else dest_path) == target) \
+                    or (action == "CREATED" and syscall in LINK_CREATES and dest_path == target):
+                row["bpf_eid"], row["pid"], row["path"] = eid, pid, exe
+                return
 
     # --- handing rows over -----------------------------------------------------------------
     async def _tick(self) -> None:
