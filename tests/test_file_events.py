@@ -398,3 +398,26 @@ def test_first_file_paths_on_sighup_start_the_bpf_side(daemon_factory, workdir):
     seen = d.wait_events(lambda e: e["target_path"] == f"{watched}/f" and e["action"] == "UPDATED",
                          "file_events")
     assert seen and seen[0]["pid"] == int(out) and seen[0]["bpf_eid"] == rows[0]["eid"]
+
+
+def test_reload_to_a_narrower_tree_keeps_watching_it(daemon_factory, workdir):
+    """From W/%% to W/sub/%%: the watches of W's tree go, but not the ones
+    under W/sub that the new rule still needs."""
+    w = Path(workdir, "w")
+    (w / "sub" / "deep").mkdir(parents=True)
+    cfg = Path(workdir, "fim.conf")
+    cfg.write_text(json.dumps({"file_paths": {"all": [str(w) + "/%%"]}}))
+    d = daemon_factory(f"--config_path={cfg}", "--enable_bpf_events=false")
+    cfg.write_text(json.dumps({"file_paths": {"sub": [str(w / "sub") + "/%%"]}}))
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while d.log.count("inotify:") < 2:
+        assert time.monotonic() < deadline, d.log
+        time.sleep(0.1)
+    (w / "outside").write_text("no")
+    (w / "sub" / "deep" / "inside").write_text("yes")
+    rows = d.wait_events(lambda e: e["target_path"].startswith(str(w)), "file_events")
+    time.sleep(1)
+    rows = d.wait_events(lambda e: e["target_path"].startswith(str(w)), "file_events")
+    assert {(r["target_path"], r["category"]) for r in rows} == {(str(w / "sub" / "deep" / "inside"), "sub")}
+    assert d.call("status")["collectors"]["fim"]["watches"] == 2      # sub and sub/deep

@@ -234,10 +234,13 @@ class FimWatcher(Collector):
             wd = result.get(directory, -1)
             if wd >= 0:                 # a failure reaches watch_failed through pyinotify's log
                 added[directory] = wd
-        kept = {wd for wd in added.values()}
-        for directory, wd in self.watches.items():
-            if directory not in added and wd not in kept:
-                wm.rm_watch(wd, rec=targets.get(directory, True), quiet=True)
+        # Then every watch no target needs any more goes, one by one: a stale
+        # tree may hold a directory a new, narrower target still watches.
+        trees = [d.rstrip("/") + "/" for d, rec in targets.items() if rec]
+        for wd, watch in list(wm.watches.items()):
+            path = watch.path
+            if path not in targets and not any((path + "/").startswith(t) for t in trees):
+                wm.rm_watch(wd, quiet=True)
         self.watches = added
         if self.missing:
             log.warning("file_paths: not watched by inotify until they exist and vajrad reloads: %s",
