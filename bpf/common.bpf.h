@@ -49,10 +49,41 @@ static __always_inline void submit(void *ctx, void *ev, u64 size)
     }
 }
 
+/* One step of a path walk towards the root, shared by walk_path and
+ * path_before. WALK_NAME: *dentry has a name to record, and *parent is where
+ * the walk goes next. WALK_CROSSED: a mount point was crossed, so (*vfsmnt,
+ * *dentry) moved and there is nothing to record. WALK_END: the root. Mount
+ * points are crossed through struct mount, so the result is absolute in the
+ * task's mount namespace. */
+enum { WALK_END, WALK_NAME, WALK_CROSSED };
+
+static __always_inline int walk_step(void **vfsmnt, void **dentry, void **parent, u32 *flags,
+                                     u32 trunc_flag)
+{
+    *parent = read_ptr(*dentry, VAJRA_OFF_DENTRY_D_PARENT);
+    void *mnt_root = read_ptr(*vfsmnt, VAJRA_OFF_VFSMOUNT_MNT_ROOT);
+
+    if (*dentry != mnt_root && *dentry != *parent)
+        return WALK_NAME;
+#ifdef VAJRA_HAVE_MOUNT_LAYOUT
+    void *mnt = *vfsmnt - VAJRA_OFF_MOUNT_MNT;
+    void *mnt_parent = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_PARENT);
+    if (*dentry != mnt_root || !mnt_parent || mnt_parent == mnt)
+        return WALK_END;
+    *dentry = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_MOUNTPOINT);
+    *vfsmnt = mnt_parent + VAJRA_OFF_MOUNT_MNT;
+    return WALK_CROSSED;
+#else
+    /* Without struct mount's layout the walk stops at the first mount
+     * point; flag the path as cut unless it is the real root. */
+    if (*dentry != *parent)
+        *flags |= trunc_flag;
+    return WALK_END;
+#endif
+}
+
 /* Writes the components of (vfsmnt, dentry) leaf first, each NUL-terminated,
  * at data[base...] and their byte count to *len; userspace reverses them.
- * Mount points are crossed through struct mount, so the result is absolute in
- * the task's mount namespace.
  *
  * base and *len live in map memory on purpose: the verifier then sees them as
  * unknown scalars, so loop iterations that reach the loop head by different
@@ -64,26 +95,12 @@ static __always_inline void walk_path(char *data, u32 *base, u32 *len, void *vfs
 
     *len = 0;
     for (i = 0; i < VAJRA_PATH_DEPTH; i++) {
-        void *parent = read_ptr(dentry, VAJRA_OFF_DENTRY_D_PARENT);
-        void *mnt_root = read_ptr(vfsmnt, VAJRA_OFF_VFSMOUNT_MNT_ROOT);
-
-        if (dentry == mnt_root || dentry == parent) {
-#ifdef VAJRA_HAVE_MOUNT_LAYOUT
-            void *mnt = vfsmnt - VAJRA_OFF_MOUNT_MNT;
-            void *mnt_parent = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_PARENT);
-            if (dentry != mnt_root || !mnt_parent || mnt_parent == mnt)
-                return;
-            dentry = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_MOUNTPOINT);
-            vfsmnt = mnt_parent + VAJRA_OFF_MOUNT_MNT;
-            continue;
-#else
-            /* Without struct mount's layout the walk stops at the first
-             * mount point; flag the path as cut unless it is the real root. */
-            if (dentry != parent)
-                *flags |= trunc_flag;
+        void *parent;
+        int step = walk_step(&vfsmnt, &dentry, &parent, flags, trunc_flag);
+        if (step == WALK_END)
             return;
-#endif
-        }
+        if (step == WALK_CROSSED)
+            continue;
         u32 used = *len;
         if (used > VAJRA_PATH_MAX - VAJRA_NAME_MAX) {
             *flags |= trunc_flag;
@@ -158,24 +175,12 @@ static __always_inline u32 path_before(char *data, u32 end, u32 *pos, void *vfsm
      * verifier state instead of one per exit and iteration. */
     *pos = end;
     for (i = 0; i < VAJRA_PATH_DEPTH; i++) {
-        void *parent = read_ptr(dentry, VAJRA_OFF_DENTRY_D_PARENT);
-        void *mnt_root = read_ptr(vfsmnt, VAJRA_OFF_VFSMOUNT_MNT_ROOT);
-
-        if (dentry == mnt_root || dentry == parent) {
-#ifdef VAJRA_HAVE_MOUNT_LAYOUT
-            void *mnt = vfsmnt - VAJRA_OFF_MOUNT_MNT;
-            void *mnt_parent = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_PARENT);
-            if (dentry != mnt_root || !mnt_parent || mnt_parent == mnt)
-                break;
-            dentry = read_ptr(mnt, VAJRA_OFF_MOUNT_MNT_MOUNTPOINT);
-            vfsmnt = mnt_parent + VAJRA_OFF_MOUNT_MNT;
-            continue;
-#else
-            if (dentry != parent)
-                *flags |= trunc_flag;
+        void *parent;
+        int step = walk_step(&vfsmnt, &dentry, &parent, flags, trunc_flag);
+        if (step == WALK_END)
             break;
-#endif
-        }
+        if (step == WALK_CROSSED)
+            continue;
         u32 len = read_u32(dentry, VAJRA_OFF_DENTRY_D_NAME + VAJRA_OFF_QSTR_LEN);
         u32 at = *pos;
         if (len > VAJRA_NAME_MAX - 1 || len + 1 > at) {

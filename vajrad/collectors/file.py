@@ -59,6 +59,11 @@ def call_flags_text(syscall: str, flags: int, open_flags: int) -> str:
     return "|".join(_named(flags, table))
 
 
+def _signed(id32: int) -> int:
+    """A uid or gid argument: -1 (leave unchanged) arrives as 0xFFFFFFFF."""
+    return -1 if id32 == 0xFFFFFFFF else id32
+
+
 def normalise(raw: bytes) -> str:
     """An absolute path as text; . and .. resolved lexically, as the kernel
     does for the components the caller wrote."""
@@ -104,7 +109,8 @@ class FileCollector(AttributedCollector):
         bpf = self.program.bpf
         trie, settings = bpf["fim_rules"], bpf["fim_settings"]
         wanted: dict[bytes, bpf_abi.FimKey] = {}
-        for entry in rules.kernel_entries():
+        entries = rules.kernel_entries()
+        for entry in entries:
             key = bpf_abi.FimKey()
             raw = entry.key[:bpf_abi.FIM_KEY_MAX]
             key.prefixlen = len(raw) * 8
@@ -118,7 +124,7 @@ class FileCollector(AttributedCollector):
             except KeyError:
                 pass
         self._installed = wanted
-        access_any = any(e.access for e in rules.kernel_entries())
+        access_any = any(e.access for e in entries)
         settings[ctypes.c_int(bpf_abi.FIM_SELF_TGID)] = ctypes.c_uint32(os.getpid())
         settings[ctypes.c_int(bpf_abi.FIM_ACCESS_ANY)] = ctypes.c_uint32(int(access_any))
         settings[ctypes.c_int(bpf_abi.FIM_ENABLED)] = ctypes.c_uint32(int(bool(rules)))
@@ -136,6 +142,7 @@ class FileCollector(AttributedCollector):
         dest_raw = bytes(buf[data + ds:data + de]) if de > ds else b""
         name = bpf_abi.FILE_SYSCALLS.get(syscall, str(syscall))
         symlink = name.startswith("symlink")
+        chown = "chown" in name
         dest = dest_raw.decode("utf-8", "surrogateescape") if symlink else normalise(dest_raw)
         read_only = name in OPEN_SYSCALLS and not oflags & 0o1103
         rules = self.rules
@@ -151,13 +158,11 @@ class FileCollector(AttributedCollector):
             "flags": call_flags_text(name, cflags, oflags),
             "mode": f"{mode:04o}" if name in _MODE_SYSCALLS or (name in OPEN_SYSCALLS and oflags & 0o20000100)
             else "",
-            "owner_uid": ouid if ouid != 0xFFFFFFFF else -1, "owner_gid": ogid if ogid != 0xFFFFFFFF else -1,
+            "owner_uid": _signed(ouid) if chown else None, "owner_gid": _signed(ogid) if chown else None,
             "category": category, "exit_code": str(ret), "probe_error": flags & 0xF,
             "duration": duration, "ancestry": "[]", "ntime": str(ktime),
             "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
         }
-        if "chown" not in name:
-            row["owner_uid"] = row["owner_gid"] = None
         return row, (pid, start, ppid, pstart, ktime)
 
     def kernel_counters(self) -> dict:
