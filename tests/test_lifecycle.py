@@ -36,6 +36,15 @@ def test_notify_sequence(daemon_factory):
 
 
 @needs_bpf
+def test_threads_carry_their_names(daemon_factory):
+    """top -H and ps -L show which part of vajrad is busy."""
+    d = daemon_factory()
+    tasks = Path(f"/proc/{d.proc.pid}/task")
+    names = {(t / "comm").read_text().strip() for t in tasks.iterdir()}
+    assert {"vajra-process", "vajra-socket", "vajra-store"} <= names, names
+
+
+@needs_bpf
 def test_ready_within_three_seconds(daemon_factory):
     d = daemon_factory()
     assert d.ready_after < 3, d.ready_after

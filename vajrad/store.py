@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 from .errors import VajraError
 from .schema import Table
+from .threads import name_native_thread
 
 log = logging.getLogger(__name__)
 
@@ -243,6 +244,7 @@ class EventStore:
         return len(rows)
 
     def _writer(self) -> None:
+        name_native_thread("vajra-store")
         last_retention = time.monotonic()
         stopping = False
         while not stopping:

@@ -11,6 +11,8 @@ import asyncio
 import threading
 from typing import AsyncIterator
 
+from ..threads import name_native_thread
+
 Batch = tuple[str, list[dict]]
 
 
@@ -99,6 +101,7 @@ class PollingThread(threading.Thread):
         self.failure: BaseException | None = None
 
     def run(self) -> None:
+        name_native_thread(self.name)
         try:
             while not self._halt.is_set():
                 self._poll_once()
