@@ -1,4 +1,5 @@
 """The SQLite store on its own: eids, retention, overload, schema upgrades."""
+import json
 import sqlite3
 import threading
 import time
@@ -192,3 +193,87 @@ def test_both_query_plans_give_the_same_rows(tmp_path, monkeypatch):
     s.stop()
     assert via_index == via_eids and len(via_index) == 21 * 6
     assert [r["eid"] for r in via_index] == sorted(r["eid"] for r in via_index)
+
+
+def side_rows(db):
+    con = sqlite3.connect(db)
+    try:
+        return con.execute(f'SELECT id, value, parent, depth FROM "{T}__ancestry" ORDER BY id').fetchall()
+    finally:
+        con.close()
+
+
+def lines():
+    """Ancestry texts from a ProcessCache: pid 5 and pid 6 both children of 4."""
+    from vajrad.ancestry import TICK_NS, ProcessCache
+    cache = ProcessCache(size=100, max_depth=3, proc="/nonexistent")
+    cache.executed(1, TICK_NS, 0, 0, "/sbin/init", "init")
+    for pid, ppid in ((2, 1), (3, 2), (4, 3), (5, 4), (6, 4)):
+        cache.forked(pid, pid * TICK_NS, ppid, ppid * TICK_NS)
+        cache.executed(pid, pid * TICK_NS, ppid, ppid * TICK_NS, f"/bin/p{pid}", f'p{pid} "quoted"\nline')
+    return [cache.ancestry(pid, pid * TICK_NS) for pid in (5, 6, 4, 1)]
+
+
+def test_ancestry_chains_keep_each_entry_once(tmp_path):
+    db = tmp_path / "e.db"
+    texts = lines()
+    assert [len(json.loads(t)) for t in texts] == [3, 3, 3, 1]     # max_depth 3
+    s = open_store(db)
+    s.submit(T, [dict(r, ancestry=v) for r, v in zip(rows(6), texts + ["[]", texts[0]])])
+    s.stop()
+    # One side row per process image (1, 2, 3, 4, 5, 6) and one for "[]",
+    # not one whole text per distinct array.
+    side = side_rows(db)
+    entries = [json.loads(v)["pid"] for _, v, _, depth in side if depth]
+    assert sorted(entries) == [1, 2, 3, 4, 5, 6] and len(side) == 7
+    s = open_store(db)
+    want = texts + ["[]", texts[0]]
+    assert [r["ancestry"] for r in s.query(T, Filter(start_time=0), 10)] == want
+    s.stop()
+    sql = ReadOnlySql(str(db))
+    assert [r[0] for r in sql.run(f"SELECT ancestry FROM {T} ORDER BY eid")[1]] == want
+    assert sql.run(f"SELECT JSON_ARRAY_LENGTH(ancestry), JSON_EXTRACT(ancestry, '$[2].pid') FROM {T} "
+                   f"ORDER BY eid LIMIT 1")[1] == [(3, 3)]
+
+
+def test_a_chain_is_written_again_in_a_new_generation(tmp_path, monkeypatch):
+    """Nothing of a generation points into an older one, so deleting a
+    generation never leaves a chain without its ancestors."""
+    import vajrad.store as store_mod
+    monkeypatch.setattr(store_mod, "SHARED_GENERATION_S", 0)
+    db = tmp_path / "e.db"
+    a, b = lines()[:2]
+    s = open_store(db, max_rows=1, retention_interval=3600)
+    s.submit(T, [dict(r, ancestry=a) for r in rows(1)])
+    wait_stored(s, 1)
+    s.apply_retention()                      # closes the generation holding a's chain
+    s.submit(T, [dict(r, ancestry=b) for r in rows(1)])
+    wait_stored(s, 2)
+    s.apply_retention()                      # a's row goes, and with it its generation
+    assert [r["ancestry"] for r in s.query(T, Filter(start_time=0), 10)] == [b]
+    ids = {i for i, *_ in side_rows(db)}
+    assert all(parent in ids for _, _, parent, _ in side_rows(db) if parent)
+    s.stop()
+
+
+def test_whole_values_from_before_chains_still_read(tmp_path):
+    db = tmp_path / "old.db"
+    con = sqlite3.connect(db)
+    con.execute(f'CREATE TABLE "{T}" (eid INTEGER PRIMARY KEY AUTOINCREMENT, pid INTEGER, time INTEGER, '
+                f'ancestry TEXT, ancestry_ref INTEGER)')
+    con.execute(f'CREATE TABLE "{T}__ancestry" (id INTEGER PRIMARY KEY, value TEXT)')
+    con.execute(f'INSERT INTO "{T}__ancestry" VALUES (1, \'[{{"pid": 1}}]\')')
+    con.execute(f'INSERT INTO "{T}" (pid, time, ancestry_ref) VALUES (42, 1, 1)')
+    con.commit()
+    con.close()
+    s = open_store(db)
+    s.submit(T, [dict(r, ancestry=lines()[0]) for r in rows(1, start=7)])
+    s.stop()
+    s = open_store(db)
+    got = s.query(T, Filter(start_time=0), 10)
+    s.stop()
+    assert got[0]["ancestry"] == '[{"pid": 1}]' and pids_of(got[1]["ancestry"]) == [5, 4, 3]
+
+
+def pids_of(text):
+    return [e["pid"] for e in json.loads(text)]

@@ -10,10 +10,14 @@ Ancestry is a JSON array, [0] the immediate parent, in the shape of osquery
 5.18.1's process-ancestry column: exe_name, pid, ppid, path, cmdline,
 proc_time (start, unix s), proc_time_hr (start, unix ns) and pproc_time_hr
 (the parent's proc_time_hr).
+
+An ancestry text is built from a chain of AncestryNodes, one per process
+image, each pointing at its parent's node: the chain is how the store keeps
+ancestry (one side row per entry, not one text per row), and the text is
+what every other surface reads.
 """
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import threading
@@ -34,24 +38,54 @@ class BootClock:
         return boot_ns + self.offset_ns
 
 
-def key(pid: int, start_ns: int) -> tuple[int, int]:
-    """/proc gives start times in clock ticks, the kernel in ns: compare in ticks."""
-    return pid, start_ns // TICK_NS
+def key(pid: int, start_ns: int) -> int:
+    """/proc gives start times in clock ticks, the kernel in ns: compare in
+    ticks. One int, not a (pid, ticks) tuple: a third of the memory per entry
+    (pids fit 22 bits, and 2**40 ticks are centuries of uptime)."""
+    return (start_ns // TICK_NS) << 22 | pid
+
+
+class AncestryNode:
+    """One process image as an ancestry entry (its JSON object), and the node
+    of its parent's image when it was built: an ancestry array is a chain of
+    `depth` nodes. The store keeps each node once (see store._SharedColumn);
+    `stored` is its bookkeeping."""
+    __slots__ = ("entry", "rest", "depth", "stored")
+
+    def __init__(self, entry: str, rest: "AncestryNode | None", depth: int):
+        self.entry, self.rest, self.depth = entry, rest, depth
+        self.stored = None
+
+    def text(self) -> "Ancestry":
+        entries, node = [], self
+        for _ in range(self.depth):
+            entries.append(node.entry)
+            node = node.rest
+        return Ancestry("[" + ",".join(entries) + "]", self)
+
+
+class Ancestry(str):
+    """An ancestry JSON array that keeps the node chain it was built from,
+    for the store; to everything else it is the text."""
+
+    def __new__(cls, text: str, node: AncestryNode):
+        self = super().__new__(cls, text)
+        self.node = node
+        return self
 
 
 class Process:
-    """One process as the events describe it. `image` names this version of
-    its ancestry entry: it changes on exec, and when the kernel's exact start
-    times replace the tick-precise ones of /proc."""
-    __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_json",
-                 "image", "parent", "linked", "exited_at")
+    """One process as the events describe it. Its ancestry node (`_node`) is
+    this version of its image: it is rebuilt after an exec, and when the
+    kernel's exact start times replace the tick-precise ones of /proc."""
+    __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_node",
+                 "parent", "linked", "exited_at")
 
     def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline):
         self.pid, self.ppid = pid, ppid
         self.start_ns, self.parent_start_ns = start_ns, parent_start_ns
         self.path, self.cmdline = path, cmdline
-        self._json: str | None = None
-        self.image = next(_IMAGES)
+        self._node: AncestryNode | None = None
         # The parent it was born to, resolved once: a pointer, not a lookup per
         # event, and it keeps an evicted ancestor's entry alive while needed.
         self.parent: Process | None = None
@@ -63,7 +97,7 @@ class Process:
         self.changed()
 
     def changed(self) -> None:
-        self._json, self.image = None, next(_IMAGES)
+        self._node = None
 
     def adopt_times(self, start_ns: int, parent_start_ns: int | None = None) -> None:
         """Takes the kernel's exact start times (ns) for the same process's
@@ -78,21 +112,21 @@ class Process:
             self.changed()
 
     def entry_json(self, clock: BootClock) -> str:
-        """This process as an ancestry entry, serialised once per image."""
-        if self._json is None:
-            start = clock.unix_ns(self.start_ns)
-            # What json.dumps gives for this dict, built directly: it runs per exec.
-            path = self.path
-            self._json = (
-                f'{{"exe_name": {_quote(os.path.basename(path) if path else "")}, "pid": {self.pid}, '
+        """This process as an ancestry entry; serialised once per image, by
+        the node built for it (or here, for a process that has none yet)."""
+        if self._node is not None:
+            return self._node.entry
+        start = clock.unix_ns(self.start_ns)
+        # What json.dumps gives for this dict, built directly: it runs per exec.
+        path = self.path
+        return (f'{{"exe_name": {_quote(os.path.basename(path) if path else "")}, "pid": {self.pid}, '
                 f'"ppid": {self.ppid}, "path": {_quote(path)}, "cmdline": {_quote(self.cmdline)}, '
                 f'"proc_time": {start // 1_000_000_000}, "proc_time_hr": {start}, "pproc_time_hr": '
                 f'{clock.unix_ns(self.parent_start_ns) if self.parent_start_ns else 0}}}')
-        return self._json
 
 
-_IMAGES = itertools.count(1)
 LINEAGES_KEPT = 32
+LINE_MAX = 1 << 16        # ancestors walked at most, against a malformed (cyclic) line
 _quote = json.encoder.encode_basestring_ascii
 
 
@@ -106,12 +140,12 @@ class ProcessCache:
         self.enabled = size > 0
         # Running processes, least recently used first; exited ones in the
         # order they exited, which is also the order they expire in.
-        self.live: OrderedDict[tuple[int, int], Process] = OrderedDict()
-        self.exited: OrderedDict[tuple[int, int], Process] = OrderedDict()
+        self.live: OrderedDict[int, Process] = OrderedDict()
+        self.exited: OrderedDict[int, Process] = OrderedDict()
         # The ancestry JSON that starts at a process, for its children's rows,
-        # by that process's image; only for the parents busy right now, since
+        # by that process's node; only for the parents busy right now, since
         # each text is a few KB.
-        self._lineages: OrderedDict[int, str] = OrderedDict()
+        self._lineages: OrderedDict[AncestryNode, str] = OrderedDict()
         # Fed on the collector's thread, read (stats, vajractl tree) on the loop's.
         self.lock = threading.RLock()
         # CLOCK_MONOTONIC ns up to which process events have been applied.
@@ -182,7 +216,7 @@ class ProcessCache:
             del exited[k]
             self.counters["expired_entries"] += 1
 
-    def _insert(self, k: tuple[int, int], proc: Process) -> None:
+    def _insert(self, k: int, proc: Process) -> None:
         """One bound for running and exited processes together; the exited
         (oldest first) make room before any running one does."""
         self.live[k] = proc
@@ -208,30 +242,44 @@ class ProcessCache:
     def lineage(self, first: Process | None) -> str:
         """JSON ancestry starting at `first` (the parent), up its birth line.
 
-        Built once per image of `first`: its ancestors are taken as they were
-        then, which saves a walk per event (an ancestor that execs later,
-        while this line lives on, is not seen in it)."""
+        Each process image gets its node once, on top of its parent's node as
+        it was then: an ancestor that execs later, while this line lives on,
+        is not seen in it. The texts of the busiest nodes are kept."""
         if not self.enabled or first is None:
             return "[]"
+        node = first._node or self.node(first)
         memo = self._lineages
-        text = memo.get(first.image)
+        text = memo.get(node)
         if text is not None:
-            memo.move_to_end(first.image)
+            memo.move_to_end(node)
             self.counters["cache_hits"] += 1
             return text
-        chain = [first]
-        proc, depth = first, self.max_depth
-        while proc.pid != 1 and len(chain) < depth:
-            proc = proc.parent if proc.linked else self._parent(proc)
-            if proc is None:
-                break
-            chain.append(proc)
-        self.counters["cache_hits"] += len(chain)
-        clock = self.clock
-        text = memo[first.image] = "[" + ",".join([p.entry_json(clock) for p in chain]) + "]"
+        text = memo[node] = node.text()
         if len(memo) > LINEAGES_KEPT:
             memo.popitem(last=False)
         return text
+
+    def node(self, first: Process) -> AncestryNode:
+        """The ancestry node of first's image, building any missing above it.
+
+        The walk goes up to the nearest ancestor that has its node, however
+        far: a node cut at max_depth would give its own descendants too short
+        an ancestry. Each process then gets its node once."""
+        chain = []
+        proc = first
+        while proc is not None and proc._node is None and len(chain) < LINE_MAX:
+            chain.append(proc)
+            if proc.pid == 1:
+                proc = None
+                break
+            proc = proc.parent if proc.linked else self._parent(proc)
+        self.counters["cache_hits"] += len(chain)
+        rest = proc._node if proc is not None else None
+        clock, depth = self.clock, self.max_depth
+        for proc in reversed(chain):
+            rest = proc._node = AncestryNode(proc.entry_json(clock), rest,
+                                             min(depth, 1 + (rest.depth if rest else 0)))
+        return first._node
 
     def ancestry(self, ppid: int, parent_start_ns: int) -> str:
         """JSON ancestry of a process whose parent is (ppid, parent_start_ns)."""

@@ -6,12 +6,16 @@ sqlite_sequence, which keeps them monotonic across restarts and retention.
 With synchronous=FULL a crash of the process or the machine loses at most
 the batch that was not yet committed, and never the file.
 
-A `shared` column (ancestry) is kept once per distinct value in a side table,
-"<table>__<column>", and rows hold its id in "<column>_ref"; reads put the
-text back. Side rows are grouped in generations: a generation's rows are
-only pointed at by event rows written during it (a value still in use is
-written again in the next one), so once retention has removed those event
-rows the whole generation goes, by id range, with no reference counting.
+A `shared` column (ancestry) lives in a side table, "<table>__<column>", and
+rows hold its id in "<column>_ref"; reads put the text back. A value that
+carries a node chain (ancestry.Ancestry) is kept as that chain, one side row
+per node (value: the entry, parent: the next node, depth: how many nodes the
+array has from here), so the many arrays that share their ancestors share
+their rows; any other value is kept whole, once (depth 0). Side rows are
+grouped in generations: a generation's rows are only pointed at by event
+rows, and by side rows, written during it (a value still in use is written
+again in the next one), so once retention has removed those event rows the
+whole generation goes, by id range, with no reference counting.
 """
 from __future__ import annotations
 
@@ -88,35 +92,83 @@ def column_sql(table: Table, name: str, alias: str = "t") -> str:
     column = table.column(name)
     if not column.shared:
         return f"{alias}.{_quote(name)}"
-    return (f"COALESCE((SELECT s.value FROM {_quote(side_table(table.name, name))} s "
-            f"WHERE s.id = {alias}.{_quote(name + '_ref')}), {alias}.{_quote(name)})")
+    side = _quote(side_table(table.name, name))
+    # The node chain from the row's side row, `depth` nodes long; a whole
+    # value (depth 0, or NULL from before chains) is its own text.
+    return (f"COALESCE((WITH RECURSIVE chain(n, value, parent, depth) AS ("
+            f"SELECT 0, s.value, s.parent, COALESCE(s.depth, 0) FROM {side} s "
+            f"WHERE s.id = {alias}.{_quote(name + '_ref')} "
+            f"UNION ALL SELECT c.n + 1, s.value, s.parent, c.depth - 1 FROM chain c "
+            f"JOIN {side} s ON s.id = c.parent WHERE c.depth > 1) "
+            f"SELECT CASE WHEN MAX(depth) = 0 THEN MAX(value) ELSE '[' || group_concat(value, ',') || ']' END "
+            f"FROM (SELECT value, depth FROM chain ORDER BY n)), {alias}.{_quote(name)})")
 
 
 class _SharedColumn:
-    """The writer's side of one shared column: value -> id, in generations."""
+    """The writer's side of one shared column: values and nodes -> ids, in
+    generations. Side rows are queued in `rows` and go in with the batch."""
 
     def __init__(self, table: str, column: str, position: int):
         self.column, self.position = column, position
-        self.insert_sql = f"INSERT INTO {_quote(side_table(table, column))} (id, value) VALUES (?, ?)"
+        self.insert_sql = (f"INSERT INTO {_quote(side_table(table, column))} (id, value, parent, depth) "
+                           f"VALUES (?, ?, ?, ?)")
         self.ids: dict[str, int] = {}
+        self.rows: list[tuple] = []
         self.next_id = 1
         self.floor = 1                   # first id of the current generation
         self.closed: list[tuple[int, int, int]] = []   # (first id, end id, last event eid)
         self.started = time.monotonic()
+        # Marks the nodes this column has stored; a new token forgets them all.
+        self.token = object()
 
-    def ref(self, conn: sqlite3.Connection, value) -> int | None:
+    def ref(self, value) -> int | None:
         if value is None:
             return None
+        node = getattr(value, "node", None)
+        if node is not None:
+            return self._node_ref(node)
         found = self.ids.get(value)
         if found is not None and found >= self.floor:
             return found
         if len(self.ids) >= SHARED_MEMO_MAX:
             self.ids.clear()
-        n = self.next_id
-        conn.execute(self.insert_sql, (n, value))
-        self.next_id = n + 1
+        n = self._add(value, None, 0)
         self.ids[value] = n
         return n
+
+    def _node_ref(self, node) -> int:
+        """The id of a node (its chain written first where it is not yet in
+        this generation); iterative, since a chain may be deep."""
+        token, floor = self.token, self.floor
+        todo = []
+        while node is not None:
+            stored = node.stored
+            if stored is not None and stored[0] is token and stored[1] >= floor:
+                break
+            todo.append(node)
+            node = node.rest if node.depth > 1 else None
+        parent = node.stored[1] if node is not None else None
+        for node in reversed(todo):
+            parent = self._add(node.entry, parent, node.depth)
+            node.stored = (token, parent)
+        return parent
+
+    def _add(self, value: str, parent: int | None, depth: int) -> int:
+        n = self.next_id
+        self.rows.append((n, value, parent, depth))
+        self.next_id = n + 1
+        return n
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        if self.rows:
+            conn.executemany(self.insert_sql, self.rows)
+            self.rows = []
+
+    def forget(self) -> None:
+        """After a rolled-back batch: nothing it wrote exists."""
+        self.ids.clear()
+        self.rows = []
+        self.token = object()
 
     def rotate(self, last_eid: int) -> None:
         """Closes the current generation; rows up to last_eid are its users."""
@@ -198,8 +250,13 @@ class EventStore:
         self._shared[table.name] = []
         for i, c in enumerate(table.columns):
             if c.shared:
-                conn.execute(f"CREATE TABLE IF NOT EXISTS {_quote(side_table(table.name, c.name))} "
-                             f"(id INTEGER PRIMARY KEY, value TEXT)")
+                side = _quote(side_table(table.name, c.name))
+                conn.execute(f"CREATE TABLE IF NOT EXISTS {side} "
+                             f"(id INTEGER PRIMARY KEY, value TEXT, parent INTEGER, depth INTEGER)")
+                have = {row[1] for row in conn.execute(f"PRAGMA table_info({side})")}
+                for extra in ("parent", "depth"):     # whole values only, from before node chains
+                    if extra not in have:
+                        conn.execute(f"ALTER TABLE {side} ADD COLUMN {extra} INTEGER")
                 self._shared[table.name].append(_SharedColumn(table.name, c.name, i))
 
     @staticmethod
@@ -289,9 +346,11 @@ class EventStore:
                     if shared:
                         v = list(v)
                         for col in shared:
-                            v[col.position] = col.ref(conn, v[col.position])
+                            v[col.position] = col.ref(v[col.position])
                     values.append(v)
                 seq[table] = n
+                for col in shared:
+                    col.flush(conn)
                 self._insert(conn, table, values)
                 committed.setdefault(table, []).extend(rows)
             conn.execute("COMMIT")
@@ -302,7 +361,7 @@ class EventStore:
                 pass
             self.last_error = str(e)
             for shared in (c for cols in self._shared.values() for c in cols):
-                shared.ids.clear()        # side rows of the rolled-back batch are gone too
+                shared.forget()           # side rows of the rolled-back batch are gone too
             log.error("event store %s: write of %d rows failed: %s", self.path, count, e)
             with self._lock:
                 self.dropped += count
