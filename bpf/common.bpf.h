@@ -24,7 +24,7 @@ static __always_inline void *read_ptr(void *base, u64 off)
 }
 
 /* A full buffer drops the event; the drop is counted for `status`.
- * The consumer is woken only every VAJRA_WAKEUP_EVERY events per CPU and
+ * The consumer is woken only every VAJRA_WAKEUP_BYTES bytes per CPU and
  * otherwise drains on its own timer: a wakeup per event costs userspace far
  * more than the event itself. */
 static __always_inline void submit(void *ctx, void *ev, u64 size)
@@ -33,7 +33,7 @@ static __always_inline void submit(void *ctx, void *ev, u64 size)
     int zero = 0;
     u64 flags = BPF_RB_NO_WAKEUP;
     u64 *pending = since_wakeup.lookup(&zero);
-    if (pending && ++(*pending) >= VAJRA_WAKEUP_EVERY) {
+    if (pending && (*pending += size) >= VAJRA_WAKEUP_BYTES) {
         *pending = 0;
         flags = BPF_RB_FORCE_WAKEUP;
     }

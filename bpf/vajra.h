@@ -14,7 +14,7 @@ _Static_assert(VAJRA_ARGS_LIMIT >= 256 && VAJRA_ARGS_LIMIT <= VAJRA_ARGS_MAX - 2
 #define VAJRA_NAME_MAX 256       /* bytes of one path component, with its NUL */
 #define VAJRA_PATH_DEPTH 64      /* path components walked, mounts included */
 #define VAJRA_DATA_SIZE 16384    /* args | cwd | exe, packed (power of two) */
-#define VAJRA_WAKEUP_EVERY 64    /* events per CPU between consumer wakeups */
+#define VAJRA_WAKEUP_BYTES (128 * 1024)  /* ring buffer bytes per CPU between consumer wakeups */
 #define VAJRA_ARGV_MAX 64        /* arguments read from a failed exec's argv */
 
 enum vajra_event_type {
@@ -293,7 +293,7 @@ _Static_assert(sizeof(struct vajra_exec_event) == VAJRA_EXPECT_EXEC_EVENT_SIZE &
                VAJRA_TTY_MAX == VAJRA_EXPECT_TTY_MAX &&
                VAJRA_ARGS_MAX == VAJRA_EXPECT_ARGS_MAX && VAJRA_PATH_MAX == VAJRA_EXPECT_PATH_MAX &&
                VAJRA_NAME_MAX == VAJRA_EXPECT_NAME_MAX && VAJRA_DATA_SIZE == VAJRA_EXPECT_DATA_SIZE &&
-               VAJRA_WAKEUP_EVERY == VAJRA_EXPECT_WAKEUP_EVERY,
+               VAJRA_WAKEUP_BYTES == VAJRA_EXPECT_WAKEUP_BYTES,
                "bpf/vajra.h differs from vajrad/bpf_abi.py");
 #endif
 

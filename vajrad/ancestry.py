@@ -74,22 +74,27 @@ class Ancestry(str):
         return self
 
 
+UNRESOLVED = object()     # Process.parent before it is looked up
+
+
 class Process:
     """One process as the events describe it. Its ancestry node (`_node`) is
     this version of its image: it is rebuilt after an exec, and when the
     kernel's exact start times replace the tick-precise ones of /proc."""
     __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_node",
-                 "parent", "linked", "exited_at")
+                 "parent", "coarse", "exited_at")
 
-    def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline):
+    def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline, coarse=False):
         self.pid, self.ppid = pid, ppid
         self.start_ns, self.parent_start_ns = start_ns, parent_start_ns
         self.path, self.cmdline = path, cmdline
         self._node: AncestryNode | None = None
         # The parent it was born to, resolved once: a pointer, not a lookup per
         # event, and it keeps an evicted ancestor's entry alive while needed.
-        self.parent: Process | None = None
-        self.linked = False
+        self.parent: Process | None | object = UNRESOLVED
+        # Read from /proc: start times known to the clock tick only, until
+        # the kernel's events name them exactly (adopt_times).
+        self.coarse = coarse
         self.exited_at = 0.0
 
     def set_image(self, path: str, cmdline: str) -> None:
@@ -165,7 +170,7 @@ class ProcessCache:
         /proc knows its start times only to the clock tick, and adopts the
         kernel's so that pproc_time_hr matches the parent's proc_time_hr."""
         proc = self.get(pid, start_ns)
-        if proc is not None:
+        if proc is not None and proc.coarse:
             proc.adopt_times(start_ns, parent_start_ns)
         return proc
 
@@ -182,7 +187,8 @@ class ProcessCache:
         parent = self.exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
         proc = Process(pid, ppid, start_ns, parent_start_ns,
                        parent.path if parent else "", parent.cmdline if parent else "")
-        proc.parent, proc.linked = parent, parent is not None
+        if parent is not None:
+            proc.parent = parent
         self._insert(key(pid, start_ns), proc)
         return proc
 
@@ -228,7 +234,7 @@ class ProcessCache:
     # --- reading ------------------------------------------------------------
     def _parent(self, proc: Process) -> Process | None:
         """The process proc was born to, looked up once and then remembered."""
-        if not proc.linked:
+        if proc.parent is UNRESOLVED:
             parent = None
             if proc.ppid > 0:
                 parent = self.get(proc.ppid, proc.parent_start_ns)
@@ -236,7 +242,7 @@ class ProcessCache:
                     self.counters["cache_misses"] += 1
                     parent = self._from_proc(proc.ppid, proc.parent_start_ns)
             # Not found now is not found ever: a dead parent cannot come back.
-            proc.parent, proc.linked = parent, True
+            proc.parent = parent
         return proc.parent
 
     def lineage(self, first: Process | None) -> str:
@@ -272,7 +278,9 @@ class ProcessCache:
             if proc.pid == 1:
                 proc = None
                 break
-            proc = proc.parent if proc.linked else self._parent(proc)
+            proc = proc.parent
+            if proc is UNRESOLVED:
+                proc = self._parent(chain[-1])
         self.counters["cache_hits"] += len(chain)
         rest = proc._node if proc is not None else None
         clock, depth = self.clock, self.max_depth
@@ -297,11 +305,14 @@ class ProcessCache:
         subreaper keeps its original line (the event's ppid is the current
         real parent, which is what the `parent` column shows)."""
         if proc is not None and proc.ppid:
-            parent = self._parent(proc)
+            parent = proc.parent
+            if parent is UNRESOLVED:
+                parent = self._parent(proc)
             if proc.ppid == ppid:            # not reparented: the event's parent time is exact
-                if parent is not None:
+                if parent is not None and parent.coarse:
                     parent.adopt_times(parent_start_ns)
-                proc.adopt_times(proc.start_ns, parent_start_ns)
+                if proc.coarse:
+                    proc.adopt_times(proc.start_ns, parent_start_ns)
             return self.lineage(parent)
         self.exact(ppid, parent_start_ns)
         return self.ancestry(ppid, parent_start_ns)
@@ -357,7 +368,7 @@ class ProcessCache:
                 path = ""
         except (OSError, ValueError, IndexError):
             return None
-        return Process(pid, ppid, start_ticks * TICK_NS, 0, path, " ".join(argv))
+        return Process(pid, ppid, start_ticks * TICK_NS, 0, path, " ".join(argv), coarse=True)
 
     def _from_proc(self, pid: int, start_ns: int) -> Process | None:
         """The fallback for a live process the events have not told us about;
@@ -389,6 +400,7 @@ class ProcessCache:
         for proc in found.values():
             parent = found.get(proc.ppid)
             proc.parent_start_ns = parent.start_ns if parent else 0
-            proc.parent, proc.linked = parent, parent is not None
+            if parent is not None:
+                proc.parent = parent
             self._insert(key(proc.pid, proc.start_ns), proc)
         return len(found)

@@ -18,6 +18,9 @@ log = logging.getLogger(__name__)
 
 RINGBUF_PAGES = 2048          # 8 MiB shared by all CPUs
 PERF_PAGES_PER_CPU = 256      # 1 MiB per CPU
+# Records per CPU between wakeups: the perf buffer counts records, not bytes,
+# and 64 of the largest exec records still fit in one CPU's buffer.
+PERF_WAKEUP_EVENTS = 64
 SPLICED_HEADER = "common.bpf.h"
 
 
@@ -110,11 +113,12 @@ class BpfProgram:
                 self._perf_lost += count
             table.open_perf_buffer(lambda _cpu, data, size: counted(data, size),
                                    page_cnt=PERF_PAGES_PER_CPU, lost_cb=lost,
-                                   wakeup_events=bpf_abi.WAKEUP_EVERY)
+                                   wakeup_events=PERF_WAKEUP_EVENTS)
 
     def poll(self, timeout_ms: int) -> None:
         """Waits up to timeout_ms for a wakeup, then drains whatever is there:
-        the kernel side wakes us only every WAKEUP_EVERY events."""
+        the kernel side wakes us only every WAKEUP_BYTES (ring buffer) or
+        PERF_WAKEUP_EVENTS (perf buffer) per CPU."""
         if self._reader is not None:
             self._reader.poll(timeout_ms)
             self.synced_ns = self._reader.synced_ns

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -167,20 +168,23 @@ class Vajrad:
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)
         await self.dbus.start()
 
-    def _committed(self, batches: list[tuple[str, list[dict]]]) -> None:
-        self.hub.publish(batches)
-        for collector in self.collectors:
-            for table, rows in batches:
-                if table in collector.observes:
-                    collector.observe(table, rows)
+    def _committed(self, batches: list[tuple[str, list]]) -> None:
+        """Committed rows to live subscribers and observing collectors; rows
+        a collector gave as lists become dicts only when someone listens."""
+        for table, rows in batches:
+            observers = [c for c in self.collectors if table in c.observes]
+            if not observers and not self.hub.wants(table):
+                continue
+            if type(rows[0]) is list:
+                names = TABLES[table].column_names
+                rows = [dict(zip(names, v)) for v in rows]
+            self.hub.publish([(table, rows)])
+            for collector in observers:
+                collector.observe(table, rows)
 
     async def _pump(self, collector: Collector) -> None:
         async for table, rows in collector.events():
-            host_id = self.host_id
-            for row in rows:
-                row["host_identifier"] = host_id
-                row["is_open"] = 0
-            self.store.submit(table, rows)
+            self.store.submit(table, rows, self.host_id)
 
     # --- running ------------------------------------------------------------
     async def run(self) -> int:
@@ -195,6 +199,12 @@ class Vajrad:
         loop.add_signal_handler(signal.SIGTERM, self._stop.set)
         loop.add_signal_handler(signal.SIGINT, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload()))
+        # What start-up built (BCC, modules, the seeded cache) lives as long as
+        # the daemon: frozen out of the collector's generations, a collection
+        # walks only what events create. Before READY, so that the pause
+        # (about 20 ms) comes before anyone relies on us.
+        gc.collect()
+        gc.freeze()
         self.notifier.ready(self.status_line())
         log.info("vajrad %s ready in %.2f s: socket %s, %s", __version__, time.monotonic() - t0,
                  self.config.api_socket,

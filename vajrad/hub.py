@@ -34,6 +34,9 @@ class EventHub:
     def remove(self, sub: Subscription) -> None:
         self.subscribers.discard(sub)
 
+    def wants(self, table: str) -> bool:
+        return any(sub.table is None or sub.table == table for sub in self.subscribers)
+
     def publish(self, batches: list[tuple[str, list[dict]]]) -> None:
         for sub in self.subscribers:
             for table, rows in batches:

@@ -39,6 +39,7 @@ _STOP = object()
 NARROW_WINDOW_ROWS = 50_000      # below this, time-bounded queries go through the time index
 SHARED_GENERATION_S = 60         # how often a new generation of shared values starts
 SHARED_MEMO_MAX = 20_000         # distinct shared values remembered by the writer
+FLUSH_INTERVAL_S = 0.2           # at most one commit (and fsync) per interval
 # Rows per INSERT statement. One multi-row statement is one sqlite3_step, and
 # so one release of the GIL, where executemany releases and retakes it per
 # row and hands it to the collector's thread each time.
@@ -179,14 +180,15 @@ class _SharedColumn:
 
 class EventStore:
     def __init__(self, path: str, tables: dict[str, Table], *, expiry: int, max_rows: int,
-                 queue_rows: int = 200_000, flush_interval: float = 0.05,
+                 queue_rows: int = 200_000, flush_interval: float = FLUSH_INTERVAL_S,
                  retention_interval: float = 5.0):
         self.path = path
         self.tables = {n: t for n, t in tables.items() if t.evented}
         self.expiry, self.max_rows = expiry, max_rows
         self.flush_interval = flush_interval
         self.retention_interval = retention_interval
-        self.on_commit: Callable[[list[tuple[str, list[dict]]]], None] | None = None
+        # Committed batches, rows as submitted (dicts or lists) with eids set.
+        self.on_commit: Callable[[list[tuple[str, list]]], None] | None = None
         self._queue: queue.Queue = queue.Queue()
         self._queue_rows_max = queue_rows
         self._pending = 0
@@ -196,6 +198,7 @@ class EventStore:
         self._seq: dict[str, int] = {}
         self._insert_sql: dict[str, dict[int, str]] = {}     # table -> rows per statement -> SQL
         self._row_values: dict[str, Callable[[dict], tuple]] = {}
+        self._slots: dict[str, tuple[int, int, int]] = {}     # table -> where eid, host_identifier, is_open go
         self._shared: dict[str, list[_SharedColumn]] = {}
         self._local = threading.local()
         self.stored = 0
@@ -247,6 +250,7 @@ class EventStore:
             rows: f"INSERT INTO {t} ({', '.join(_quote(n) for n in stored)}) VALUES " + ", ".join([one] * rows)
             for rows in INSERT_CHUNKS}
         self._row_values[table.name] = operator.itemgetter(*names)
+        self._slots[table.name] = (names.index("eid"), names.index("host_identifier"), names.index("is_open"))
         self._shared[table.name] = []
         for i, c in enumerate(table.columns):
             if c.shared:
@@ -288,8 +292,13 @@ class EventStore:
         return self._pending
 
     # --- writing ----------------------------------------------------------
-    def submit(self, table: str, rows: list[dict]) -> int:
-        """Queues rows for the writer. Beyond the bound they are dropped and counted."""
+    def submit(self, table: str, rows: list, host_identifier: str | None = None) -> int:
+        """Queues rows for the writer. Beyond the bound they are dropped and counted.
+
+        Rows are dicts, or lists in the table's column order (the fast path
+        of busy collectors; they become dicts only for live listeners). The
+        writer sets eid, host_identifier (when given here) and an unset
+        is_open to 0."""
         if not rows:
             return 0
         with self._lock:
@@ -297,17 +306,21 @@ class EventStore:
                 self.dropped += len(rows)
                 return 0
             self._pending += len(rows)
-        self._queue.put((table, rows))
+        self._queue.put((table, rows, host_identifier))
         return len(rows)
 
     def _writer(self) -> None:
         name_native_thread("vajra-store")
         last_retention = time.monotonic()
+        last_commit = 0.0
         stopping = False
         while not stopping:
             item = self._queue.get()
             batch: list = []
-            deadline = time.monotonic() + self.flush_interval
+            # At most one commit per flush_interval: what arrives after an
+            # idle spell goes in at once, a steady stream in one transaction
+            # (and one fsync) per interval.
+            deadline = max(time.monotonic(), last_commit + self.flush_interval)
             while True:
                 if item is _STOP:
                     stopping = True
@@ -321,37 +334,56 @@ class EventStore:
                     break
             if batch:
                 self._write(batch)
+                last_commit = time.monotonic()
             if time.monotonic() - last_retention >= self.retention_interval:
                 self.apply_retention()
                 last_retention = time.monotonic()
 
-    def _write(self, batch: list[tuple[str, list[dict]]]) -> None:
+    def _write(self, batch: list[tuple[str, list, str | None]]) -> None:
         conn = self._conn
-        committed: dict[str, list[dict]] = {}
-        count = sum(len(rows) for _, rows in batch)
+        committed: dict[str, list] = {}
+        count = sum(len(rows) for _, rows, _ in batch)
         seq = dict(self._seq)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for table, rows in batch:
-                row_values, shared = self._row_values[table], self._shared[table]
+            for table, rows, host in batch:
+                shared = self._shared[table]
+                eid_at, host_at, open_at = self._slots[table]
                 n = seq[table]
-                values = []
-                for row in rows:
-                    n += 1
-                    row["eid"] = n
-                    try:
-                        v = row_values(row)
-                    except KeyError:          # a row without some optional column
-                        v = tuple(row.get(c) for c in self.tables[table].column_names)
-                    if shared:
-                        v = list(v)
+                params: list = []
+                if type(rows[0]) is list:
+                    for v in rows:
+                        n += 1
+                        v[eid_at] = n
+                        if host is not None:
+                            v[host_at] = host
+                        if v[open_at] is None:
+                            v[open_at] = 0
+                        at = len(params)
+                        params += v
                         for col in shared:
-                            v[col.position] = col.ref(v[col.position])
-                    values.append(v)
+                            params[at + col.position] = col.ref(v[col.position])
+                else:
+                    row_values = self._row_values[table]
+                    for row in rows:
+                        n += 1
+                        row["eid"] = n
+                        if host is not None:
+                            row["host_identifier"] = host
+                        if row.get("is_open") is None:
+                            row["is_open"] = 0
+                        try:
+                            v = row_values(row)
+                        except KeyError:          # a row without some optional column
+                            v = tuple(row.get(c) for c in self.tables[table].column_names)
+                        at = len(params)
+                        params += v
+                        for col in shared:
+                            params[at + col.position] = col.ref(v[col.position])
                 seq[table] = n
                 for col in shared:
                     col.flush(conn)
-                self._insert(conn, table, values)
+                self._insert(conn, table, params, len(rows))
                 committed.setdefault(table, []).extend(rows)
             conn.execute("COMMIT")
         except sqlite3.Error as e:
@@ -376,13 +408,16 @@ class EventStore:
         if self.on_commit:
             self.on_commit(list(committed.items()))
 
-    def _insert(self, conn: sqlite3.Connection, table: str, values: list) -> None:
-        statements, at = self._insert_sql[table], 0
+    def _insert(self, conn: sqlite3.Connection, table: str, params: list, count: int) -> None:
+        """params: count rows' values, one after the other."""
+        statements, width = self._insert_sql[table], len(self.tables[table].columns)
+        done = at = 0
         for rows in INSERT_CHUNKS:
-            sql = statements[rows]
-            while len(values) - at >= rows:
-                conn.execute(sql, [x for v in values[at:at + rows] for x in v])
-                at += rows
+            sql, step = statements[rows], rows * width
+            while count - done >= rows:
+                conn.execute(sql, params[at:at + step])
+                at += step
+                done += rows
 
     def apply_retention(self, now: float | None = None) -> int:
         """Deletes rows older than expiry and beyond max_rows per table."""

@@ -2,7 +2,9 @@
 
 The daemon sees only this interface. A collector produces batches of
 (table, rows) through `events()`; rows hold the table's own columns plus
-`time`, and the daemon adds the columns common to every event.
+`time`, and the store fills the columns common to every event. A row is a
+dict, or a list in the table's column order (None where the store fills
+in), which costs less per row for a busy collector.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import AsyncIterator
 
 from ..threads import name_native_thread
 
-Batch = tuple[str, list[dict]]
+Batch = tuple[str, list]        # rows: dicts, or lists in column order
 
 
 class Collector(abc.ABC):

@@ -13,7 +13,7 @@ from . import Collector, PollingThread
 
 log = logging.getLogger(__name__)
 
-POLL_MS = 50
+POLL_MS = 200           # a drain at least this often; the kernel wakes us sooner under load
 MAX_BATCH = 2048
 # How long a row waits for the process collector before it is attributed
 # with what the cache (or /proc) knows then.

@@ -11,6 +11,7 @@ from .. import bpf_abi
 from ..ancestry import ProcessCache
 from ..bpf_program import BpfProgram
 from ..kernel import KernelEnv
+from ..schema import TABLES
 from .bpf import BpfCollector, MonotonicClock
 
 log = logging.getLogger(__name__)
@@ -28,23 +29,28 @@ def decode_args(raw: bytes) -> list[str]:
     return [p.decode("utf-8", "backslashreplace") for p in parts]
 
 
-def exit_status(wait_status: int) -> str:
-    """The exit status, or -N for a process killed by signal N."""
-    signal = wait_status & 0x7F
-    return str(-signal) if signal else str((wait_status >> 8) & 0xFF)
+# The order EventDecoder fills rows in, as the table declares its columns
+# (checked below): rows are lists, the store's fast path.
+ROW = ("tid", "pid", "parent", "uid", "gid", "euid", "egid", "auid", "sid", "tty", "cid", "exit_code",
+       "probe_error", "partial", "syscall", "path", "cwd", "cmdline", "duration", "json_cmdline",
+       "ancestry", "ntime", "host_identifier", "is_open", "time", "eid")
+if TABLES[TABLE].column_names != ROW:
+    raise ImportError(f"collectors/process.py: ROW does not follow the columns of {TABLE}: "
+                      f"{TABLES[TABLE].column_names}")
 
 
 class EventDecoder:
-    """Raw kernel records to rows; keeps the ProcessCache current on the way.
+    """Raw kernel records to rows (lists, in ROW order); keeps the ProcessCache
+    current on the way.
 
     This runs once per event, so it decodes each record with one struct call
-    and builds each row as one dict display."""
+    and builds each row as one list display."""
 
     def __init__(self, cache: ProcessCache, clock: MonotonicClock):
         self.cache, self.clock = cache, clock
         self._ttys: dict[bytes, str] = {}
 
-    def row(self, buf, off: int, size: int) -> dict:
+    def row(self, buf, off: int, size: int) -> list:
         kind = bpf_abi.EVENT_TYPE.unpack_from(buf, off)[0]
         if kind == bpf_abi.EV_EXEC:
             return self.exec_row(buf, off)
@@ -53,14 +59,12 @@ class EventDecoder:
         raise ValueError(f"unknown event type {kind}")
 
     def _tty(self, raw: bytes) -> str:
-        tty = self._ttys.get(raw)
-        if tty is None:
-            if len(self._ttys) > 1024:
-                self._ttys.clear()
-            tty = self._ttys[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+        if len(self._ttys) > 1024:
+            self._ttys.clear()
+        tty = self._ttys[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
         return tty
 
-    def exec_row(self, buf, off: int) -> dict:
+    def exec_row(self, buf, off: int) -> list:
         (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, _pad, cgroup, tty,
          duration, code, _old_tid, a, c, x, _pos) = bpf_abi.EXEC_EVENT.unpack_from(buf, off)
         data = off + bpf_abi.EXEC_DATA_OFFSET
@@ -78,16 +82,15 @@ class EventDecoder:
             proc = cache.executed(pid, start, ppid, pstart, path, cmdline) if code == 0 \
                 else cache.exact(pid, start)
             ancestry = cache.ancestry_of(proc, ppid, pstart)
-        return {
-            "tid": tid, "pid": pid, "parent": ppid, "uid": uid, "gid": gid, "euid": euid, "egid": egid,
-            "auid": auid, "sid": sid, "tty": self._tty(tty), "cid": cgroup, "exit_code": str(code),
-            "probe_error": flags & 0xF, "partial": 0, "syscall": "exec", "path": path, "cwd": cwd,
-            "cmdline": cmdline, "duration": duration, "json_cmdline": "[" + ", ".join([_quote(a) for a in argv]) + "]",
-            "ancestry": ancestry, "ntime": str(ktime),
-            "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
-        }
+        tty_name = self._ttys.get(tty)
+        if tty_name is None:
+            tty_name = self._tty(tty)
+        return [tid, pid, ppid, uid, gid, euid, egid, auid, sid, tty_name, cgroup, str(code),
+                flags & 0xF, 0, "exec", path, cwd, cmdline, duration,
+                "[" + ", ".join([_quote(a) for a in argv]) + "]",
+                ancestry, str(ktime), None, 0, (ktime + self.clock.offset_ns) // 1_000_000_000, None]
 
-    def task_row(self, buf, off: int, kind: int) -> dict:
+    def task_row(self, buf, off: int, kind: int) -> list:
         (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, _pad, cgroup, tty,
          duration, code, fork_kind) = bpf_abi.TASK_EVENT.unpack_from(buf, off)
         cache = self.cache
@@ -97,17 +100,20 @@ class EventDecoder:
                 syscall, exit_code, duration = bpf_abi.FORK_KINDS.get(fork_kind, "clone"), "0", 0
             else:
                 proc = cache.exited_process(pid, start)
-                syscall, exit_code = "exit", exit_status(code)
+                syscall = "exit"
+                signal = code & 0x7F          # the wait status: -N when killed by signal N
+                exit_code = str(-signal) if signal else str((code >> 8) & 0xFF)
             ancestry = cache.ancestry_of(proc, ppid, pstart)
-        known = proc is not None and bool(proc.path or proc.cmdline)
-        return {
-            "tid": tid, "pid": pid, "parent": ppid, "uid": uid, "gid": gid, "euid": euid, "egid": egid,
-            "auid": auid, "sid": sid, "tty": self._tty(tty), "cid": cgroup, "exit_code": exit_code,
-            "probe_error": flags & 0xF, "partial": 0 if known else 1, "syscall": syscall,
-            "path": proc.path if known else "", "cwd": "", "cmdline": proc.cmdline if known else "",
-            "duration": duration, "json_cmdline": None, "ancestry": ancestry, "ntime": str(ktime),
-            "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
-        }
+        if proc is not None and (proc.path or proc.cmdline):
+            path, cmdline, partial = proc.path, proc.cmdline, 0
+        else:
+            path, cmdline, partial = "", "", 1
+        tty_name = self._ttys.get(tty)
+        if tty_name is None:
+            tty_name = self._tty(tty)
+        return [tid, pid, ppid, uid, gid, euid, egid, auid, sid, tty_name, cgroup, exit_code,
+                flags & 0xF, partial, syscall, path, "", cmdline, duration, None,
+                ancestry, str(ktime), None, 0, (ktime + self.clock.offset_ns) // 1_000_000_000, None]
 
 
 class ProcessCollector(BpfCollector):
