@@ -41,7 +41,8 @@ class BootClock:
 def key(pid: int, start_ns: int) -> int:
     """/proc gives start times in clock ticks, the kernel in ns: compare in
     ticks. One int, not a (pid, ticks) tuple: a third of the memory per entry
-    (pids fit 22 bits, and 2**40 ticks are centuries of uptime)."""
+    (pids fit 22 bits, and 2**40 ticks are centuries of uptime). The hot
+    paths below spell this out rather than pay for the call."""
     return (start_ns // TICK_NS) << 22 | pid
 
 
@@ -158,7 +159,7 @@ class ProcessCache:
 
     # --- feeding ------------------------------------------------------------
     def get(self, pid: int, start_ns: int) -> Process | None:
-        k = key(pid, start_ns)
+        k = (start_ns // TICK_NS) << 22 | pid
         proc = self.live.get(k)
         if proc is not None:
             self.live.move_to_end(k)
@@ -169,8 +170,15 @@ class ProcessCache:
         """The entry for what a kernel event names exactly; an entry seeded from
         /proc knows its start times only to the clock tick, and adopts the
         kernel's so that pproc_time_hr matches the parent's proc_time_hr."""
-        proc = self.get(pid, start_ns)
-        if proc is not None and proc.coarse:
+        k = (start_ns // TICK_NS) << 22 | pid
+        proc = self.live.get(k)
+        if proc is not None:
+            self.live.move_to_end(k)
+        else:
+            proc = self.exited.get(k)
+            if proc is None:
+                return None
+        if proc.coarse:
             proc.adopt_times(start_ns, parent_start_ns)
         return proc
 
@@ -181,15 +189,16 @@ class ProcessCache:
 
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
         """A new process: it runs its parent's image until it execs."""
-        found = self.exact(pid, start_ns, parent_start_ns)
-        if found is not None:        # its exec arrived first (perf buffer order)
-            return found
+        k = (start_ns // TICK_NS) << 22 | pid
+        if k in self.live or k in self.exited:      # its exec arrived first (perf buffer order)
+            return self.exact(pid, start_ns, parent_start_ns)
         parent = self.exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
-        proc = Process(pid, ppid, start_ns, parent_start_ns,
-                       parent.path if parent else "", parent.cmdline if parent else "")
         if parent is not None:
+            proc = Process(pid, ppid, start_ns, parent_start_ns, parent.path, parent.cmdline)
             proc.parent = parent
-        self._insert(key(pid, start_ns), proc)
+        else:
+            proc = Process(pid, ppid, start_ns, parent_start_ns, "", "")
+        self._insert(k, proc)
         return proc
 
     def executed(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int,
@@ -204,16 +213,20 @@ class ProcessCache:
 
     def exited_process(self, pid: int, start_ns: int) -> Process | None:
         """Moves a process to the exited cache, where it lives `ttl` seconds."""
-        proc = self.exact(pid, start_ns)
-        k = key(pid, start_ns)
-        if self.live.pop(k, None) is not None:
-            proc.exited_at = time.monotonic()
-            self.exited[k] = proc
-            self.expire()
+        k = (start_ns // TICK_NS) << 22 | pid
+        proc = self.live.pop(k, None)
+        if proc is None:
+            return self.exact(pid, start_ns)
+        if proc.coarse:
+            proc.adopt_times(start_ns)
+        now = time.monotonic()
+        proc.exited_at = now
+        self.exited[k] = proc
+        self.expire(now)
         return proc
 
-    def expire(self) -> None:
-        deadline = time.monotonic() - self.ttl
+    def expire(self, now: float | None = None) -> None:
+        deadline = (time.monotonic() if now is None else now) - self.ttl
         exited = self.exited
         while exited:
             k = next(iter(exited))
@@ -225,9 +238,11 @@ class ProcessCache:
     def _insert(self, k: int, proc: Process) -> None:
         """One bound for running and exited processes together; the exited
         (oldest first) make room before any running one does."""
-        self.live[k] = proc
-        self.live.move_to_end(k)
-        while len(self.live) + len(self.exited) > self.max_size:
+        live = self.live
+        if k in live:
+            live.move_to_end(k)
+        live[k] = proc
+        while len(live) + len(self.exited) > self.max_size:
             (self.exited if self.exited else self.live).popitem(last=False)
             self.counters["evictions"] += 1
 

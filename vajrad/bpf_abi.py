@@ -143,7 +143,9 @@ ABI_CHECKS = {
 
 def join_components(raw: bytes) -> str:
     """Leaf-first NUL-terminated components, as walk_path writes them, to a path."""
-    parts = raw.split(b"\0")[:-1] if raw else []
-    if not parts:
-        return "/"
-    return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts) if p != b"/")
+    parts = raw.decode("utf-8", "surrogateescape").split("\0")
+    parts.pop()                     # after the last NUL (or all of an empty raw)
+    if "/" in parts:                # a mount's root, which names nothing
+        parts = [p for p in parts if p != "/"]
+    parts.reverse()
+    return "/" + "/".join(parts)

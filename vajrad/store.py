@@ -127,6 +127,9 @@ class _SharedColumn:
             return None
         node = getattr(value, "node", None)
         if node is not None:
+            stored = node.stored        # the common case: a chain written already
+            if stored is not None and stored[0] is self.token and stored[1] >= self.floor:
+                return stored[1]
             return self._node_ref(node)
         found = self.ids.get(value)
         if found is not None and found >= self.floor:

@@ -128,6 +128,9 @@ class FimWatcher(Collector):
         self._own_opens: dict[str, int] = defaultdict(int)
         self._pool: ThreadPoolExecutor | None = None
         self._ticker: asyncio.Task | None = None
+        # Set when there is something for the ticker to do; an idle watcher
+        # (no paths, or nothing happening) does not wake every TICK_S.
+        self._work = asyncio.Event()
         self._log_handler = _WatchFailures(self)
 
     # --- lifecycle ---------------------------------------------------------------
@@ -257,6 +260,7 @@ class FimWatcher(Collector):
 
     # --- events ----------------------------------------------------------------------
     def _on_inotify(self, event) -> None:
+        self._work.set()
         p = pyinotify
         mask = event.mask
         if mask & p.IN_Q_OVERFLOW:
@@ -325,6 +329,7 @@ class FimWatcher(Collector):
         """Committed bpf_file_events rows (with their eids), on the event loop."""
         if table != CAUSE_TABLE:
             return
+        self._work.set()
         touched = set()
         for r in rows:
             if r.get("exit_code", "").startswith("-"):
@@ -359,6 +364,9 @@ class FimWatcher(Collector):
     # --- handing rows over -----------------------------------------------------------------
     async def _tick(self) -> None:
         while True:
+            if not (self._dirty or self._pending or self._recent):
+                self._work.clear()
+                await self._work.wait()
             await asyncio.sleep(TICK_S)
             try:
                 now = time.monotonic_ns()

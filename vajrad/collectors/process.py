@@ -23,10 +23,12 @@ _quote = json.encoder.encode_basestring_ascii   # json.dumps of a str, without i
 
 
 def decode_args(raw: bytes) -> list[str]:
-    parts = raw.split(b"\0")
-    if parts and parts[-1] == b"":
+    # One decode for all of argv: NUL is ASCII, so the split after it cuts
+    # exactly where a split of the bytes would.
+    parts = raw.decode("utf-8", "backslashreplace").split("\0")
+    if parts[-1] == "":
         parts.pop()
-    return [p.decode("utf-8", "backslashreplace") for p in parts]
+    return parts
 
 
 # The order EventDecoder fills rows in, as the table declares its columns
