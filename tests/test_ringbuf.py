@@ -4,8 +4,11 @@ the kernel would write it. The real kernel side is covered by every BPF test."""
 import mmap
 import os
 import struct
+import threading
+import time
 
 import pytest
+from conftest import needs_bpf
 
 from vajrad.ringbuf import RingBufferReader
 
@@ -84,3 +87,34 @@ def test_a_busy_record_stops_the_drain_until_committed(ring):
 def test_a_size_that_is_not_a_power_of_two_is_refused(ring):
     with pytest.raises(Exception, match="power of two"):
         RingBufferReader(ring.fd, 3 * PAGE, lambda *a: None)
+
+
+def test_a_long_drain_gives_space_back_as_it_goes(ring):
+    seen = []
+    reader = RingBufferReader(ring.fd, SIZE, lambda buf, off, size: seen.append(ring.consumer()))
+    start = ring.consumer()
+    for i in range(200):
+        ring.write(bytes(40))
+    assert reader.drain() == 200
+    assert start < max(seen) < ring.prod == ring.consumer()
+    reader.close()
+
+
+@needs_bpf
+def test_a_nudge_ends_the_wait_at_once(tmp_path):
+    """What lets socket and file rows, which wait for the process collector,
+    not wait for its (long) drain interval."""
+    from vajrad.bpf_program import BpfProgram
+    from vajrad.kernel import ensure_tracefs, probe
+    ensure_tracefs()
+    program = BpfProgram("process.bpf.c", probe(str(tmp_path)), "ringbuf")
+    program.load()
+    try:
+        program.open_events(lambda buf, off, size: None)
+        program.poll(0)
+        threading.Timer(0.2, program.nudge).start()
+        t0 = time.monotonic()
+        program.poll(10_000)
+        assert time.monotonic() - t0 < 2
+    finally:
+        program.close()

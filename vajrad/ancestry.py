@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from typing import Callable
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 TICK_NS = 1_000_000_000 // CLK_TCK
@@ -154,8 +155,10 @@ class ProcessCache:
         self._lineages: OrderedDict[AncestryNode, str] = OrderedDict()
         # Fed on the collector's thread, read (stats, vajractl tree) on the loop's.
         self.lock = threading.RLock()
-        # CLOCK_MONOTONIC ns up to which process events have been applied.
+        # CLOCK_MONOTONIC ns up to which process events have been applied, and
+        # how to have the process collector apply what it has now.
         self.synced_ns = 0
+        self.request_sync: Callable[[], None] = lambda: None
 
     # --- feeding ------------------------------------------------------------
     def get(self, pid: int, start_ns: int) -> Process | None:

@@ -121,7 +121,6 @@ EXEC_EVENT = struct.Struct(_HEADER_FORMAT + "QiIIIII")   # + duration_ns, exit_c
 SOCK_EVENT = struct.Struct(_HEADER_FORMAT + f"QQqiII6H16s16sIHH{SOCKADDR_ROOM}s{SUN_PATH_ROOM}s{SUN_PATH_ROOM}s")
 # + duration_ns .. _pad; the paths follow at FILE_DATA_OFFSET
 FILE_EVENT = struct.Struct(_HEADER_FORMAT + "Qq14I")
-EVENT_TYPE = struct.Struct("<I")
 if (struct.calcsize(_HEADER_FORMAT) != ctypes.sizeof(ProcHeader)
         or TASK_EVENT.size != ctypes.sizeof(TaskEvent) or EXEC_EVENT.size != EXEC_DATA_OFFSET
         or SOCK_EVENT.size != ctypes.sizeof(SockEvent) or FILE_EVENT.size != FILE_DATA_OFFSET):

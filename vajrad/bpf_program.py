@@ -132,6 +132,12 @@ class BpfProgram:
         drain()
         self.synced_ns = synced
 
+    def nudge(self) -> None:
+        """Has the polling thread drain now rather than at its next timeout;
+        a no-op where BCC's consumer waits (it polls its own epoll)."""
+        if self._reader is not None:
+            self._reader.nudge()
+
     @property
     def records(self) -> int:
         """Records that reached userspace."""

@@ -23,6 +23,7 @@ from .store import EventStore
 log = logging.getLogger("vajrad")
 
 STATUS_INTERVAL = 2.0
+GC_THRESHOLDS = (50_000, 20, 20)
 EXIT_CONFIG, EXIT_STARTUP = 2, 1
 
 
@@ -205,6 +206,12 @@ class Vajrad:
         # (about 20 ms) comes before anyone relies on us.
         gc.collect()
         gc.freeze()
+        # Rows are containers that live a few hundred ms, between the collector
+        # and the store: at the default threshold (700 allocations) each is
+        # walked by several young collections, about a tenth of vajrad's CPU
+        # at 1,000 exec/s. They hold no cycles, so collecting rarely costs
+        # little memory.
+        gc.set_threshold(*GC_THRESHOLDS)
         self.notifier.ready(self.status_line())
         log.info("vajrad %s ready in %.2f s: socket %s, %s", __version__, time.monotonic() - t0,
                  self.config.api_socket,

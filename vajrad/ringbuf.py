@@ -28,6 +28,9 @@ from .errors import CollectorError
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _HEADER = 8
+# Records handed over between stores of the consumer position: space goes
+# back to the kernel in steps, not per record (a ctypes store each).
+RELEASE_EVERY = 64
 _U32 = struct.Struct("<I")
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -68,6 +71,8 @@ class RingBufferReader:
         self._handler = handler
         self._fd = map_fd
         self._poll: select.epoll | None = None
+        # Written by nudge(), from any thread, to have the next wait end now.
+        self._nudge = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self.wakeups = 0        # polls the kernel woke, for the cost of in-kernel filtering
         self.synced_ns = 0      # CLOCK_MONOTONIC up to which records have been handed over
         self.records = 0
@@ -77,8 +82,15 @@ class RingBufferReader:
         if self._poll is None:
             self._poll = select.epoll()
             self._poll.register(self._fd, select.EPOLLIN)
-        if self._poll.poll(timeout_ms / 1000):
-            self.wakeups += 1
+            self._poll.register(self._nudge, select.EPOLLIN)
+        for fd, _ in self._poll.poll(timeout_ms / 1000):
+            if fd == self._fd:
+                self.wakeups += 1
+            else:
+                try:
+                    os.eventfd_read(self._nudge)
+                except BlockingIOError:
+                    pass
         # Everything committed before this instant is handled by the drain below.
         self.synced_ns = time.monotonic_ns()
         return self.drain()
@@ -100,21 +112,31 @@ class RingBufferReader:
                 at = base + (cons & mask)
                 length = unpack_u32(data, at)[0]
                 if length & _BUSY:          # reserved, still being written
+                    consumer_pos.value = cons
                     self.records += count
                     return count
                 size = length & ~(_BUSY | _DISCARD)
                 if not length & _DISCARD:
                     handler(data, at + _HEADER, size)
                     count += 1
+                    if not count & (RELEASE_EVERY - 1):
+                        consumer_pos.value = cons + ((size + _HEADER + 7) & ~7)
                 cons += (size + _HEADER + 7) & ~7
-                consumer_pos.value = cons
+            consumer_pos.value = cons
         self.records += count
         return count
+
+    def nudge(self) -> None:
+        """Ends the current (or next) wait at once, so that a drain follows."""
+        os.eventfd_write(self._nudge, 1)
 
     def close(self) -> None:
         if getattr(self, "_poll", None) is not None:
             self._poll.close()
             self._poll = None
+        if getattr(self, "_nudge", None) is not None:
+            os.close(self._nudge)
+            self._nudge = None
         for addr, length in self._maps:
             _libc.munmap(addr, length)
         self._maps = []

@@ -355,6 +355,7 @@ class EventStore:
                 n = seq[table]
                 params: list = []
                 if type(rows[0]) is list:
+                    refs = [(col.position, col.ref) for col in shared]
                     for v in rows:
                         n += 1
                         v[eid_at] = n
@@ -364,8 +365,8 @@ class EventStore:
                             v[open_at] = 0
                         at = len(params)
                         params += v
-                        for col in shared:
-                            params[at + col.position] = col.ref(v[col.position])
+                        for pos, ref in refs:
+                            params[at + pos] = ref(v[pos])
                 else:
                     row_values = self._row_values[table]
                     for row in rows:

@@ -36,6 +36,7 @@ class BpfCollector(Collector):
     """Subclasses set `table` and `program`, and decode records in row()."""
 
     table: str = ""
+    poll_ms = POLL_MS
 
     def __init__(self, program: BpfProgram):
         super().__init__()
@@ -87,7 +88,7 @@ class BpfCollector(Collector):
         """On the polling thread, after each drain (final: the last one, at stop)."""
 
     def _poll_once(self) -> None:
-        self.program.poll(POLL_MS)
+        self.program.poll(self.poll_ms)
         self._after_poll()
         if self._pending:
             self._flush()
@@ -167,6 +168,9 @@ class AttributedCollector(BpfCollector):
             while waiting:
                 who, row = waiting[0]
                 if not final and who[4] > synced and who[4] > stale:
+                    # The process collector drains rarely on its own; it is
+                    # asked to catch up rather than have these rows wait.
+                    self.cache.request_sync()
                     break
                 waiting.popleft()
                 attribute(row, who)
