@@ -12,8 +12,28 @@ import time
 from exec_bench import percentile  # (exec_bench puts the repo and tests/ on sys.path)
 from harness import Daemon, OsqueryCore
 
+from vajrad.ancestry import TICK_NS, ProcessCache
 from vajrad.schema import TABLES
 from vajrad.store import EventStore
+
+
+def ancestries(lines: int = 50, depth: int = 8) -> list:
+    """Ancestry values as the process collector makes them (node chains, which
+    the store keeps one side row per entry and reads back with a recursive
+    query): `lines` shells `depth` processes deep under one init."""
+    cache = ProcessCache(size=10_000, proc="/nonexistent")
+    cache.executed(1, TICK_NS, 0, 0, "/sbin/init", "/sbin/init splash")
+    out, pid = [], 1
+    for line in range(lines):
+        parent = 1
+        for level in range(depth - 1):
+            pid += 1
+            cache.forked(pid, pid * TICK_NS, parent, parent * TICK_NS)
+            cache.executed(pid, pid * TICK_NS, parent, parent * TICK_NS, "/usr/bin/bash",
+                           f"bash -c 'step {level} of line {line}'")
+            parent = pid
+        out.append(cache.ancestry(parent, parent * TICK_NS))
+    return out
 
 
 def seed(path: str, events: int, span_s: int) -> int:
@@ -22,6 +42,7 @@ def seed(path: str, events: int, span_s: int) -> int:
     store.open()
     store.start()
     start = int(time.time()) - span_s
+    lines = ancestries()
     batch = []
     for i in range(events):
         batch.append({"tid": 1000 + i % 30000, "pid": 1000 + i % 30000, "parent": 1, "uid": 0, "gid": 0,
@@ -29,7 +50,7 @@ def seed(path: str, events: int, span_s: int) -> int:
                       "path": f"/usr/bin/tool{i % 50}", "cwd": "/", "cmdline": f"tool{i % 50} --run {i}",
                       "json_cmdline": json.dumps([f"tool{i % 50}", "--run", str(i)]),
                       "duration": 100000, "ntime": str(i), "time": start + (i * span_s) // events,
-                      "host_identifier": "bench", "is_open": 0})
+                      "ancestry": lines[i % len(lines)], "host_identifier": "bench", "is_open": 0})
         if len(batch) == 10000:
             store.submit("bpf_process_events", batch)
             batch = []

@@ -39,6 +39,7 @@ _STOP = object()
 NARROW_WINDOW_ROWS = 50_000      # below this, time-bounded queries go through the time index
 SHARED_GENERATION_S = 60         # how often a new generation of shared values starts
 SHARED_MEMO_MAX = 20_000         # distinct shared values remembered by the writer
+SHARED_TEXTS_KEPT = 4096         # shared-column texts a reading thread keeps by id
 FLUSH_INTERVAL_S = 0.2           # at most one commit (and fsync) per interval
 # Rows per INSERT statement. One multi-row statement is one sqlite3_step, and
 # so one release of the GIL, where executemany releases and retakes it per
@@ -479,16 +480,42 @@ class EventStore:
         Blocking: call it through asyncio.to_thread from the event loop."""
         spec = self.tables[table]
         names = list(columns) if columns else list(spec.column_names)
+        shared = [n for n in names if spec.column(n).shared]
         where, params = flt.where()
         try:
             conn = self._reader()
             hint = f" INDEXED BY {_quote(table + '_time')}" if self._narrow_window(conn, table, flt) else ""
-            sql = (f"SELECT {', '.join(column_sql(spec, n) + ' AS ' + _quote(n) for n in names)} "
-                   f"FROM {_quote(table)} t{hint} WHERE eid > ?"
+            # A shared column comes back as its id (and, for rows from before
+            # it was shared, its text), and is put together below once per
+            # distinct id: the rows of a window share a handful of ancestries.
+            select = [f"t.{_quote(n)} AS {_quote(n)}" for n in names]
+            select += [f"t.{_quote(n + '_ref')} AS {_quote(n + '_ref')}" for n in shared]
+            sql = (f"SELECT {', '.join(select)} FROM {_quote(table)} t{hint} WHERE eid > ?"
                    + (f" AND {where}" if where else "") + " ORDER BY eid LIMIT ?")
-            return [dict(r) for r in conn.execute(sql, [after_eid, *params, limit])]
+            rows = [dict(r) for r in conn.execute(sql, [after_eid, *params, limit])]
+            for name in shared:
+                texts = self._shared_texts(conn, spec, name)
+                for row in rows:
+                    ref = row.pop(name + "_ref")
+                    if ref is not None:
+                        text = texts.get(ref)
+                        if text is None:
+                            text = texts[ref] = conn.execute(
+                                f"SELECT {column_sql(spec, name)} FROM (SELECT ? AS {_quote(name + '_ref')}, "
+                                f"NULL AS {_quote(name)}) t", (ref,)).fetchone()[0]
+                        row[name] = text
+            return rows
         except sqlite3.Error as e:
             raise StoreError(self.path, f"query on {table} failed: {e}") from e
+
+    def _shared_texts(self, conn: sqlite3.Connection, table: Table, name: str) -> dict:
+        """Texts of a shared column by side-row id, kept per reading thread: a
+        side row never changes, and its id is never given to another value."""
+        memo = self._local.__dict__.setdefault("shared_texts", {})
+        texts = memo.setdefault((table.name, name), {})
+        if len(texts) > SHARED_TEXTS_KEPT:
+            texts.clear()
+        return texts
 
     @staticmethod
     def _narrow_window(conn: sqlite3.Connection, table: str, flt: Filter) -> bool:
