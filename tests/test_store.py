@@ -277,3 +277,23 @@ def test_whole_values_from_before_chains_still_read(tmp_path):
 
 def pids_of(text):
     return [e["pid"] for e in json.loads(text)]
+
+
+def test_a_chain_shared_by_two_tables_is_written_once_in_each(tmp_path):
+    """A node remembers its side row per event table: rows of one table do
+    not make the other write the chain again."""
+    db = tmp_path / "e.db"
+    a = lines()[0]                  # pid 5's line: nodes of 5, 4, 3, 2 and 1
+    s = open_store(db)
+    for i in range(3):              # separate commits, each with rows of both tables
+        s.submit(T, [dict(r, ancestry=a) for r in rows(2)])
+        s.submit("bpf_socket_events", [dict(r, ancestry=a) for r in rows(2)])
+        wait_stored(s, 4 * (i + 1))
+        time.sleep(0.3)
+    s.stop()
+    con = sqlite3.connect(db)
+    for table in (T, "bpf_socket_events"):
+        assert con.execute(f'SELECT COUNT(*) FROM "{table}__ancestry"').fetchone()[0] == 5, table
+    s = open_store(db)
+    assert {r["ancestry"] for t in (T, "bpf_socket_events") for r in s.query(t, Filter(start_time=0), 10)} == {a}
+    s.stop()

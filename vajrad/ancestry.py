@@ -50,8 +50,8 @@ def key(pid: int, start_ns: int) -> int:
 class AncestryNode:
     """One process image as an ancestry entry (its JSON object), and the node
     of its parent's image when it was built: an ancestry array is a chain of
-    `depth` nodes. The store keeps each node once (see store._SharedColumn);
-    `stored` is its bookkeeping."""
+    `depth` nodes. The store keeps each node once per event table (see
+    store._SharedColumn); `stored` is its bookkeeping: side-row ids by table."""
     __slots__ = ("entry", "rest", "depth", "stored")
 
     def __init__(self, entry: str, rest: "AncestryNode | None", depth: int):

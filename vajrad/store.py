@@ -39,7 +39,7 @@ _STOP = object()
 NARROW_WINDOW_ROWS = 50_000      # below this, time-bounded queries go through the time index
 SHARED_GENERATION_S = 60         # how often a new generation of shared values starts
 SHARED_MEMO_MAX = 20_000         # distinct shared values remembered by the writer
-SHARED_TEXTS_KEPT = 4096         # shared-column texts a reading thread keeps by id
+SHARED_TEXTS_KEPT = 1024         # shared-column texts a reading thread keeps by id
 FLUSH_INTERVAL_S = 0.2           # at most one commit (and fsync) per interval
 # Rows per INSERT statement. One multi-row statement is one sqlite3_step, and
 # so one release of the GIL, where executemany releases and retakes it per
@@ -120,7 +120,8 @@ class _SharedColumn:
         self.floor = 1                   # first id of the current generation
         self.closed: list[tuple[int, int, int]] = []   # (first id, end id, last event eid)
         self.started = time.monotonic()
-        # Marks the nodes this column has stored; a new token forgets them all.
+        # Names this column in the nodes' `stored` (a node may be in the side
+        # tables of several event tables); a new token forgets them all.
         self.token = object()
 
     def ref(self, value) -> int | None:
@@ -129,8 +130,10 @@ class _SharedColumn:
         node = getattr(value, "node", None)
         if node is not None:
             stored = node.stored        # the common case: a chain written already
-            if stored is not None and stored[0] is self.token and stored[1] >= self.floor:
-                return stored[1]
+            if stored is not None:
+                found = stored.get(self.token)
+                if found is not None and found >= self.floor:
+                    return found
             return self._node_ref(node)
         found = self.ids.get(value)
         if found is not None and found >= self.floor:
@@ -146,16 +149,21 @@ class _SharedColumn:
         this generation); iterative, since a chain may be deep."""
         token, floor = self.token, self.floor
         todo = []
+        parent = None
         while node is not None:
             stored = node.stored
-            if stored is not None and stored[0] is token and stored[1] >= floor:
-                break
+            if stored is not None:
+                parent = stored.get(token)
+                if parent is not None and parent >= floor:
+                    break
+                parent = None
             todo.append(node)
             node = node.rest if node.depth > 1 else None
-        parent = node.stored[1] if node is not None else None
         for node in reversed(todo):
             parent = self._add(node.entry, parent, node.depth)
-            node.stored = (token, parent)
+            if node.stored is None:
+                node.stored = {}
+            node.stored[token] = parent
         return parent
 
     def _add(self, value: str, parent: int | None, depth: int) -> int:
