@@ -42,8 +42,7 @@ class BootClock:
 def key(pid: int, start_ns: int) -> int:
     """/proc gives start times in clock ticks, the kernel in ns: compare in
     ticks. One int, not a (pid, ticks) tuple: a third of the memory per entry
-    (pids fit 22 bits, and 2**40 ticks are centuries of uptime). The hot
-    paths below spell this out rather than pay for the call."""
+    (pids fit 22 bits, and 2**40 ticks are centuries of uptime)."""
     return (start_ns // TICK_NS) << 22 | pid
 
 
@@ -162,7 +161,7 @@ class ProcessCache:
 
     # --- feeding ------------------------------------------------------------
     def get(self, pid: int, start_ns: int) -> Process | None:
-        k = (start_ns // TICK_NS) << 22 | pid
+        k = key(pid, start_ns)
         proc = self.live.get(k)
         if proc is not None:
             self.live.move_to_end(k)
@@ -173,15 +172,8 @@ class ProcessCache:
         """The entry for what a kernel event names exactly; an entry seeded from
         /proc knows its start times only to the clock tick, and adopts the
         kernel's so that pproc_time_hr matches the parent's proc_time_hr."""
-        k = (start_ns // TICK_NS) << 22 | pid
-        proc = self.live.get(k)
-        if proc is not None:
-            self.live.move_to_end(k)
-        else:
-            proc = self.exited.get(k)
-            if proc is None:
-                return None
-        if proc.coarse:
+        proc = self.get(pid, start_ns)
+        if proc is not None and proc.coarse:
             proc.adopt_times(start_ns, parent_start_ns)
         return proc
 
@@ -192,7 +184,7 @@ class ProcessCache:
 
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
         """A new process: it runs its parent's image until it execs."""
-        k = (start_ns // TICK_NS) << 22 | pid
+        k = key(pid, start_ns)
         if k in self.live or k in self.exited:      # its exec arrived first (perf buffer order)
             return self.exact(pid, start_ns, parent_start_ns)
         parent = self.exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
@@ -216,7 +208,7 @@ class ProcessCache:
 
     def exited_process(self, pid: int, start_ns: int) -> Process | None:
         """Moves a process to the exited cache, where it lives `ttl` seconds."""
-        k = (start_ns // TICK_NS) << 22 | pid
+        k = key(pid, start_ns)
         proc = self.live.pop(k, None)
         if proc is None:
             return self.exact(pid, start_ns)
@@ -296,9 +288,7 @@ class ProcessCache:
             if proc.pid == 1:
                 proc = None
                 break
-            proc = proc.parent
-            if proc is UNRESOLVED:
-                proc = self._parent(chain[-1])
+            proc = self._parent(proc)
         self.counters["cache_hits"] += len(chain)
         rest = proc._node if proc is not None else None
         clock, depth = self.clock, self.max_depth
@@ -323,9 +313,7 @@ class ProcessCache:
         subreaper keeps its original line (the event's ppid is the current
         real parent, which is what the `parent` column shows)."""
         if proc is not None and proc.ppid:
-            parent = proc.parent
-            if parent is UNRESOLVED:
-                parent = self._parent(proc)
+            parent = self._parent(proc)
             if proc.ppid == ppid:            # not reparented: the event's parent time is exact
                 if parent is not None and parent.coarse:
                     parent.adopt_times(parent_start_ns)

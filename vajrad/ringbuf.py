@@ -116,12 +116,12 @@ class RingBufferReader:
                     self.records += count
                     return count
                 size = length & ~(_BUSY | _DISCARD)
+                cons += (size + _HEADER + 7) & ~7
                 if not length & _DISCARD:
                     handler(data, at + _HEADER, size)
                     count += 1
                     if not count & (RELEASE_EVERY - 1):
-                        consumer_pos.value = cons + ((size + _HEADER + 7) & ~7)
-                cons += (size + _HEADER + 7) & ~7
+                        consumer_pos.value = cons
             consumer_pos.value = cons
         self.records += count
         return count

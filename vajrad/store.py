@@ -363,8 +363,8 @@ class EventStore:
                 eid_at, host_at, open_at = self._slots[table]
                 n = seq[table]
                 params: list = []
+                refs = [(col.position, col.ref) for col in shared]
                 if type(rows[0]) is list:
-                    refs = [(col.position, col.ref) for col in shared]
                     for v in rows:
                         n += 1
                         v[eid_at] = n
@@ -391,8 +391,8 @@ class EventStore:
                             v = tuple(row.get(c) for c in self.tables[table].column_names)
                         at = len(params)
                         params += v
-                        for col in shared:
-                            params[at + col.position] = col.ref(v[col.position])
+                        for pos, ref in refs:
+                            params[at + pos] = ref(v[pos])
                 seq[table] = n
                 for col in shared:
                     col.flush(conn)
@@ -502,7 +502,7 @@ class EventStore:
                    + (f" AND {where}" if where else "") + " ORDER BY eid LIMIT ?")
             rows = [dict(r) for r in conn.execute(sql, [after_eid, *params, limit])]
             for name in shared:
-                texts = self._shared_texts(conn, spec, name)
+                texts = self._shared_texts(spec, name)
                 for row in rows:
                     ref = row.pop(name + "_ref")
                     if ref is not None:
@@ -516,7 +516,7 @@ class EventStore:
         except sqlite3.Error as e:
             raise StoreError(self.path, f"query on {table} failed: {e}") from e
 
-    def _shared_texts(self, conn: sqlite3.Connection, table: Table, name: str) -> dict:
+    def _shared_texts(self, table: Table, name: str) -> dict:
         """Texts of a shared column by side-row id, kept per reading thread: a
         side row never changes, and its id is never given to another value."""
         memo = self._local.__dict__.setdefault("shared_texts", {})
