@@ -8,7 +8,7 @@ import tracemalloc
 
 from exec_bench import percentile  # (exec_bench puts the repo on sys.path)
 
-from vajrad.ancestry import ProcessCache
+from vajrad.enrich.process_cache import ProcessCache
 
 
 def build(cache: ProcessCache, n: int, rng: random.Random) -> list[tuple[int, int]]:

@@ -12,9 +12,9 @@ import time
 from exec_bench import percentile  # (exec_bench puts the repo and tests/ on sys.path)
 from harness import Daemon, OsqueryCore
 
-from vajrad.ancestry import TICK_NS, ProcessCache
-from vajrad.schema import TABLES
-from vajrad.store import EventStore
+from vajrad.enrich.process_cache import TICK_NS, ProcessCache
+from vajrad.tables import TABLES
+from vajrad.store.event_store import EventStore
 
 
 def ancestries(lines: int = 50, depth: int = 8) -> list:

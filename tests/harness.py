@@ -19,7 +19,7 @@ from osquery.extensions import Extension, ExtensionManager, ttypes
 from thrift.protocol import TBinaryProtocol
 from thrift.transport import TSocket, TTransport
 
-from vajrad.client import VajraClient
+from vajrad.client.connection import VajraClient
 from vajrad.osquery import protocol as p
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 import json
 import os
 
-from vajrad.ancestry import ProcessCache, TICK_NS
+from vajrad.enrich.process_cache import ProcessCache, TICK_NS
 
 
 def proc_parents(pid):

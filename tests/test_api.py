@@ -13,8 +13,8 @@ import pytest
 
 from conftest import needs_bpf, needs_root
 from harness import jsonrpc_lines
-from vajrad.schema import TABLES
-from vajrad.store import EventStore
+from vajrad.tables import TABLES
+from vajrad.store.event_store import EventStore
 
 NOW = int(time.time())
 
@@ -158,19 +158,19 @@ def test_socket_mode_and_group(api):
 @needs_root
 def test_vajractl_reports_refusal_and_absence(api, workdir):
     out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                          sys.executable, "-m", "vajrad.ctl", "--socket", api.socket, "status"],
+                          sys.executable, "-m", "vajrad.client.ctl", "--socket", api.socket, "status"],
                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
     assert out.returncode == 1 and "permission denied" in out.stderr and "group vajra" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", f"{workdir}/none.sock", "status"],
+    out = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", f"{workdir}/none.sock", "status"],
                          capture_output=True, text=True)
     assert out.returncode == 1 and "vajrad is not running" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", api.socket, "status"],
+    out = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", api.socket, "status"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "events: captured" in out.stdout
 
 
 def test_vajractl_since_and_tables(api):
-    base = [sys.executable, "-m", "vajrad.ctl", "--socket", api.socket]
+    base = [sys.executable, "-m", "vajrad.client.ctl", "--socket", api.socket]
     out = subprocess.run(base + ["events", "--json", "--since", "95"], capture_output=True, text=True,
                          check=True).stdout
     times = [json.loads(line)["time"] for line in out.splitlines()]

@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from vajrad import kernel
-from vajrad.btf import Btf
+from vajrad.kernel import environment as kernel
+from vajrad.kernel.btf import Btf
 from vajrad.errors import KernelSupportError
 
 BTF = "/sys/kernel/btf/vmlinux"
@@ -120,8 +120,8 @@ def test_no_btf_no_headers_names_what_to_install(tmp_path, monkeypatch):
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to load BPF")
 def test_abi_drift_fails_the_build(monkeypatch):
     """The ctypes mirror and bpf/vajra.h are checked against each other when compiling."""
-    from vajrad import bpf_abi
-    from vajrad.bpf_program import BpfProgram
+    from vajrad.kernel import abi as bpf_abi
+    from vajrad.kernel.program import BpfProgram
     from vajrad.errors import CollectorError
     kenv = kernel.probe("/run/vajra")
     kernel.ensure_tracefs()

@@ -3,8 +3,8 @@ import re
 from pathlib import Path
 
 from vajrad import docgen
-from vajrad.api import _Connection
-from vajrad.dbus_service import VajraInterface
+from vajrad.serve.socket_api import _Connection
+from vajrad.serve.dbus_api import VajraInterface
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -53,12 +53,12 @@ def test_exec_through_socket(daemon_factory, workdir, output):
 def test_exec_through_vajractl(bpf_daemon, workdir):
     name, prog, pid, cwd = run_probe(workdir, "ctl")
     assert bpf_daemon.wait_events(by_path(prog))
-    out = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket,
+    out = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", bpf_daemon.socket,
                           "events", "--json", "--table", "bpf_process_events", "--since", "120"],
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines() if name in line and '"syscall": "exec"' in line]
     assert [(r["pid"], r["parent"], r["cwd"]) for r in rows] == [(pid, os.getpid(), cwd)]
-    table = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket, "events"],
+    table = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", bpf_daemon.socket, "events"],
                            capture_output=True, text=True, check=True).stdout
     line = next(line for line in table.splitlines() if name in line and "syscall=exec" in line)
     assert f"pid={pid}" in line and "syscall=exec" in line and line.startswith("20")
@@ -107,7 +107,7 @@ def test_subscribe_streams_new_events(bpf_daemon, workdir):
 
 
 def test_follow_prints_new_events(bpf_daemon, workdir):
-    follow = subprocess.Popen([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket,
+    follow = subprocess.Popen([sys.executable, "-m", "vajrad.client.ctl", "--socket", bpf_daemon.socket,
                                "events", "--follow", "--json", "--since", "1"],
                               stdout=subprocess.PIPE, text=True)
     try:

@@ -15,7 +15,7 @@ from conftest import needs_bpf
 from harness import OsqueryCore as Core
 from test_api import NOW, seed
 from vajrad.osquery import protocol as p
-from vajrad.schema import TABLES
+from vajrad.tables import TABLES
 
 
 @pytest.fixture

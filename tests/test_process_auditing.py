@@ -317,7 +317,7 @@ def test_ancestry_readme_queries_run_verbatim(bpf_daemon, workdir):
     execs_of(bpf_daemon, prog)
     results = []
     for sql in ANCESTRY_README_QUERIES:
-        r = subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket,
+        r = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", bpf_daemon.socket,
                             "query", "--json", sql], capture_output=True, text=True)
         assert r.returncode == 0, (sql, r.stderr)
         results.append([json.loads(line) for line in r.stdout.splitlines()])
@@ -339,7 +339,7 @@ def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
         time.sleep(0.5)
         sleep_pid = int(subprocess.check_output(["pgrep", "-P", str(int(subprocess.check_output(
             ["pgrep", "-P", str(sleeper.pid)]).split()[0])), "sleep"]).split()[0])
-        ctl = [sys.executable, "-m", "vajrad.ctl", "--socket", bpf_daemon.socket, "tree"]
+        ctl = [sys.executable, "-m", "vajrad.client.ctl", "--socket", bpf_daemon.socket, "tree"]
         out = subprocess.run(ctl + [str(sleep_pid)], capture_output=True, text=True, check=True).stdout
         lines = out.splitlines()
         assert lines[-1].lstrip("└─ ").startswith(f"sleep [{sleep_pid}]")

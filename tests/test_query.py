@@ -17,7 +17,7 @@ def store(workdir):
 
 
 def query(db, sql, *extra):
-    return subprocess.run([sys.executable, "-m", "vajrad.ctl", "--socket", "/nonexistent.sock", "query",
+    return subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", "/nonexistent.sock", "query",
                            "--database", db, *extra, sql], capture_output=True, text=True)
 
 
@@ -61,7 +61,7 @@ def test_bad_sql_and_missing_store(store, workdir):
 
 def test_example_pack_queries_run(store):
     from pathlib import Path
-    from vajrad.sql import ReadOnlySql
+    from vajrad.client.sql import ReadOnlySql
     pack = json.loads((Path(__file__).resolve().parent.parent / "docs/examples/vajra-pack.json").read_text())
     db = ReadOnlySql(store)
     try:

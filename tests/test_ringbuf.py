@@ -10,7 +10,7 @@ import time
 import pytest
 from conftest import needs_bpf
 
-from vajrad.ringbuf import RingBufferReader
+from vajrad.kernel.ringbuf import RingBufferReader
 
 PAGE = mmap.PAGESIZE
 SIZE = 4 * PAGE
@@ -104,8 +104,8 @@ def test_a_long_drain_gives_space_back_as_it_goes(ring):
 def test_a_nudge_ends_the_wait_at_once(tmp_path):
     """What lets socket and file rows, which wait for the process collector,
     not wait for its (long) drain interval."""
-    from vajrad.bpf_program import BpfProgram
-    from vajrad.kernel import ensure_tracefs, probe
+    from vajrad.kernel.program import BpfProgram
+    from vajrad.kernel.environment import ensure_tracefs, probe
     ensure_tracefs()
     program = BpfProgram("process.bpf.c", probe(str(tmp_path)), "ringbuf")
     program.load()

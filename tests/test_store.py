@@ -4,9 +4,9 @@ import sqlite3
 import threading
 import time
 
-from vajrad.schema import TABLES
-from vajrad.sql import ReadOnlySql
-from vajrad.store import EventStore, Filter
+from vajrad.tables import TABLES
+from vajrad.client.sql import ReadOnlySql
+from vajrad.store.event_store import EventStore, Filter
 
 T = "bpf_process_events"
 
@@ -144,7 +144,7 @@ def test_a_shared_value_is_stored_once_and_read_back_everywhere(tmp_path):
 
 
 def test_shared_values_go_when_no_row_points_at_them(tmp_path, monkeypatch):
-    import vajrad.store as store_mod
+    import vajrad.store.event_store as store_mod
     monkeypatch.setattr(store_mod, "SHARED_GENERATION_S", 0)     # a new generation every pass
     db = tmp_path / "e.db"
     a, b = '[{"pid": 1}]', '[{"pid": 2}]'
@@ -177,7 +177,7 @@ def test_wal_and_full_sync(tmp_path):
 
 
 def test_both_query_plans_give_the_same_rows(tmp_path, monkeypatch):
-    import vajrad.store as store_mod
+    import vajrad.store.event_store as store_mod
     s = open_store(tmp_path / "e.db")
     now = int(time.time())
     s.submit(T, [dict(r, time=now - 100 + i % 50) for i, r in enumerate(rows(300))])
@@ -205,7 +205,7 @@ def side_rows(db):
 
 def lines():
     """Ancestry texts from a ProcessCache: pid 5 and pid 6 both children of 4."""
-    from vajrad.ancestry import TICK_NS, ProcessCache
+    from vajrad.enrich.process_cache import TICK_NS, ProcessCache
     cache = ProcessCache(size=100, max_depth=3, proc="/nonexistent")
     cache.executed(1, TICK_NS, 0, 0, "/sbin/init", "init")
     for pid, ppid in ((2, 1), (3, 2), (4, 3), (5, 4), (6, 4)):
@@ -239,7 +239,7 @@ def test_ancestry_chains_keep_each_entry_once(tmp_path):
 def test_a_chain_is_written_again_in_a_new_generation(tmp_path, monkeypatch):
     """Nothing of a generation points into an older one, so deleting a
     generation never leaves a chain without its ancestors."""
-    import vajrad.store as store_mod
+    import vajrad.store.event_store as store_mod
     monkeypatch.setattr(store_mod, "SHARED_GENERATION_S", 0)
     db = tmp_path / "e.db"
     a, b = lines()[:2]

@@ -12,8 +12,10 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from . import __version__, fim
-from .errors import ConfigError
+from vajrad import __version__
+
+from vajrad.collectors.fim import rules as fim
+from vajrad.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "/etc/vajra/vajra.conf"
 

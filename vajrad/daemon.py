@@ -9,16 +9,18 @@ import signal
 import sys
 import time
 
-from . import __version__, config, kernel, logs
-from .api import ApiServer
-from .collectors import Collector
-from .dbus_service import DbusService
-from .errors import ConfigError, VajraError
-from .hub import EventHub
-from .notify import Notifier
-from .schema import TABLES
-from .service import VajraService
-from .store import EventStore
+from vajrad import __version__, config, logs
+
+from vajrad.kernel import environment as kernel
+from vajrad.serve.socket_api import ApiServer
+from vajrad.collectors.base import Collector
+from vajrad.serve.dbus_api import DbusService
+from vajrad.errors import ConfigError, VajraError
+from vajrad.serve.hub import EventHub
+from vajrad.notify import Notifier
+from vajrad.tables import TABLES
+from vajrad.serve.service import VajraService
+from vajrad.store.event_store import EventStore
 
 log = logging.getLogger("vajrad")
 
@@ -106,8 +108,8 @@ class Vajrad:
             return []
         found: list[Collector] = []
         if self.config.enable_bpf_events:
-            from .ancestry import ProcessCache
-            from .collectors.process import ProcessCollector
+            from vajrad.enrich.process_cache import ProcessCache
+            from vajrad.collectors.process.bpf_process_events import ProcessCollector
             kernel.ensure_tracefs()
             runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/vajra").split(":")[0]
             self.kenv = kernel.probe(runtime)
@@ -117,7 +119,7 @@ class Vajrad:
             found.append(ProcessCollector(self.kenv, self.config.bpf_output, cache,
                                           self.config.process_cmdline_max_bytes))
             if self.config.enable_socket_events:
-                from .collectors.socket import SocketCollector
+                from vajrad.collectors.socket.bpf_socket_events import SocketCollector
                 found.append(SocketCollector(self.kenv, self.config.bpf_output, cache))
             self.process_cache = cache
             file_collector = self._file_collector(self.config)
@@ -126,7 +128,7 @@ class Vajrad:
         else:
             log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
         if self.config.enable_file_events:
-            from .collectors.fim_watcher import FimWatcher
+            from vajrad.collectors.fim.file_events import FimWatcher
             found.append(FimWatcher(self.config.fim, self.config.read_max))
         return found
 
@@ -137,7 +139,7 @@ class Vajrad:
         if not (cfg.fim and cfg.enable_file_events and cfg.enable_bpf_events and not cfg.disable_events
                 and self.kenv is not None and self.process_cache is not None):
             return None
-        from .collectors.file import FileCollector
+        from vajrad.collectors.fim.bpf_file_events import FileCollector
         return FileCollector(self.kenv, cfg.bpf_output, self.process_cache, cfg.fim)
 
     async def _add_collector(self, collector: Collector) -> None:

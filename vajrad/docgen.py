@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from .config import OPTIONS
-from .schema import TABLES
+from vajrad.config import OPTIONS
+from vajrad.tables import TABLES
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 

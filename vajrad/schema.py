@@ -1,13 +1,13 @@
 """Table declarations: the one source of truth for every surface.
 
 Each table lives in its own module under vajrad/tables/, in the spirit of
-osquery's specs/*.table files. The store, the socket, D-Bus, vajractl and the
+osquery's specs/*.table files; `vajrad.tables.TABLES` collects them. This
+module only defines what a declaration is made of, so a table module imports
+it without a cycle. The store, the socket, D-Bus, vajractl and the
 osquery shim all read these objects; none of them lists columns itself.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass, field
 
 TEXT, INTEGER, BIGINT, UNSIGNED_BIGINT, DOUBLE = "TEXT", "INTEGER", "BIGINT", "UNSIGNED_BIGINT", "DOUBLE"
@@ -106,18 +106,3 @@ class Table:
     def to_dict(self) -> dict:
         return {"name": self.name, "description": self.description, "evented": self.evented,
                 "columns": [c.to_dict() for c in self.columns]}
-
-
-def load_tables() -> dict[str, Table]:
-    """Every table declared under vajrad/tables/, by name."""
-    from . import tables as pkg
-    found: dict[str, Table] = {}
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
-        table = importlib.import_module(f"{pkg.__name__}.{info.name}").TABLE
-        if table.name != info.name:
-            raise ValueError(f"vajrad/tables/{info.name}.py declares table {table.name}")
-        found[table.name] = table
-    return found
-
-
-TABLES = load_tables()

@@ -7,9 +7,9 @@ import logging
 import time
 from collections import deque
 
-from ..ancestry import ProcessCache
-from ..bpf_program import BpfProgram
-from . import Collector, PollingThread
+from vajrad.enrich.process_cache import ProcessCache
+from vajrad.kernel.program import BpfProgram
+from vajrad.collectors.base import Collector, PollingThread
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 import sys
 
-from .extension import main
+from vajrad.osquery.extension import main
 
 sys.exit(main())

@@ -18,10 +18,11 @@ import time
 
 from thrift.transport import TSocket, TTransport
 
-from .. import __version__
-from ..client import ClientError, RemoteError, VajraClient
-from ..schema import TABLES, Table
-from . import protocol as p
+from vajrad import __version__
+from vajrad.client.connection import ClientError, RemoteError, VajraClient
+from vajrad.schema import Table
+from vajrad.tables import TABLES
+from vajrad.osquery import protocol as p
 
 log = logging.getLogger("vajra-osquery-extension")
 

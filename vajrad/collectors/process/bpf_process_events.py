@@ -7,12 +7,12 @@ import json
 import logging
 import os
 
-from .. import bpf_abi
-from ..ancestry import ProcessCache
-from ..bpf_program import BpfProgram
-from ..kernel import KernelEnv
-from ..schema import TABLES
-from .bpf import BpfCollector, MonotonicClock
+from vajrad.kernel import abi as bpf_abi
+from vajrad.enrich.process_cache import ProcessCache
+from vajrad.kernel.program import BpfProgram
+from vajrad.kernel.environment import KernelEnv
+from vajrad.tables import TABLES
+from vajrad.collectors.bpf import BpfCollector, MonotonicClock
 
 log = logging.getLogger(__name__)
 

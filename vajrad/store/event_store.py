@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-from .errors import VajraError
-from .schema import Table
-from .threads import name_native_thread
+from vajrad.errors import VajraError
+from vajrad.schema import Table
+from vajrad.threads import name_native_thread
 
 log = logging.getLogger(__name__)
 

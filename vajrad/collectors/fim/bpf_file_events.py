@@ -12,11 +12,13 @@ import logging
 import os
 import posixpath
 
-from .. import bpf_abi, fim
-from ..ancestry import ProcessCache
-from ..bpf_program import BpfProgram
-from ..kernel import KernelEnv
-from .bpf import AttributedCollector
+from vajrad.kernel import abi as bpf_abi
+
+from vajrad.collectors.fim import rules as fim
+from vajrad.enrich.process_cache import ProcessCache
+from vajrad.kernel.program import BpfProgram
+from vajrad.kernel.environment import KernelEnv
+from vajrad.collectors.bpf import AttributedCollector
 
 log = logging.getLogger(__name__)
 

@@ -11,11 +11,13 @@ import socket as _socket
 import threading
 import time
 
-from .. import bpf_abi, sockdiag
-from ..ancestry import ProcessCache
-from ..bpf_program import BpfProgram
-from ..kernel import KernelEnv
-from .bpf import AttributedCollector, MonotonicClock
+from vajrad.kernel import abi as bpf_abi
+
+from vajrad.collectors.socket import sockdiag
+from vajrad.enrich.process_cache import ProcessCache
+from vajrad.kernel.program import BpfProgram
+from vajrad.kernel.environment import KernelEnv
+from vajrad.collectors.bpf import AttributedCollector, MonotonicClock
 
 log = logging.getLogger(__name__)
 

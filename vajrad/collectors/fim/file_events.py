@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pyinotify
 
-from .. import fim
-from . import Collector
+from vajrad.collectors.fim import rules as fim
+from vajrad.collectors.base import Collector
 
 log = logging.getLogger(__name__)
 

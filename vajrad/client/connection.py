@@ -7,8 +7,8 @@ import os
 import socket
 from typing import Any, Iterator
 
-from .errors import VajraError
-from .service import event_list_params
+from vajrad.errors import VajraError
+from vajrad.serve.service import event_list_params
 
 DEFAULT_SOCKET = "/run/vajra/vajra.sock"
 

@@ -9,10 +9,10 @@ import sys
 import time
 from typing import Callable
 
-from . import bpf_abi
-from .errors import CollectorError
-from .kernel import KernelEnv
-from .ringbuf import RingBufferReader
+from vajrad.kernel import abi as bpf_abi
+from vajrad.errors import CollectorError
+from vajrad.kernel.environment import KernelEnv
+from vajrad.kernel.ringbuf import RingBufferReader
 
 log = logging.getLogger(__name__)
 
@@ -25,13 +25,17 @@ SPLICED_HEADER = "common.bpf.h"
 
 
 def bpf_source_dir() -> str:
-    """bpf/ beside the package in a checkout, else the installed copy."""
-    candidates = [
+    """bpf/ beside the package in a checkout, else the installed copy: pip's
+    data files land under sys.prefix (a venv), /usr/local (a system-wide pip)
+    or /usr (the Debian package)."""
+    checkout = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    candidates = list(dict.fromkeys([
         os.environ.get("VAJRA_BPF_DIR", ""),
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bpf"),
+        os.path.join(checkout, "bpf"),
         os.path.join(sys.prefix, "share", "vajra", "bpf"),
+        "/usr/local/share/vajra/bpf",
         "/usr/share/vajra/bpf",
-    ]
+    ]))
     for d in candidates:
         if d and os.path.exists(os.path.join(d, "vajra.h")):
             return d

@@ -15,9 +15,9 @@ import socket
 import stat
 from typing import Any
 
-from .errors import RequestError, VajraError
-from .hub import EventHub, Subscription
-from .service import VajraService
+from vajrad.errors import RequestError, VajraError
+from vajrad.serve.hub import EventHub, Subscription
+from vajrad.serve.service import VajraService
 
 log = logging.getLogger(__name__)
 

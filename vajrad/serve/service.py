@@ -9,9 +9,9 @@ import json
 import time
 from typing import Any
 
-from .errors import RequestError
-from .schema import Table
-from .store import EventStore, Filter
+from vajrad.errors import RequestError
+from vajrad.schema import Table
+from vajrad.store.event_store import EventStore, Filter
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000

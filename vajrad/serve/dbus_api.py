@@ -16,10 +16,10 @@ from dbus_next.constants import NameFlag, RequestNameReply
 from dbus_next.errors import DBusError
 from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, method
 
-from . import __version__
-from .errors import RequestError, VajraError
-from .schema import Table
-from .service import VajraService, event_list_params
+from vajrad import __version__
+from vajrad.errors import RequestError, VajraError
+from vajrad.schema import Table
+from vajrad.serve.service import VajraService, event_list_params
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from .errors import KernelSupportError
+from vajrad.errors import KernelSupportError
 
 BTF_MAGIC = 0xEB9F
 

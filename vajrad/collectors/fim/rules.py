@@ -18,7 +18,7 @@ import glob
 import os
 from dataclasses import dataclass, field
 
-from .errors import ConfigError
+from vajrad.errors import ConfigError
 
 TREE, LEVEL, EXACT = "tree", "level", "exact"
 KEY_MAX = 256                      # bytes the kernel compares (bpf/vajra.h VAJRA_FIM_KEY_MAX)
@@ -97,7 +97,7 @@ class FimRules:
         so each entry must already carry what the rules above it imply: a
         level rule inside a tree rule acts as the tree, and an exclusion is
         left out where another category still watches the spot."""
-        from . import bpf_abi
+        from vajrad.kernel import abi as bpf_abi
         out: dict[bytes, KernelEntry] = {}
 
         rank = {bpf_abi.FIM_TREE: 3, bpf_abi.FIM_LEVEL: 2, bpf_abi.FIM_EXACT: 2, bpf_abi.FIM_EXCLUDE: 1}

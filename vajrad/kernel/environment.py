@@ -15,8 +15,8 @@ import re
 import shutil
 from dataclasses import dataclass, field
 
-from .btf import Btf
-from .errors import KernelSupportError
+from vajrad.kernel.btf import Btf
+from vajrad.errors import KernelSupportError
 
 log = logging.getLogger(__name__)
 

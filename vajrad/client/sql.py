@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import sqlite3
 
-from .errors import VajraError
-from .schema import TABLES
-from .store import column_sql
+from vajrad.errors import VajraError
+from vajrad.tables import TABLES
+from vajrad.store.event_store import column_sql
 
 # Names osquery users query by that Vajra stores under a bpf_ name, so that
 # queries written for the process-ancestry osquery build run verbatim.

@@ -23,7 +23,7 @@ import struct
 import time
 from typing import Callable
 
-from .errors import CollectorError
+from vajrad.errors import CollectorError
 
 _BUSY = 1 << 31
 _DISCARD = 1 << 30

@@ -9,9 +9,9 @@ import shutil
 import sys
 import time
 
-from .client import ClientError, RemoteError, VajraClient
-from .schema import TABLES
-from .sql import QueryError
+from vajrad.client.connection import ClientError, RemoteError, VajraClient
+from vajrad.tables import TABLES
+from vajrad.client.sql import QueryError
 
 # Columns shown by `vajractl events` without --json, per table.
 SUMMARY = {
@@ -169,7 +169,7 @@ def cmd_tree(client: VajraClient, args) -> int:
 
 
 def cmd_query(client: VajraClient, args) -> int:
-    from .sql import ReadOnlySql
+    from vajrad.client.sql import ReadOnlySql
     database, live = args.database, {}
     try:
         database = database or client.call("status")["store"]["path"]

@@ -1,0 +1,114 @@
+"""Collectors: each turns one source of activity into rows of its tables.
+
+The daemon sees only this interface. A collector produces batches of
+(table, rows) through `events()`; rows hold the table's own columns plus
+`time`, and the store fills the columns common to every event. A row is a
+dict, or a list in the table's column order (None where the store fills
+in), which costs less per row for a busy collector.
+"""
+from __future__ import annotations
+
+import abc
+import asyncio
+import threading
+from typing import AsyncIterator
+
+from vajrad.threads import name_native_thread
+
+Batch = tuple[str, list]        # rows: dicts, or lists in column order
+
+
+class Collector(abc.ABC):
+    name: str = ""
+    tables: tuple[str, ...] = ()
+    observes: tuple[str, ...] = ()     # tables whose committed rows observe() is given
+
+    def __init__(self, queue_batches: int = 4096):
+        self.state = "stopped"
+        self.error: str | None = None
+        self.captured = 0           # events received from the source
+        self.dropped = 0            # events lost between the source and the daemon
+        self._queue: asyncio.Queue[Batch | None] | None = None
+        self._queue_batches = queue_batches
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @abc.abstractmethod
+    async def start(self) -> None:
+        """Attaches to the source. Raises a VajraError when it cannot."""
+
+    @abc.abstractmethod
+    async def stop(self) -> None:
+        """Detaches; events() then ends."""
+
+    def stats(self) -> dict:
+        return {"state": self.state, "captured": self.captured, "dropped": self.dropped,
+                "error": self.error}
+
+    def snapshots(self) -> dict:
+        """Live (not evented) tables this collector answers: {name: rows()}."""
+        return {}
+
+    def observe(self, table: str, rows: list[dict]) -> None:
+        """Rows of an `observes` table as committed (eid set); on the event loop."""
+
+    def producers(self, tables: set[str]) -> None:
+        """The tables the running collectors fill, whenever that set changes."""
+
+    def reconfigure(self, config) -> None:
+        """A reloaded Config (SIGHUP); collectors take what they can apply live."""
+
+    def describe_process(self, pid: int) -> dict | None:
+        """A running process and its ancestry, when this collector tracks processes."""
+        return None
+
+    @property
+    def healthy(self) -> bool:
+        return self.state == "running"
+
+    async def events(self) -> AsyncIterator[Batch]:
+        assert self._queue is not None, "start() first"
+        while True:
+            batch = await self._queue.get()
+            if batch is None:
+                return
+            yield batch
+
+    # --- for subclasses -----------------------------------------------------
+    def _open_channel(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue = asyncio.Queue(self._queue_batches)
+
+    def _deliver(self, batch: Batch | None) -> None:
+        """Thread-safe hand-over of one batch (None ends the stream)."""
+        self._loop.call_soon_threadsafe(self._enqueue, batch)
+
+    def _enqueue(self, batch: Batch | None) -> None:
+        try:
+            self._queue.put_nowait(batch)
+        except asyncio.QueueFull:
+            if batch is None:       # the end marker must arrive: make room
+                self._queue.get_nowait()
+                self._queue.put_nowait(None)
+            else:
+                self.dropped += len(batch[1])
+
+
+class PollingThread(threading.Thread):
+    """Runs poll_once() until stopped; the poll holds no lock the loop needs."""
+
+    def __init__(self, name: str, poll_once):
+        super().__init__(name=name, daemon=True)
+        self._poll_once = poll_once
+        self._halt = threading.Event()
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        name_native_thread(self.name)
+        try:
+            while not self._halt.is_set():
+                self._poll_once()
+        except BaseException as e:  # reported through the collector's health
+            self.failure = e
+
+    def stop(self) -> None:
+        self._halt.set()
