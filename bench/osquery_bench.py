@@ -45,12 +45,12 @@ def seed(path: str, events: int, span_s: int) -> int:
     lines = ancestries()
     batch = []
     for i in range(events):
-        batch.append({"tid": 1000 + i % 30000, "pid": 1000 + i % 30000, "parent": 1, "uid": 0, "gid": 0,
+        batch.append(TABLES["bpf_process_events"].row(**{"tid": 1000 + i % 30000, "pid": 1000 + i % 30000, "parent": 1, "uid": 0, "gid": 0,
                       "cid": 1, "exit_code": "0", "probe_error": 0, "syscall": "exec",
                       "path": f"/usr/bin/tool{i % 50}", "cwd": "/", "cmdline": f"tool{i % 50} --run {i}",
                       "json_cmdline": json.dumps([f"tool{i % 50}", "--run", str(i)]),
                       "duration": 100000, "ntime": str(i), "time": start + (i * span_s) // events,
-                      "ancestry": lines[i % len(lines)], "host_identifier": "bench", "is_open": 0})
+                      "ancestry": lines[i % len(lines)], "host_identifier": "bench", "is_open": 0}))
         if len(batch) == 10000:
             store.submit("bpf_process_events", batch)
             batch = []

@@ -26,10 +26,10 @@ def seed(path):
     store.start()
     rows = []
     for i in range(30):
-        rows.append({"pid": 1000 + i, "tid": 1000 + i, "parent": 1, "syscall": "exec",
-                     "path": f"/usr/bin/p{i}", "cmdline": f"p{i} --x", "time": NOW - 300 + 10 * i,
-                     "host_identifier": "host-a" if i % 2 else "host-b", "is_open": 1 if i % 5 == 0 else 0,
-                     "exit_code": "0", "probe_error": 0, "ntime": str(i)})
+        rows.append(TABLES["bpf_process_events"].row(
+            pid=1000 + i, tid=1000 + i, parent=1, syscall="exec", path=f"/usr/bin/p{i}", cmdline=f"p{i} --x",
+            time=NOW - 300 + 10 * i, host_identifier="host-a" if i % 2 else "host-b",
+            is_open=1 if i % 5 == 0 else 0, exit_code="0", probe_error=0, ntime=str(i)))
     store.submit("bpf_process_events", rows)
     store.stop()
 

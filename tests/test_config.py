@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 
 from vajrad import config
+from vajrad.collectors.registry import CATALOGUE
 from vajrad.errors import ConfigError
 
 
 def load(tmp_path, doc, *flags):
     p = tmp_path / "vajra.conf"
     p.write_text(doc if isinstance(doc, str) else json.dumps(doc))
-    return config.load([f"--config_path={p}", *flags])
+    return config.load([f"--config_path={p}", *flags], CATALOGUE)
 
 
 def test_defaults_and_precedence(tmp_path):
@@ -28,10 +29,10 @@ def test_defaults_and_precedence(tmp_path):
 
 def test_osquery_style_flags():
     f = config.parse_flags(["--disable_events=false", "--enable_bpf_events", "--events_expiry", "60",
-                            "--noverbose", "--dbus=unix:path=/tmp/x"])
+                            "--noverbose", "--dbus=unix:path=/tmp/x"], CATALOGUE)
     assert f == {"disable_events": False, "enable_bpf_events": True, "events_expiry": 60,
                  "verbose": False, "dbus": "unix:path=/tmp/x"}
-    assert config.parse_flags(["--disable_events=t"])["disable_events"] is True
+    assert config.parse_flags(["--disable_events=t"], CATALOGUE)["disable_events"] is True
 
 
 @pytest.mark.parametrize("argv,key", [
@@ -49,7 +50,7 @@ def test_osquery_style_flags():
 ])
 def test_bad_flags_name_the_flag(argv, key):
     with pytest.raises(ConfigError) as e:
-        config.parse_flags(argv)
+        config.parse_flags(argv, CATALOGUE)
     assert e.value.key == key and key in str(e.value)
 
 
@@ -71,13 +72,13 @@ def test_bad_file_names_the_key(tmp_path, doc, key):
 
 def test_missing_default_config_uses_embedded(monkeypatch, tmp_path):
     monkeypatch.setattr(config, "DEFAULT_CONFIG_PATH", str(tmp_path / "absent.conf"))
-    c = config.load([])
+    c = config.load([], CATALOGUE)
     assert c.events_max == 50000
 
 
 def test_missing_explicit_config_is_an_error(tmp_path):
     with pytest.raises(ConfigError) as e:
-        config.load([f"--config_path={tmp_path}/absent.conf"])
+        config.load([f"--config_path={tmp_path}/absent.conf"], CATALOGUE)
     assert e.value.key == "config_path"
 
 
@@ -108,5 +109,5 @@ def test_daemon_exits_before_ready_on_config_error(daemon_factory, workdir, doc,
 def test_help_lists_every_option():
     out = subprocess.run([sys.executable, "-m", "vajrad", "--help"], capture_output=True, text=True,
                          check=True).stdout
-    for option in config.OPTIONS:
+    for option in CATALOGUE.options:
         assert f"--{option.name}=" in out

@@ -13,7 +13,7 @@ T = "bpf_process_events"
 
 def rows(n, t=None, start=0):
     t = int(time.time()) if t is None else t
-    return [{"pid": start + i, "time": t, "host_identifier": "h", "is_open": 0} for i in range(n)]
+    return [TABLES[T].row(pid=start + i, time=t, host_identifier="h", is_open=0) for i in range(n)]
 
 
 def open_store(path, **kw):
@@ -287,7 +287,8 @@ def test_a_chain_shared_by_two_tables_is_written_once_in_each(tmp_path):
     s = open_store(db)
     for i in range(3):              # separate commits, each with rows of both tables
         s.submit(T, [dict(r, ancestry=a) for r in rows(2)])
-        s.submit("bpf_socket_events", [dict(r, ancestry=a) for r in rows(2)])
+        s.submit("bpf_socket_events", [TABLES["bpf_socket_events"].row(pid=r["pid"], time=r["time"], ancestry=a)
+                                       for r in rows(2)])
         wait_stored(s, 4 * (i + 1))
         time.sleep(0.3)
     s.stop()
@@ -297,3 +298,26 @@ def test_a_chain_shared_by_two_tables_is_written_once_in_each(tmp_path):
     s = open_store(db)
     assert {r["ancestry"] for t in (T, "bpf_socket_events") for r in s.query(t, Filter(start_time=0), 10)} == {a}
     s.stop()
+
+
+def test_rows_whose_keys_are_not_the_columns_are_refused_and_counted(tmp_path, caplog):
+    s = open_store(tmp_path / "e.db")
+    good = TABLES[T].row(pid=1, time=1)
+    misspelt = dict(TABLES[T].row(pid=2, time=1))
+    misspelt["cmdlin"] = misspelt.pop("cmdline")
+    extra = dict(TABLES[T].row(pid=3, time=1), container="x")
+    missing = TABLES[T].row(pid=4, time=1)
+    del missing["path"]
+    assert s.submit(T, [good, misspelt, extra, missing, dict(misspelt, pid=5)]) == 1
+    s.stop()
+    assert s.stats()["rejected"] == 4
+    s = open_store(tmp_path / "e.db")
+    assert [r["pid"] for r in s.query(T, Filter(), 10)] == [1]
+    s.stop()
+    refused = [r.getMessage() for r in caplog.records if "refused" in r.getMessage()]
+    # Each bad key named once, with its table, however many rows carry it.
+    assert len(refused) == 4
+    assert any("'cmdlin'" in m and "unknown" in m and T in m for m in refused)
+    assert any("'cmdline'" in m and "missing" in m for m in refused)
+    assert any("'container'" in m and "unknown" in m for m in refused)
+    assert any("'path'" in m and "missing" in m for m in refused)

@@ -1,7 +1,9 @@
 """Configuration: a JSON file in osquery's shape, overridden by osquery-style flags.
 
-Every option is declared once in OPTIONS; the flag parser, the file loader,
-`vajrad --help` and docs/configuration.md all follow that list.
+Every option is declared once: the daemon's own in CORE_OPTIONS, each
+collector unit's in its declaration (vajrad/units.py). A `Catalogue` puts
+them together with the units' config-file sections; the flag parser, the file
+loader, `vajrad --help` and docs/flags.md all follow it.
 """
 from __future__ import annotations
 
@@ -10,12 +12,14 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from vajrad import __version__
 
-from vajrad.collectors.fim import rules as fim
 from vajrad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from vajrad.units import Section, Unit
 
 DEFAULT_CONFIG_PATH = "/etc/vajra/vajra.conf"
 
@@ -88,7 +92,7 @@ class Option:
         return value
 
 
-OPTIONS: tuple[Option, ...] = (
+CORE_OPTIONS: tuple[Option, ...] = (
     Option("config_path", str, DEFAULT_CONFIG_PATH,
            "JSON config file. When the default path is missing, the embedded defaults apply.",
            check=_absolute, in_file=False),
@@ -110,44 +114,40 @@ OPTIONS: tuple[Option, ...] = (
     Option("bpf_output", str, "auto",
            "Kernel-to-user channel: ringbuf (5.8+), perf (older kernels), or auto.",
            choices=("auto", "ringbuf", "perf")),
-    Option("enable_file_events", bool, True,
-           "File integrity monitoring of the config's file_paths: file_events (inotify, with hashes) and, "
-           "with enable_bpf_events, bpf_file_events (who changed what, filtered in the kernel; its BPF "
-           "program is loaded once file_paths has a pattern)."),
-    Option("read_max", int, 50 * 1024 * 1024,
-           "Largest file, in bytes, that file_events hashes; bigger files get hashed = 0.",
-           minimum=0, reloadable=True),
-    Option("enable_socket_events", bool, True,
-           "Record connect, accept, bind, listen and close of sockets (bpf_socket_events) and serve "
-           "vajra_open_sockets; needs enable_bpf_events."),
-    Option("process_ancestry_cache_size", int, 1000,
-           "Processes kept for ancestry; 0 disables ancestry (every row gets []).", minimum=0),
-    Option("process_ancestry_max_depth", int, 32, "Ancestors listed per row, at most.", minimum=1),
-    Option("process_ancestry_cache_ttl", int, 300,
-           "Seconds an exited process stays in the ancestry cache.", minimum=0),
-    Option("process_cmdline_max_bytes", int, 4096,
-           "Bytes of argv read per exec; a longer command line is cut and flagged "
-           "(probe_error bit 1).", minimum=256, maximum=7936),
     Option("subscriber_queue_events", int, 10000,
            "Events queued per live subscriber; beyond that a slow subscriber misses events (and is told).",
            minimum=1),
     Option("verbose", bool, False, "Log debug messages.", reloadable=True),
 )
-OPTIONS_BY_NAME = {o.name: o for o in OPTIONS}
-TOP_LEVEL_KEYS = ("options",) + fim.SECTIONS
+
+
+class Catalogue:
+    """Every option and config-file section: the daemon's own and its units'."""
+
+    def __init__(self, units: tuple["Unit", ...] = ()):
+        self.options: tuple[Option, ...] = CORE_OPTIONS + tuple(o for u in units for o in u.options)
+        self.by_name = {o.name: o for o in self.options}
+        if len(self.by_name) != len(self.options):
+            raise ValueError("an option is declared twice")
+        self.sections: tuple["Section", ...] = tuple(u.section for u in units if u.section)
+        self.top_level_keys = ("options",) + tuple(k for sec in self.sections for k in sec.keys)
 
 
 class Config:
-    """Resolved options. Attribute access by option name."""
+    """Resolved options and sections. Attribute access by option or section name."""
 
-    def __init__(self, values: dict[str, Any], explicit: set[str], fim_rules: fim.FimRules | None = None):
+    def __init__(self, values: dict[str, Any], explicit: set[str], sections: dict[str, Any] | None = None):
         self._values = values
         self.explicit = explicit     # options set by a flag, which a reload must not override
-        self.fim = fim_rules if fim_rules is not None else fim.FimRules()
+        self.sections = dict(sections or {})
 
     def __getattr__(self, name: str) -> Any:
         try:
             return self._values[name]
+        except KeyError:
+            pass
+        try:
+            return self.__dict__["sections"][name]
         except KeyError:
             raise AttributeError(name) from None
 
@@ -155,13 +155,14 @@ class Config:
         return dict(self._values)
 
     def changed(self, other: "Config") -> set[str]:
-        """Options, and "file_paths" for any FIM section, that differ."""
-        found = {k for k in self._values if self._values[k] != other._values[k]}
-        return found | ({"file_paths"} if self.fim != other.fim else set())
+        """Options, and sections (by their first key, e.g. "file_paths"), that differ."""
+        found = {k for k in self._values if self._values[k] != other._values.get(k)}
+        return found | {name for name in self.sections if self.sections[name] != other.sections.get(name)}
 
 
-def parse_flags(argv: list[str]) -> dict[str, Any]:
+def parse_flags(argv: list[str], catalogue: Catalogue) -> dict[str, Any]:
     """osquery/gflags style: --name=value, --name value, --name (true), --noname (false)."""
+    options = catalogue.by_name
     flags: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -171,9 +172,9 @@ def parse_flags(argv: list[str]) -> dict[str, Any]:
             raise ConfigError(arg, "unexpected argument", "command line")
         body = arg.lstrip("-")
         name, has_value, value = body.partition("=")
-        option = OPTIONS_BY_NAME.get(name)
-        if option is None and name.startswith("no") and name[2:] in OPTIONS_BY_NAME \
-                and OPTIONS_BY_NAME[name[2:]].type is bool and not has_value:
+        option = options.get(name)
+        if option is None and name.startswith("no") and name[2:] in options \
+                and options[name[2:]].type is bool and not has_value:
             flags[name[2:]] = False
             continue
         if option is None:
@@ -190,52 +191,56 @@ def parse_flags(argv: list[str]) -> dict[str, Any]:
     return flags
 
 
-def read_config_file(path: str) -> tuple[dict[str, Any], fim.FimRules]:
-    """The `options` and FIM rules of a config file, validated; ConfigError names the bad key."""
+def read_config_file(path: str, catalogue: Catalogue) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The `options` and sections of a config file, validated; ConfigError names the bad key."""
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
         raise ConfigError("config_path", f"cannot read {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError("config_path", f"not UTF-8 at byte {e.start}", path) from e
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError("config_path", f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}",
                           path) from e
-    return validate_document(doc, path)
+    return validate_document(doc, path, catalogue)
 
 
-def validate_document(doc: Any, source: str) -> tuple[dict[str, Any], fim.FimRules]:
+def validate_document(doc: Any, source: str, catalogue: Catalogue) -> tuple[dict[str, Any], dict[str, Any]]:
     if not isinstance(doc, dict):
         raise ConfigError("config_path", "the config must be a JSON object", source)
     for key in doc:
-        if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(key, f"unknown top-level key (known: {', '.join(TOP_LEVEL_KEYS)})", source)
+        if key not in catalogue.top_level_keys:
+            raise ConfigError(key, f"unknown top-level key (known: {', '.join(catalogue.top_level_keys)})",
+                              source)
     options = doc.get("options", {})
     if not isinstance(options, dict):
         raise ConfigError("options", "must be a JSON object", source)
     out = {}
     for key, raw in options.items():
-        option = OPTIONS_BY_NAME.get(key)
+        option = catalogue.by_name.get(key)
         if option is None or not option.in_file:
             raise ConfigError(f"options.{key}", "unknown option", source)
         out[key] = option.parse(raw, source, f"options.{key}")
-    return out, fim.parse(doc, source)
+    return out, {sec.name: sec.parse(doc, source) for sec in catalogue.sections}
 
 
-def load(argv: list[str], previous_flags: dict[str, Any] | None = None) -> Config:
+def load(argv: list[str], catalogue: Catalogue, previous_flags: dict[str, Any] | None = None) -> Config:
     """Defaults, then the config file, then flags. Raises ConfigError."""
-    flags = parse_flags(argv) if previous_flags is None else previous_flags
+    flags = parse_flags(argv, catalogue) if previous_flags is None else previous_flags
     path = flags.get("config_path", DEFAULT_CONFIG_PATH)
     if "config_path" not in flags and not os.path.exists(path):
-        file_opts, rules = validate_document(EMBEDDED_CONFIG, "embedded config")
+        file_opts, sections = validate_document(EMBEDDED_CONFIG, "embedded config", catalogue)
+        path = "embedded config"
     else:
-        file_opts, rules = read_config_file(path)
-    values = {o.name: o.default for o in OPTIONS}
+        file_opts, sections = read_config_file(path, catalogue)
+    values = {o.name: o.default for o in catalogue.options}
     values.update(file_opts)
     values.update(flags)
     values["config_path"] = path
-    return Config(values, set(flags), rules)
+    return Config(values, set(flags), sections)
 
 
 def resolve_host_identifier(setting: str) -> str:
@@ -255,9 +260,9 @@ def resolve_host_identifier(setting: str) -> str:
     return setting
 
 
-def help_text() -> str:
+def help_text(catalogue: Catalogue) -> str:
     lines = [f"vajrad {__version__}: eBPF security telemetry for osquery", "", "Flags:"]
-    for o in OPTIONS:
+    for o in catalogue.options:
         default = str(o.default).lower() if o.type is bool else o.default
         lines.append(f"  --{o.name}={default}\n      {o.help}")
     return "\n".join(lines)

@@ -9,24 +9,25 @@ import signal
 import sys
 import time
 
-from vajrad import __version__, config, logs
-
-from vajrad.kernel import environment as kernel
-from vajrad.serve.socket_api import ApiServer
+from vajrad import __version__, config, logs, units
 from vajrad.collectors.base import Collector
-from vajrad.serve.dbus_api import DbusService
+from vajrad.collectors.registry import CATALOGUE, UNITS
 from vajrad.errors import ConfigError, VajraError
-from vajrad.serve.hub import EventHub
+from vajrad.kernel import environment as kernel
 from vajrad.notify import Notifier
-from vajrad.tables import TABLES
+from vajrad.serve.dbus_api import DbusService
+from vajrad.serve.hub import EventHub
 from vajrad.serve.service import VajraService
+from vajrad.serve.socket_api import ApiServer
 from vajrad.store.event_store import EventStore
+from vajrad.tables import TABLES
 
 log = logging.getLogger("vajrad")
 
 STATUS_INTERVAL = 2.0
 GC_THRESHOLDS = (50_000, 20, 20)
 EXIT_CONFIG, EXIT_STARTUP = 2, 1
+DAEMON_SERVICES = ("kernel",)      # what the daemon itself offers units (see Vajrad.services)
 
 
 def release_compiler_memory() -> None:
@@ -41,14 +42,19 @@ def release_compiler_memory() -> None:
 
 class Vajrad:
     def __init__(self, argv: list[str]):
-        self.flags = config.parse_flags(argv)
-        self.config = config.load(argv, self.flags)
+        units.check(UNITS, DAEMON_SERVICES)
+        self.catalogue = CATALOGUE
+        self.flags = config.parse_flags(argv, self.catalogue)
+        self.config = config.load(argv, self.catalogue, self.flags)
         self.host_id = config.resolve_host_identifier(self.config.host_identifier)
         self.notifier = Notifier()
         self.started = time.time()
         self.kenv: kernel.KernelEnv | None = None
-        self.process_cache = None
+        # What units share: the kernel environment (probed on first use) and
+        # what each unit provides as it is built.
+        self.services = units.Services({"kernel": self._probe_kernel})
         self.collectors: list[Collector] = []
+        self.units: dict[str, Collector] = {}
         self.store: EventStore | None = None
         self.hub = EventHub(self.config.subscriber_queue_events)
         self.api: ApiServer | None = None
@@ -68,8 +74,8 @@ class Vajrad:
     def status(self) -> dict:
         collectors = {c.name: c.stats() for c in self.collectors}
         kernel_lost = sum(s.get("kernel_lost", 0) for s in collectors.values())
-        collector_dropped = sum(s["dropped"] for s in collectors.values())
         store = self.store.stats() if self.store else {}
+        collector_dropped = sum(s["dropped"] for s in collectors.values()) + store.get("rejected", 0)
         store_dropped = store.get("dropped", 0)
         return {
             "version": __version__,
@@ -102,50 +108,25 @@ class Vajrad:
         return f"captured {e['captured']}, stored {e['stored']}, lost {e['lost']}"
 
     # --- start-up -------------------------------------------------------------
-    def _build_collectors(self) -> list[Collector]:
-        if self.config.disable_events:
-            log.info("events are disabled (--disable_events): no collector runs")
+    def _probe_kernel(self) -> kernel.KernelEnv:
+        kernel.ensure_tracefs()
+        runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/vajra").split(":")[0]
+        self.kenv = kernel.probe(runtime)
+        return self.kenv
+
+    def _wanted_units(self, cfg: config.Config) -> list[units.Unit]:
+        """Units the configuration asks for and that are not running yet, in build order."""
+        if cfg.disable_events:
             return []
-        found: list[Collector] = []
-        if self.config.enable_bpf_events:
-            from vajrad.enrich.process_cache import ProcessCache
-            from vajrad.collectors.process.bpf_process_events import ProcessCollector
-            kernel.ensure_tracefs()
-            runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/vajra").split(":")[0]
-            self.kenv = kernel.probe(runtime)
-            cache = ProcessCache(self.config.process_ancestry_cache_size,
-                                 self.config.process_ancestry_max_depth,
-                                 self.config.process_ancestry_cache_ttl)
-            found.append(ProcessCollector(self.kenv, self.config.bpf_output, cache,
-                                          self.config.process_cmdline_max_bytes))
-            if self.config.enable_socket_events:
-                from vajrad.collectors.socket.bpf_socket_events import SocketCollector
-                found.append(SocketCollector(self.kenv, self.config.bpf_output, cache))
-            self.process_cache = cache
-            file_collector = self._file_collector(self.config)
-            if file_collector:
-                found.append(file_collector)
-        else:
-            log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
-        if self.config.enable_file_events:
-            from vajrad.collectors.fim.file_events import FimWatcher
-            found.append(FimWatcher(self.config.fim, self.config.read_max))
-        return found
+        return units.build_order([u for u in UNITS if u.name not in self.units and u.wanted(cfg)])
 
-    def _file_collector(self, cfg: config.Config) -> Collector | None:
-        """The BPF file collector, when there is something to watch: it costs a
-        compile at start-up and a hook on every open for writing, so a host
-        without file_paths does without it until a reload brings some."""
-        if not (cfg.fim and cfg.enable_file_events and cfg.enable_bpf_events and not cfg.disable_events
-                and self.kenv is not None and self.process_cache is not None):
-            return None
-        from vajrad.collectors.fim.bpf_file_events import FileCollector
-        return FileCollector(self.kenv, cfg.bpf_output, self.process_cache, cfg.fim)
-
-    async def _add_collector(self, collector: Collector) -> None:
-        await collector.start()
-        self.collectors.append(collector)
-        self._pumps.append(asyncio.create_task(self._pump(collector)))
+    async def _start_units(self, wanted: list[units.Unit], cfg: config.Config) -> None:
+        for unit in wanted:
+            collector = unit.factory(units.UnitContext(unit, cfg, self.services))
+            await collector.start()
+            self.units[unit.name] = collector
+            self.collectors.append(collector)
+            self._pumps.append(asyncio.create_task(self._pump(collector)))
         produced = {t for c in self.collectors for t in c.tables}
         for c in self.collectors:
             c.producers(produced)
@@ -158,14 +139,16 @@ class Vajrad:
         loop = asyncio.get_running_loop()
         self.store.on_commit = lambda batches: loop.call_soon_threadsafe(self._committed, batches)
         self.store.start()
-        for collector in self._build_collectors():
-            await self._add_collector(collector)
+        if cfg.disable_events:
+            log.info("events are disabled (--disable_events): no collector runs")
+        elif not cfg.enable_bpf_events:
+            log.info("eBPF collectors are disabled (--enable_bpf_events=false)")
+        await self._start_units(self._wanted_units(cfg), cfg)
         if self.collectors:
             release_compiler_memory()
         snapshots = {name: rows for c in self.collectors for name, rows in c.snapshots().items()}
-        describe = next((c.describe_process for c in self.collectors
-                         if type(c).describe_process is not Collector.describe_process), None)
-        self.service = VajraService(self.store, TABLES, self.status, snapshots, describe)
+        self.service = VajraService(self.store, TABLES, self.status, snapshots,
+                                    self.services.find("describe_process"))
         self.api = ApiServer(cfg.api_socket, self.service, self.hub)
         await self.api.start()
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)
@@ -263,14 +246,15 @@ class Vajrad:
         file is reported and the running config stays."""
         self.notifier.reloading()
         try:
-            new = config.load([], self.flags)
+            new = config.load([], self.catalogue, self.flags)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
             self.notifier.ready(self.status_line())
             return
         changed = self.config.changed(new)
         for name in sorted(changed):
-            if name in config.OPTIONS_BY_NAME and not config.OPTIONS_BY_NAME[name].reloadable:
+            option = self.catalogue.by_name.get(name)
+            if option is not None and not option.reloadable:
                 log.warning("option %s changed; restart vajrad to apply it", name)
         if "host_identifier" in changed:
             self.host_id = config.resolve_host_identifier(new.host_identifier)
@@ -282,16 +266,13 @@ class Vajrad:
                 collector.reconfigure(new)
             except Exception as e:      # a collector that cannot follow keeps its old settings
                 log.error("collector %s could not apply the new configuration: %s", collector.name, e)
-        if not any(c.name == "file" for c in self.collectors):
-            started = self._file_collector(new)
-            if started is not None:
-                try:
-                    await self._add_collector(started)
-                    release_compiler_memory()
-                except VajraError as e:
-                    log.error("file collector could not start: %s", e)
-        if new.fim.unmatched:
-            log.warning("file_paths patterns that match nothing yet: %s", ", ".join(new.fim.unmatched))
+        brought = [u for u in self._wanted_units(new) if u.starts_on_reload]
+        if brought:
+            try:
+                await self._start_units(brought, new)
+                release_compiler_memory()
+            except VajraError as e:
+                log.error("collector could not start: %s", e)
         self.config = new
         log.info("configuration reloaded from %s (%s)", new.config_path,
                  ", ".join(sorted(changed)) or "no changes")
@@ -314,7 +295,7 @@ class Vajrad:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(config.help_text())
+        print(config.help_text(CATALOGUE))
         return 0
     if "--version" in argv:
         print(f"vajrad {__version__}")

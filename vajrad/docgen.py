@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from vajrad.config import OPTIONS
+from vajrad.collectors.registry import CATALOGUE, UNITS
 from vajrad.tables import TABLES
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
@@ -39,7 +39,7 @@ def flags_md() -> str:
            "`config_path`, a key under `options` in the config file. Flags win over the file. "
            "*Reload* marks options that SIGHUP applies without a restart.", "",
            "| option | type | default | reload | meaning |", "| --- | --- | --- | --- | --- |"]
-    for o in OPTIONS:
+    for o in CATALOGUE.options:
         default = str(o.default).lower() if o.type is bool else o.default
         choices = f" One of: {', '.join(o.choices)}." if o.choices else ""
         out.append(f"| `{o.name}` | {o.type.__name__} | `{default}` | {'yes' if o.reloadable else ''} "

@@ -93,6 +93,14 @@ class Table:
         own = tuple(c for c in columns if c.name not in EVENT_COLUMN_NAMES)
         return cls(name, description, own + EVENT_COLUMNS, True, notes or {})
 
+    def row(self, **values) -> dict:
+        """A row of this table as a dict: every column, None where not given.
+        An unknown name is a KeyError naming it and the table."""
+        unknown = values.keys() - set(self.column_names)
+        if unknown:
+            raise KeyError(f"{self.name} has no column {', '.join(sorted(unknown))}")
+        return {name: values.get(name) for name in self.column_names}
+
     @property
     def column_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.columns)

@@ -48,6 +48,9 @@ class Collector(abc.ABC):
         """Live (not evented) tables this collector answers: {name: rows()}."""
         return {}
 
+    # Publisher/subscriber between collectors: one that declares `observes`
+    # is handed those tables' rows as committed, and is told which tables
+    # have a running producer (so it knows whether to wait for their rows).
     def observe(self, table: str, rows: list[dict]) -> None:
         """Rows of an `observes` table as committed (eid set); on the event loop."""
 
@@ -56,10 +59,6 @@ class Collector(abc.ABC):
 
     def reconfigure(self, config) -> None:
         """A reloaded Config (SIGHUP); collectors take what they can apply live."""
-
-    def describe_process(self, pid: int) -> dict | None:
-        """A running process and its ancestry, when this collector tracks processes."""
-        return None
 
     @property
     def healthy(self) -> bool:

@@ -45,6 +45,7 @@ FLUSH_INTERVAL_S = 0.2           # at most one commit (and fsync) per interval
 # so one release of the GIL, where executemany releases and retakes it per
 # row and hands it to the collector's thread each time.
 INSERT_CHUNKS = (256, 64, 16, 4, 1)
+STORE_FILLED = frozenset({"eid", "host_identifier", "is_open"})    # set by the writer when absent
 
 
 class StoreError(VajraError):
@@ -215,6 +216,12 @@ class EventStore:
         self._local = threading.local()
         self.stored = 0
         self.dropped = 0
+        # Rows refused because their keys are not their table's columns: a
+        # collector's bug, counted as lost_collector and logged once per key.
+        self.rejected = 0
+        self._bad_keys_logged: set[tuple[str, str, str]] = set()
+        self._columns = {name: (frozenset(t.column_names), frozenset(t.column_names) - STORE_FILLED)
+                         for name, t in self.tables.items()}
         self.expired = 0
         self.last_error: str | None = None
         self._write_failed = False
@@ -313,6 +320,10 @@ class EventStore:
         is_open to 0."""
         if not rows:
             return 0
+        if type(rows[0]) is dict:
+            rows = self._conforming(table, rows)
+            if not rows:
+                return 0
         with self._lock:
             if self._pending + len(rows) > self._queue_rows_max:
                 self.dropped += len(rows)
@@ -320,6 +331,26 @@ class EventStore:
             self._pending += len(rows)
         self._queue.put((table, rows, host_identifier))
         return len(rows)
+
+    def _conforming(self, table: str, rows: list[dict]) -> list[dict]:
+        """The rows whose keys are exactly their table's columns (less those the
+        writer fills). A misspelt key would otherwise be stored as NULL and an
+        extra one dropped, silently."""
+        known, required = self._columns[table]
+        good = []
+        for row in rows:
+            keys = row.keys()
+            if keys <= known and required <= keys:
+                good.append(row)
+                continue
+            self.rejected += 1
+            for kind, names in (("unknown", keys - known), ("missing", required - keys)):
+                for name in sorted(names):
+                    if (table, kind, name) not in self._bad_keys_logged:
+                        self._bad_keys_logged.add((table, kind, name))
+                        log.error("event store: %s rows with %s key %r are refused (a collector bug; "
+                                  "counted in lost_collector)", table, kind, name)
+        return good
 
     def _writer(self) -> None:
         name_native_thread("vajra-store")
@@ -383,12 +414,11 @@ class EventStore:
                         row["eid"] = n
                         if host is not None:
                             row["host_identifier"] = host
+                        elif "host_identifier" not in row:
+                            row["host_identifier"] = None
                         if row.get("is_open") is None:
                             row["is_open"] = 0
-                        try:
-                            v = row_values(row)
-                        except KeyError:          # a row without some optional column
-                            v = tuple(row.get(c) for c in self.tables[table].column_names)
+                        v = row_values(row)     # submit() checked the keys
                         at = len(params)
                         params += v
                         for pos, ref in refs:
@@ -544,5 +574,6 @@ class EventStore:
         return lo is None or hi is None or hi[0] - lo[0] <= NARROW_WINDOW_ROWS
 
     def stats(self) -> dict:
-        return {"stored": self.stored, "dropped": self.dropped, "pending": self._pending,
+        return {"stored": self.stored, "dropped": self.dropped, "rejected": self.rejected,
+                "pending": self._pending,
                 "expired": self.expired, "path": self.path, "last_error": self.last_error}

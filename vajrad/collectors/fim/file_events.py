@@ -189,6 +189,8 @@ class FimWatcher(Collector):
         self.causes = CAUSE_TABLE in tables
 
     def reconfigure(self, config) -> None:
+        if config.fim.unmatched:
+            log.warning("file_paths patterns that match nothing yet: %s", ", ".join(config.fim.unmatched))
         self.read_max = config.read_max
         if config.fim != self.rules and self._wm is not None:
             self._apply(config.fim)

@@ -146,8 +146,5 @@ class ProcessCollector(BpfCollector):
         # every exec and fork before them.
         self.cache.synced_ns = self.program.synced_ns
 
-    def describe_process(self, pid: int) -> dict | None:
-        return self.cache.describe(pid)
-
     def snapshots(self) -> dict:
         return {"process_ancestry_cache_stats": lambda: [self.cache.stats()]}

@@ -1,0 +1,15 @@
+"""Every collector unit vajrad can run, in start-up order. Adding a unit is
+one line here (its declaration lives in its own package)."""
+from vajrad.collectors import fim, process, socket
+from vajrad.config import Catalogue
+from vajrad.units import Unit
+
+UNITS: tuple[Unit, ...] = (
+    process.UNIT,
+    socket.UNIT,
+    fim.BPF_FILE_EVENTS,
+    fim.FILE_EVENTS,
+)
+
+# Every option and config section: the daemon's own and the units'.
+CATALOGUE = Catalogue(UNITS)
