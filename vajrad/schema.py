@@ -81,17 +81,25 @@ class Table:
     evented: bool = True
     # Column notes per event kind, for the docs: {"exec": "...", ...}
     notes: dict = field(default_factory=dict, hash=False, compare=False)
+    # Other names SQL users query this table by (osquery's, where ours differs
+    # by a prefix), offered by `vajractl query`.
+    aliases: tuple[str, ...] = ()
+    # Columns `vajractl events` shows on one line; empty: every non-hidden column.
+    summary: tuple[str, ...] = ()
 
     def __post_init__(self):
         names = [c.name for c in self.columns]
         if len(names) != len(set(names)):
             raise ValueError(f"table {self.name}: duplicate column")
+        for name in self.summary:
+            if name not in names:
+                raise ValueError(f"table {self.name}: summary column {name} is not a column")
 
     @classmethod
-    def events(cls, name: str, description: str, columns, notes=None) -> "Table":
+    def events(cls, name: str, description: str, columns, notes=None, **facts) -> "Table":
         """An event table: its own columns, then the common event columns."""
         own = tuple(c for c in columns if c.name not in EVENT_COLUMN_NAMES)
-        return cls(name, description, own + EVENT_COLUMNS, True, notes or {})
+        return cls(name, description, own + EVENT_COLUMNS, True, notes or {}, **facts)
 
     def row(self, **values) -> dict:
         """A row of this table as a dict: every column, None where not given.

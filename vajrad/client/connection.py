@@ -8,7 +8,7 @@ import socket
 from typing import Any, Iterator
 
 from vajrad.errors import VajraError
-from vajrad.serve.service import event_list_params
+from vajrad.protocol import event_list_params
 
 DEFAULT_SOCKET = "/run/vajra/vajra.sock"
 

@@ -13,11 +13,6 @@ from vajrad.client.connection import ClientError, RemoteError, VajraClient
 from vajrad.tables import TABLES
 from vajrad.client.sql import QueryError
 
-# Columns shown by `vajractl events` without --json, per table.
-SUMMARY = {
-    "bpf_process_events": ("pid", "parent", "uid", "syscall", "path", "cmdline"),
-}
-
 
 def parse_since(value: str) -> int:
     """SECONDS ago, or an absolute time (ISO 8601, or unix seconds prefixed with @)."""
@@ -64,7 +59,7 @@ class EventPrinter:
             if not self.header_done:
                 self.out.write(f"{'TIME':<19} {'TABLE':<20} {'EID':>8}  DETAILS\n")
                 self.header_done = True
-            cols = SUMMARY.get(event["table"]) or [c.name for c in TABLES[event["table"]].columns
+            cols = TABLES[event["table"]].summary or [c.name for c in TABLES[event["table"]].columns
                                                    if not c.hidden][:6]
             details = " ".join(f"{c}={printable(event.get(c))}" for c in cols if event.get(c) not in (None, ""))
             line = f"{_fmt_time(event.get('time'))} {event['table']:<20} {event['eid']:>8}  {details}"

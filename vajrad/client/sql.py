@@ -15,7 +15,7 @@ from vajrad.store.event_store import column_sql
 
 # Names osquery users query by that Vajra stores under a bpf_ name, so that
 # queries written for the process-ancestry osquery build run verbatim.
-ALIASES = {"process_events": "bpf_process_events"}
+ALIASES = {alias: name for name, table in TABLES.items() for alias in table.aliases}
 
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 _ACTIONS = ("CREATE_INDEX CREATE_TABLE CREATE_TEMP_INDEX CREATE_TEMP_TABLE CREATE_TEMP_TRIGGER "

@@ -19,7 +19,8 @@ from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property, m
 from vajrad import __version__
 from vajrad.errors import RequestError, VajraError
 from vajrad.schema import Table
-from vajrad.serve.service import VajraService, event_list_params
+from vajrad.protocol import event_list_params
+from vajrad.serve.service import VajraService
 
 log = logging.getLogger(__name__)
 

@@ -63,16 +63,6 @@ def parse_filter(obj: Any, field: str = "filter") -> Filter:
     return flt
 
 
-def event_list_params(flt: dict, table: str | None = None, limit: int | None = None,
-                      cursor: str | None = None) -> dict:
-    """event/list params, leaving out what is unset (empty or zero means default)."""
-    params: dict[str, Any] = {"filter": flt}
-    for key, value in (("table", table), ("limit", limit), ("cursor", cursor)):
-        if value:
-            params[key] = value
-    return params
-
-
 def encode_cursor(position: dict[str, int]) -> str:
     return base64.urlsafe_b64encode(json.dumps(position, sort_keys=True).encode()).decode()
 

@@ -45,4 +45,6 @@ TABLE = Table.events(
         "exit": "the last thread of a process exiting, at sched_process_exit; a group leader that "
                 "exits before its threads produces no row until the last one goes.",
     },
+    aliases=("process_events",),
+    summary=("pid", "parent", "uid", "syscall", "path", "cmdline"),
 )
