@@ -11,7 +11,6 @@ import sqlite3
 
 from vajrad.errors import VajraError
 from vajrad.tables import TABLES
-from vajrad.store.event_store import column_sql
 
 # Names osquery users query by that Vajra stores under a bpf_ name, so that
 # queries written for the process-ancestry osquery build run verbatim.
@@ -40,12 +39,13 @@ class ReadOnlySql:
             self.conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True)
             self.conn.execute("PRAGMA busy_timeout=5000")
             have = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-            # Tables with shared columns are read through a TEMP VIEW of the
-            # same name (temp is searched before main) that puts the text back.
-            for name, table in TABLES.items():
-                if name in have and any(c.shared for c in table.columns):
-                    select = ", ".join(f"{column_sql(table, c.name)} AS \"{c.name}\"" for c in table.columns)
-                    self.conn.execute(f'CREATE TEMP VIEW "{name}" AS SELECT {select} FROM main."{name}" t')
+            # Each table is read through the view the store keeps for SQL
+            # readers ("<table>__read", which puts shared columns back
+            # together), under the table's own name: temp is searched first.
+            views = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master WHERE type='view'")}
+            for name in TABLES:
+                if name in have and f"{name}__read" in views:
+                    self.conn.execute(f'CREATE TEMP VIEW "{name}" AS SELECT * FROM main."{name}__read"')
             for alias, target in ALIASES.items():
                 if target in have and alias not in have:
                     self.conn.execute(f'CREATE TEMP VIEW "{alias}" AS SELECT * FROM "{target}"')

@@ -6,16 +6,8 @@ sqlite_sequence, which keeps them monotonic across restarts and retention.
 With synchronous=FULL a crash of the process or the machine loses at most
 the batch that was not yet committed, and never the file.
 
-A `shared` column (ancestry) lives in a side table, "<table>__<column>", and
-rows hold its id in "<column>_ref"; reads put the text back. A value that
-carries a node chain (ancestry.Ancestry) is kept as that chain, one side row
-per node (value: the entry, parent: the next node, depth: how many nodes the
-array has from here), so the many arrays that share their ancestors share
-their rows; any other value is kept whole, once (depth 0). Side rows are
-grouped in generations: a generation's rows are only pointed at by event
-rows, and by side rows, written during it (a value still in use is written
-again in the next one), so once retention has removed those event rows the
-whole generation goes, by id range, with no reference counting.
+A `shared` column (ancestry) lives in a side table and rows hold its id: see
+vajrad/store/shared_columns.py.
 """
 from __future__ import annotations
 
@@ -31,6 +23,9 @@ from typing import Callable, Iterable
 
 from vajrad.errors import VajraError
 from vajrad.schema import Table
+from vajrad.store.shared_columns import SharedColumnWriter, column_sql, quote, read_view, side_table
+
+_quote = quote
 from vajrad.threads import name_native_thread
 
 log = logging.getLogger(__name__)
@@ -38,7 +33,6 @@ log = logging.getLogger(__name__)
 _STOP = object()
 NARROW_WINDOW_ROWS = 50_000      # below this, time-bounded queries go through the time index
 SHARED_GENERATION_S = 60         # how often a new generation of shared values starts
-SHARED_MEMO_MAX = 20_000         # distinct shared values remembered by the writer
 SHARED_TEXTS_KEPT = 1024         # shared-column texts a reading thread keeps by id
 FLUSH_INTERVAL_S = 0.2           # at most one commit (and fsync) per interval
 # Rows per INSERT statement. One multi-row statement is one sqlite3_step, and
@@ -81,116 +75,6 @@ _FILTER_CLAUSES = (
 )
 
 
-def _quote(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
-def side_table(table: str, column: str) -> str:
-    return f"{table}__{column}"
-
-
-def column_sql(table: Table, name: str, alias: str = "t") -> str:
-    """The SQL expression that reads a column back, shared or not. Rows stored
-    before the column was shared keep their text in the column itself."""
-    column = table.column(name)
-    if not column.shared:
-        return f"{alias}.{_quote(name)}"
-    side = _quote(side_table(table.name, name))
-    # The node chain from the row's side row, `depth` nodes long; a whole
-    # value (depth 0, or NULL from before chains) is its own text.
-    return (f"COALESCE((WITH RECURSIVE chain(n, value, parent, depth) AS ("
-            f"SELECT 0, s.value, s.parent, COALESCE(s.depth, 0) FROM {side} s "
-            f"WHERE s.id = {alias}.{_quote(name + '_ref')} "
-            f"UNION ALL SELECT c.n + 1, s.value, s.parent, c.depth - 1 FROM chain c "
-            f"JOIN {side} s ON s.id = c.parent WHERE c.depth > 1) "
-            f"SELECT CASE WHEN MAX(depth) = 0 THEN MAX(value) ELSE '[' || group_concat(value, ',') || ']' END "
-            f"FROM (SELECT value, depth FROM chain ORDER BY n)), {alias}.{_quote(name)})")
-
-
-class _SharedColumn:
-    """The writer's side of one shared column: values and nodes -> ids, in
-    generations. Side rows are queued in `rows` and go in with the batch."""
-
-    def __init__(self, table: str, column: str, position: int):
-        self.column, self.position = column, position
-        self.insert_sql = (f"INSERT INTO {_quote(side_table(table, column))} (id, value, parent, depth) "
-                           f"VALUES (?, ?, ?, ?)")
-        self.ids: dict[str, int] = {}
-        self.rows: list[tuple] = []
-        self.next_id = 1
-        self.floor = 1                   # first id of the current generation
-        self.closed: list[tuple[int, int, int]] = []   # (first id, end id, last event eid)
-        self.started = time.monotonic()
-        # Names this column in the nodes' `stored` (a node may be in the side
-        # tables of several event tables); a new token forgets them all.
-        self.token = object()
-
-    def ref(self, value) -> int | None:
-        if value is None:
-            return None
-        node = getattr(value, "node", None)
-        if node is not None:
-            stored = node.stored        # the common case: a chain written already
-            if stored is not None:
-                found = stored.get(self.token)
-                if found is not None and found >= self.floor:
-                    return found
-            return self._node_ref(node)
-        found = self.ids.get(value)
-        if found is not None and found >= self.floor:
-            return found
-        if len(self.ids) >= SHARED_MEMO_MAX:
-            self.ids.clear()
-        n = self._add(value, None, 0)
-        self.ids[value] = n
-        return n
-
-    def _node_ref(self, node) -> int:
-        """The id of a node (its chain written first where it is not yet in
-        this generation); iterative, since a chain may be deep."""
-        token, floor = self.token, self.floor
-        todo = []
-        parent = None
-        while node is not None:
-            stored = node.stored
-            if stored is not None:
-                parent = stored.get(token)
-                if parent is not None and parent >= floor:
-                    break
-                parent = None
-            todo.append(node)
-            node = node.rest if node.depth > 1 else None
-        for node in reversed(todo):
-            parent = self._add(node.entry, parent, node.depth)
-            if node.stored is None:
-                node.stored = {}
-            node.stored[token] = parent
-        return parent
-
-    def _add(self, value: str, parent: int | None, depth: int) -> int:
-        n = self.next_id
-        self.rows.append((n, value, parent, depth))
-        self.next_id = n + 1
-        return n
-
-    def flush(self, conn: sqlite3.Connection) -> None:
-        if self.rows:
-            conn.executemany(self.insert_sql, self.rows)
-            self.rows = []
-
-    def forget(self) -> None:
-        """After a rolled-back batch: nothing it wrote exists."""
-        self.ids.clear()
-        self.rows = []
-        self.token = object()
-
-    def rotate(self, last_eid: int) -> None:
-        """Closes the current generation; rows up to last_eid are its users."""
-        if self.next_id > self.floor:
-            self.closed.append((self.floor, self.next_id, last_eid))
-        self.floor, self.started = self.next_id, time.monotonic()
-
-
 class EventStore:
     def __init__(self, path: str, tables: dict[str, Table], *, expiry: int, max_rows: int,
                  queue_rows: int = 200_000, flush_interval: float = FLUSH_INTERVAL_S,
@@ -212,7 +96,7 @@ class EventStore:
         self._insert_sql: dict[str, dict[int, str]] = {}     # table -> rows per statement -> SQL
         self._row_values: dict[str, Callable[[dict], tuple]] = {}
         self._slots: dict[str, tuple[int, int, int]] = {}     # table -> where eid, host_identifier, is_open go
-        self._shared: dict[str, list[_SharedColumn]] = {}
+        self._shared: dict[str, list[SharedColumnWriter]] = {}
         self._local = threading.local()
         self.stored = 0
         self.dropped = 0
@@ -237,6 +121,7 @@ class EventStore:
             conn.execute("PRAGMA busy_timeout=5000")
             for table in self.tables.values():
                 self._create(conn, table)
+                self._create_read_view(conn, table)
             for table in self.tables:
                 self._seq[table] = self._high_water(conn, table)
                 for shared in self._shared[table]:
@@ -280,7 +165,17 @@ class EventStore:
                 for extra in ("parent", "depth"):     # whole values only, from before node chains
                     if extra not in have:
                         conn.execute(f"ALTER TABLE {side} ADD COLUMN {extra} INTEGER")
-                self._shared[table.name].append(_SharedColumn(table.name, c.name, i))
+                self._shared[table.name].append(SharedColumnWriter(table.name, c.name, i))
+
+    @staticmethod
+    def _create_read_view(conn: sqlite3.Connection, table: Table) -> None:
+        """"<table>__read": the table as its columns read, shared ones put back
+        together, for SQL readers (vajractl query) that know nothing of the
+        side tables. Made anew at each start, so it follows this version's layout."""
+        view = quote(read_view(table.name))
+        conn.execute(f"DROP VIEW IF EXISTS {view}")
+        select = ", ".join(f"{column_sql(table, c.name)} AS {quote(c.name)}" for c in table.columns)
+        conn.execute(f"CREATE VIEW {view} AS SELECT {select} FROM {quote(table.name)} t")
 
     @staticmethod
     def _high_water(conn: sqlite3.Connection, table: str) -> int:
