@@ -12,14 +12,11 @@ import os
 import socket
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from vajrad import __version__
 
 from vajrad.errors import ConfigError
-
-if TYPE_CHECKING:
-    from vajrad.units import Section, Unit
 
 DEFAULT_CONFIG_PATH = "/etc/vajra/vajra.conf"
 
@@ -124,12 +121,13 @@ CORE_OPTIONS: tuple[Option, ...] = (
 class Catalogue:
     """Every option and config-file section: the daemon's own and its units'."""
 
-    def __init__(self, units: tuple["Unit", ...] = ()):
+    def __init__(self, units: tuple = ()):
+        """units: vajrad.units.Unit declarations (their options and sections)."""
         self.options: tuple[Option, ...] = CORE_OPTIONS + tuple(o for u in units for o in u.options)
         self.by_name = {o.name: o for o in self.options}
         if len(self.by_name) != len(self.options):
             raise ValueError("an option is declared twice")
-        self.sections: tuple["Section", ...] = tuple(u.section for u in units if u.section)
+        self.sections: tuple = tuple(u.section for u in units if u.section)
         self.top_level_keys = ("options",) + tuple(k for sec in self.sections for k in sec.keys)
 
 

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+from vajrad.config import Config, Option
 from vajrad.errors import VajraError
 
 if TYPE_CHECKING:
     from vajrad.collectors.base import Collector
-    from vajrad.config import Config, Option
 
 
 class UnitError(VajraError):
@@ -45,8 +45,8 @@ class Unit:
     tables: tuple[str, ...]
     # (context) -> a Collector; called only when `wanted(config)` holds.
     factory: Callable[["UnitContext"], "Collector"]
-    wanted: Callable[["Config"], bool]
-    options: tuple["Option", ...] = ()
+    wanted: Callable[[Config], bool]
+    options: tuple[Option, ...] = ()
     section: Section | None = None
     # Services this unit needs from others (or from the daemon's own, see
     # `Services`), and those it provides once built.
@@ -88,7 +88,7 @@ class Services:
 class UnitContext:
     """What a factory is given: the configuration and the shared services."""
     unit: Unit
-    config: "Config"
+    config: Config
     services: Services
     provided: dict[str, Any] = field(default_factory=dict)
 
