@@ -20,8 +20,10 @@ def tables_md() -> str:
            "Types are osquery's. Options: *hidden* columns are left out of `SELECT *` in osquery; "
            "*additional* columns are used as constraints but not required.", ""]
     for t in TABLES.values():
-        out += [f"## {t.name}", "", t.description, "", "| column | type | options | description |",
-                "| --- | --- | --- | --- |"]
+        out += [f"## {t.name}", "", t.description, ""]
+        if t.aliases:
+            out += ["`vajractl query` also answers it as " + ", ".join(f"`{a}`" for a in t.aliases) + ".", ""]
+        out += ["| column | type | options | description |", "| --- | --- | --- | --- |"]
         for c in t.columns:
             opts = ", ".join(o for o in ("hidden", "additional", "index") if getattr(c, o))
             out.append(f"| `{c.name}` | {c.type} | {opts} | {c.description} |")
@@ -34,7 +36,7 @@ def tables_md() -> str:
 
 def flags_md() -> str:
     out = ["# Flags and options", "",
-           "Generated from `vajrad/config.py` by `python -m vajrad.docgen`; do not edit by hand.", "",
+           "Generated from `vajrad/config.py` and the units' declarations (`vajrad/collectors/*/__init__.py`) by `python -m vajrad.docgen`; do not edit by hand.", "",
            "Each option is a flag (`--name=value`; booleans also `--name` and `--noname`) and, except "
            "`config_path`, a key under `options` in the config file. Flags win over the file. "
            "*Reload* marks options that SIGHUP applies without a restart.", "",
