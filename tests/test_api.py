@@ -349,3 +349,27 @@ def test_internal_errors_are_logged_at_a_bounded_rate(caplog):
         except OverflowError:
             limited.exception("api: %s failed", "event/list")
     assert "997 similar errors not logged" in caplog.records[-1].getMessage()
+
+
+@needs_root
+def test_nothing_the_daemon_writes_is_for_other_users(daemon_factory, workdir):
+    """Issue 17 item 4, end to end: a daemon started under umask 000 (worse
+    than quickstart's 022) makes its directories 0750 and its files 0640."""
+    store_dir = os.path.join(workdir, "lib", "vajra")
+    run_dir = os.path.join(workdir, "run", "vajra")
+    d = daemon_factory("--enable_bpf_events=false", f"--api_socket={run_dir}/vajra.sock",
+                       database=os.path.join(store_dir, "events.db"),
+                       prefix=["sh", "-c", 'umask 000; exec "$@"', "sh"])
+    d.socket = f"{run_dir}/vajra.sock"
+    assert rpc(d, "ping") == "pong"
+    db = os.path.join(store_dir, "events.db")
+    for path in (db, db + "-wal", db + "-shm"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640, path
+    for path in (store_dir, os.path.dirname(store_dir), run_dir, os.path.dirname(run_dir)):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o750, path
+    try:
+        gid = grp.getgrnam("vajra").gr_gid
+    except KeyError:
+        gid = 0
+    assert os.stat(db).st_gid == gid and os.stat(run_dir).st_gid == gid
+    assert rpc(d, "status")["store"]["warnings"] == []

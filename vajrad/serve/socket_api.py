@@ -92,14 +92,18 @@ class ApiServer:
 
     async def start(self) -> None:
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        self._remove_stale()
-        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
-        os.chmod(self.path, 0o660)
         try:
             gid = grp.getgrnam("vajra").gr_gid
         except KeyError:
             gid = -1
+        if not os.path.isdir(directory):
+            # Members of group vajra reach the socket through it; nobody else.
+            os.makedirs(directory, mode=0o750)
+            os.chmod(directory, 0o750)
+            os.chown(directory, 0, gid)
+        self._remove_stale()
+        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+        os.chmod(self.path, 0o660)
         os.chown(self.path, 0, gid)
 
     def _remove_stale(self) -> None:
