@@ -38,7 +38,7 @@ def ancestries(lines: int = 50, depth: int = 8) -> list:
 
 def seed(path: str, events: int, span_s: int) -> int:
     """`events` rows spread evenly over the last span_s seconds; returns the start time."""
-    store = EventStore(path, TABLES, expiry=0, max_rows=0, queue_rows=events + 1)
+    store = EventStore(path, TABLES, expiry=0, max_rows=0, max_pending_rows=events + 1)
     store.open()
     store.start()
     start = int(time.time()) - span_s

@@ -1,7 +1,9 @@
 """The JSON-lines socket: methods, filter semantics, malformed input,
 permissions and slow subscribers."""
+import base64
 import grp
 import json
+import logging
 import os
 import socket
 import stat
@@ -14,6 +16,8 @@ import pytest
 from conftest import needs_bpf, needs_root
 from harness import jsonrpc_lines
 from vajrad.tables import TABLES
+from vajrad.serve.service import encode_cursor
+from vajrad.serve.wire import RateLimitedLog
 from vajrad.store.event_store import EventStore
 
 NOW = int(time.time())
@@ -246,3 +250,126 @@ def test_other_methods_name_the_bad_field(api, method, params, field):
         {"jsonrpc": "2.0", "id": 1, "method": method, "params": params}).encode() + b"\n", 1)
     assert reply["error"]["code"] == -32602 and reply["error"]["data"]["field"] == field
     assert rpc(api, "ping") == "pong"
+
+
+def strict_json(line: bytes):
+    """What a strict JSON reader accepts: UTF-8, no NaN or Infinity."""
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+    return json.loads(line.decode("utf-8"), parse_constant=refuse)
+
+
+def raw_replies(sock_path, payload: bytes, replies: int, timeout: float = 20) -> list[bytes]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(sock_path)
+    s.sendall(payload)
+    buf, out = b"", []
+    while len(out) < replies:
+        chunk = s.recv(1 << 16)
+        if not chunk:
+            break
+        buf += chunk
+        while b"\n" in buf and len(out) < replies:
+            line, buf = buf.split(b"\n", 1)
+            out.append(line)
+    s.close()
+    return out
+
+
+HOSTILE_LINES = [
+    # (line, expected error code or None for a result, expected id)
+    (b"[" * 1000 + b"]" * 1000, -32700, None),
+    (b'{"jsonrpc":"2.0","id":1,"method":"ping","params":{"x":' + b"7" * 5000 + b"}}", -32700, None),
+    (b'{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}', None, "\ufffd"),
+    (b'{"jsonrpc":"2.0","id":"\xed\xa0\x80","method":"ping"}', -32700, None),
+    (b'{"jsonrpc":"2.0","id":2,"method":"event/list","params":{"filter":{"\\udfff":1}}}', -32602, 2),
+    (b'{"jsonrpc":"2.0","id":3,"method":"event/list","params":{"filter":{"start_time":0},"table":"\\ud800"}}',
+     -32602, 3),
+    (b'{"jsonrpc":"2.0","id":1e999,"method":"ping"}', -32700, None),
+    (b'{"jsonrpc":"2.0","id":NaN,"method":"ping"}', -32700, None),
+    (b'{"jsonrpc":"2.0","id":4,"method":"ping","params":-Infinity}', -32700, None),
+    (b'{"jsonrpc":"2.0","id":[5],"method":"ping"}', -32600, None),
+    (b'{"jsonrpc":"2.0","id":6,"method":"unsubscribe","params":{"subscription":{"a":1}}}', -32602, 6),
+    (b'{"jsonrpc":"2.0","id":7,"method":"' + b"m" * 100_000 + b'"}', -32601, 7),
+]
+
+
+def test_hostile_lines_get_one_valid_reply_each_and_keep_the_connection(api):
+    """Issue 17 items 1 and 2: each of these closed the connection without a
+    reply, or answered with NaN/Infinity, before."""
+    ping = b'{"jsonrpc":"2.0","id":"p","method":"ping"}'
+    payload = b"".join(line + b"\n" + ping + b"\n" for line, _, _ in HOSTILE_LINES)
+    lines = raw_replies(api.socket, payload, 2 * len(HOSTILE_LINES))
+    assert len(lines) == 2 * len(HOSTILE_LINES)
+    replies = [strict_json(line) for line in lines]
+    for (sent, code, id_), reply in zip(HOSTILE_LINES, replies[0::2]):
+        assert reply["jsonrpc"] == "2.0" and reply["id"] == id_, (sent[:80], reply)
+        if code is None:
+            assert reply["result"] == "pong"
+        else:
+            assert reply["error"]["code"] == code, (sent[:80], reply)
+            assert len(reply["error"]["message"]) < 400      # an echoed value is cut short
+    assert all(r == {"jsonrpc": "2.0", "result": "pong", "id": "p"} for r in replies[1::2])
+    assert "Traceback" not in api.log
+
+
+@pytest.mark.parametrize("params,field", [
+    ({"filter": {"start_time": 1 << 63}}, "filter.start_time"),
+    ({"filter": {"end_time": 10 ** 30}}, "filter.end_time"),
+    ({"filter": {"start_eid": str(1 << 64)}}, "filter.start_eid"),
+    ({"filter": {"end_eid": 1 << 63}}, "filter.end_eid"),
+    ({"filter": {"start_time": "9" * 5000}}, "filter.start_time"),
+    ({"filter": {"start_time": 0}, "cursor": encode_cursor({"bpf_process_events": 1 << 63})}, "cursor"),
+    ({"filter": {"start_time": 0}, "cursor": base64.urlsafe_b64encode(b"[" * 5000).decode()}, "cursor"),
+    ({"filter": {"start_time": 0}, "cursor": "\u00e9t\u00e9"}, "cursor"),
+])
+def test_numbers_beyond_sqlite_integers_are_bad_params(api, params, field):
+    """Issue 17 item 3: these were -32603 with a traceback each."""
+    [reply] = jsonrpc_lines(api.socket, json.dumps(
+        {"jsonrpc": "2.0", "id": 9, "method": "event/list", "params": params}).encode() + b"\n", 1)
+    assert reply["id"] == 9 and reply["error"]["code"] == -32602, reply
+    assert reply["error"]["data"]["field"] == field
+    assert "Traceback" not in api.log and "internal error" not in api.log
+
+
+def test_internal_errors_are_logged_at_a_bounded_rate(caplog):
+    limited = RateLimitedLog(logging.getLogger("vajra-test-ratelimit"), burst=3, period=3600)
+    with caplog.at_level(logging.ERROR, logger="vajra-test-ratelimit"):
+        for i in range(1000):
+            try:
+                raise OverflowError(f"number {i}")
+            except OverflowError:
+                limited.exception("api: %s failed", "event/list")
+    assert len(caplog.records) == 3 and limited.total == 1000 and limited.suppressed == 997
+    limited.window_start -= 3600          # the next period
+    with caplog.at_level(logging.ERROR, logger="vajra-test-ratelimit"):
+        try:
+            raise OverflowError("again")
+        except OverflowError:
+            limited.exception("api: %s failed", "event/list")
+    assert "997 similar errors not logged" in caplog.records[-1].getMessage()
+
+
+@needs_root
+def test_nothing_the_daemon_writes_is_for_other_users(daemon_factory, workdir):
+    """Issue 17 item 4, end to end: a daemon started under umask 000 (worse
+    than quickstart's 022) makes its directories 0750 and its files 0640."""
+    store_dir = os.path.join(workdir, "lib", "vajra")
+    run_dir = os.path.join(workdir, "run", "vajra")
+    d = daemon_factory("--enable_bpf_events=false", f"--api_socket={run_dir}/vajra.sock",
+                       database=os.path.join(store_dir, "events.db"),
+                       prefix=["sh", "-c", 'umask 000; exec "$@"', "sh"])
+    d.socket = f"{run_dir}/vajra.sock"
+    assert rpc(d, "ping") == "pong"
+    db = os.path.join(store_dir, "events.db")
+    for path in (db, db + "-wal", db + "-shm"):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o640, path
+    for path in (store_dir, os.path.dirname(store_dir), run_dir, os.path.dirname(run_dir)):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o750, path
+    try:
+        gid = grp.getgrnam("vajra").gr_gid
+    except KeyError:
+        gid = 0
+    assert os.stat(db).st_gid == gid and os.stat(run_dir).st_gid == gid
+    assert rpc(d, "status")["store"]["warnings"] == []

@@ -43,11 +43,23 @@ def test_select_json_and_alias(store):
     ("ATTACH DATABASE '/tmp/x.db' AS x", "ATTACH"),
     ("SELECT load_extension('/tmp/evil.so')", "load_extension"),
     ("PRAGMA writable_schema = 1", "PRAGMA"),
+    ("SELECT * FROM pragma_journal_mode('delete')", "refused"),
+    ("SELECT * FROM pragma_writable_schema", "refused"),
 ])
 def test_writes_attach_and_extensions_are_refused(store, sql, needle):
     r = query(store, sql)
     assert r.returncode == 1 and "read-only" in r.stderr and needle in r.stderr
     assert query(store, "SELECT COUNT(*) FROM bpf_process_events").stdout.split()[-1] == "30"
+
+
+def test_read_only_pragma_functions_are_allowed(store):
+    """Issue 17 item 8: pragma_table_info() was refused as a PRAGMA."""
+    r = query(store, "SELECT name FROM pragma_table_info('bpf_process_events') WHERE name IN ('pid', 'cmdline')"
+                     " ORDER BY cid", "--json")
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["name"] for line in r.stdout.splitlines()] == ["pid", "cmdline"]
+    r = query(store, "SELECT COUNT(*) > 0 AS n FROM pragma_index_list('bpf_process_events', 'main')")
+    assert r.returncode == 0 and r.stdout.split() == ["n", "1"], r.stderr
 
 
 def test_bad_sql_and_missing_store(store, workdir):

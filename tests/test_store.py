@@ -1,12 +1,17 @@
 """The SQLite store on its own: eids, retention, overload, schema upgrades."""
+import grp
 import json
+import os
 import sqlite3
+import stat
 import threading
 import time
 
+import pytest
+
 from vajrad.tables import TABLES
 from vajrad.client.sql import ReadOnlySql
-from vajrad.store.event_store import EventStore, Filter
+from vajrad.store.event_store import EventStore, Filter, StoreError
 
 T = "bpf_process_events"
 
@@ -51,7 +56,7 @@ def test_expiry_by_age(tmp_path):
 
 
 def test_rows_beyond_the_queue_bound_are_dropped_and_counted(tmp_path):
-    s = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0, queue_rows=100)
+    s = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0, max_pending_rows=100)
     s.open()                 # writer not started: nothing drains the queue
     assert s.submit(T, rows(80)) == 80
     assert s.submit(T, rows(30)) == 0
@@ -321,3 +326,127 @@ def test_rows_whose_keys_are_not_the_columns_are_refused_and_counted(tmp_path, c
     assert any("'cmdline'" in m and "missing" in m for m in refused)
     assert any("'container'" in m and "unknown" in m for m in refused)
     assert any("'path'" in m and "missing" in m for m in refused)
+
+
+def count_rows(path, table=T) -> int:
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return con.execute(f'SELECT COUNT(*) FROM "{table}"').fetchone()[0]
+    finally:
+        con.close()
+
+
+def test_retention_runs_on_a_quiet_store(tmp_path):
+    """Issue 21, defect 1: the writer blocked on its queue, so retention ran
+    only after a write and expired rows outlived events_expiry on a quiet host."""
+    db = tmp_path / "e.db"
+    now = int(time.time())
+    s = open_store(db)                        # no expiry while seeding
+    s.submit(T, rows(5, t=now - 600) + rows(2, t=now + 600))
+    s.stop()
+    assert count_rows(db) == 7
+    s = open_store(db, expiry=60, retention_interval=0.1)
+    try:
+        deadline = time.monotonic() + 20      # no row is submitted from here on
+        while count_rows(db) != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert count_rows(db) == 2 and s.expired == 5
+        assert s.stored == 0 and s.commits == 0
+    finally:
+        s.stop()
+
+
+def test_a_full_batch_is_committed_without_waiting_for_its_age(tmp_path):
+    s = open_store(tmp_path / "e.db", max_pending_ms=60_000, batch_rows=50)
+    done = threading.Event()
+    s.on_commit = lambda batches: done.set()
+    try:
+        s.submit(T, rows(30))
+        s.submit(T, rows(30))
+        assert done.wait(30)                  # not 60 s: by size, not by age
+        assert s.stored == 60
+    finally:
+        s.stop()
+
+
+def test_status_shows_pending_rows_and_the_age_of_the_oldest(tmp_path):
+    s = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0, max_pending_ms=150)
+    s.open()                 # writer not started: rows stay queued
+    assert s.stats()["oldest_pending_ms"] == 0 and s.stats()["pending"] == 0
+    t0 = time.monotonic()
+    s.submit(T, rows(3))
+    s.submit(T, rows(4))
+    time.sleep(0.1)
+    waited_ms = (time.monotonic() - t0) * 1000
+    stats = s.stats()
+    assert stats["pending"] == 7 and stats["oldest_pending_ms"] >= int(waited_ms) - 1
+    assert stats["max_pending_ms"] == 150
+    s.start()
+    s.stop()
+    assert s.stats()["pending"] == 0 and s.stats()["oldest_pending_ms"] == 0 and s.stored == 7
+
+
+def modes(*paths):
+    return [stat.S_IMODE(os.stat(p).st_mode) for p in paths]
+
+
+def vajra_gid():
+    try:
+        return grp.getgrnam("vajra").gr_gid
+    except KeyError:
+        return None
+
+
+def test_store_files_are_private_whatever_the_umask(tmp_path):
+    """Issue 17 item 4: under umask 022 the store, -wal and -shm were 0644."""
+    db = tmp_path / "new" / "sub" / "e.db"
+    old = os.umask(0)
+    try:
+        s = open_store(db)
+        s.submit(T, rows(3))
+        s.stop()
+        s = open_store(db)        # -wal and -shm exist while it is open
+        files = [db, f"{db}-wal", f"{db}-shm"]
+        assert modes(*files) == [0o640] * 3
+        assert modes(tmp_path / "new", tmp_path / "new" / "sub") == [0o750] * 2
+        if os.geteuid() == 0 and vajra_gid() is not None:
+            assert {os.stat(p).st_gid for p in files} == {vajra_gid()}
+        assert s.stats()["warnings"] == []
+        s.stop()
+    finally:
+        os.umask(old)
+
+
+def test_an_older_open_store_is_tightened_and_a_tighter_one_kept(tmp_path):
+    db = tmp_path / "e.db"
+    s = open_store(db)
+    s.submit(T, rows(2))
+    s.stop()
+    os.chmod(db, 0o666)
+    (tmp_path / "e.db-wal").write_bytes(b"")
+    os.chmod(tmp_path / "e.db-wal", 0o644)
+    s = open_store(db)
+    assert modes(db) == [0o640]
+    s.stop()
+    os.chmod(db, 0o600)
+    s = open_store(db)
+    assert modes(db) == [0o600]
+    assert len(s.query(T, Filter(start_time=0), 10)) == 2
+    s.stop()
+
+
+def test_an_open_directory_is_reported_and_a_writable_one_refused(tmp_path):
+    readable = tmp_path / "readable"
+    readable.mkdir()
+    os.chmod(readable, 0o755)
+    s = open_store(readable / "e.db")
+    [warning] = s.stats()["warnings"]
+    assert str(readable) in warning and "0755" in warning
+    assert modes(readable) == [0o755]           # not ours to change
+    s.stop()
+    writable = tmp_path / "writable"
+    writable.mkdir()
+    os.chmod(writable, 0o1777)
+    with pytest.raises(StoreError, match="writable by every user"):
+        EventStore(str(writable / "e.db"), TABLES, expiry=0, max_rows=0).open()
+    assert not (writable / "e.db").exists()

@@ -108,6 +108,14 @@ CORE_OPTIONS: tuple[Option, ...] = (
            minimum=0, reloadable=True),
     Option("events_max", int, 50000, "Rows to keep per table; 0 means no limit.",
            minimum=0, reloadable=True),
+    Option("store_max_pending_ms", int, 200,
+           "Longest a captured event waits in the store's queue for its commit (one fsync per interval "
+           "under load): with what the collectors hold, the bound on what a crash loses (docs/storage.md).",
+           minimum=10, maximum=10_000),
+    Option("store_max_pending_rows", int, 50_000,
+           "Events the store's queue holds at most; beyond that, events are dropped and counted "
+           "(status: events.lost_store) rather than queued, so a crash cannot lose more.",
+           minimum=1000),
     Option("bpf_output", str, "auto",
            "Kernel-to-user channel: ringbuf (5.8+), perf (older kernels), or auto.",
            choices=("auto", "ringbuf", "perf")),

@@ -134,7 +134,8 @@ class Vajrad:
     async def _start(self) -> None:
         cfg = self.config
         self.store = EventStore(cfg.database_path, TABLES, expiry=cfg.events_expiry,
-                                max_rows=cfg.events_max)
+                                max_rows=cfg.events_max, max_pending_ms=cfg.store_max_pending_ms,
+                                max_pending_rows=cfg.store_max_pending_rows)
         self.store.open()
         loop = asyncio.get_running_loop()
         self.store.on_commit = lambda batches: loop.call_soon_threadsafe(self._committed, batches)
@@ -300,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--version" in argv:
         print(f"vajrad {__version__}")
         return 0
+    # Nothing vajrad writes is for other users, whatever umask it inherits
+    # (quickstart's shell has 022); the store and the socket also set theirs.
+    os.umask(0o027)
     logs.configure("--verbose" in argv or "--verbose=true" in argv)
     try:
         daemon = Vajrad(argv)

@@ -24,6 +24,12 @@ _ACTIONS = ("CREATE_INDEX CREATE_TABLE CREATE_TEMP_INDEX CREATE_TEMP_TABLE CREAT
             "SAVEPOINT").split()
 _ACTION_NAMES = {getattr(sqlite3, "SQLITE_" + n): n for n in _ACTIONS if hasattr(sqlite3, "SQLITE_" + n)}
 _BLOCKED_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
+# Pragmas that only describe the schema or the build, whatever their argument:
+# allowed, so that the table-valued forms (SELECT * FROM pragma_table_info('x'))
+# work. Any other pragma (journal_mode, writable_schema, ...) stays refused.
+_READ_ONLY_PRAGMAS = {"table_info", "table_xinfo", "table_list", "index_list", "index_info", "index_xinfo",
+                      "foreign_key_list", "function_list", "module_list", "pragma_list", "collation_list",
+                      "database_list", "compile_options"}
 
 
 class QueryError(VajraError):
@@ -55,6 +61,13 @@ class ReadOnlySql:
                                   + ", ".join(f'"{c.name}" {c.sqlite_type}' for c in cols) + ")")
                 self.conn.executemany(f'INSERT INTO temp."{name}" VALUES ({", ".join("?" for _ in cols)})',
                                       [tuple(r.get(c.name) for c in cols) for r in rows])
+            # SQLite asks to update sqlite_master when a connection first uses an
+            # eponymous virtual table (a table-valued pragma, json_each): done
+            # here, before the authorizer, so that only the PRAGMA itself is asked later.
+            for name in sorted(_READ_ONLY_PRAGMAS):
+                self.conn.execute(f"SELECT * FROM pragma_{name} LIMIT 0").fetchall()
+            for name in ("json_each", "json_tree"):
+                self.conn.execute(f"SELECT * FROM {name}('[]') LIMIT 0").fetchall()
         except sqlite3.Error as e:
             raise QueryError(f"cannot open {database}: {e}") from e
         self.refused: str | None = None
@@ -64,6 +77,8 @@ class ReadOnlySql:
         if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in _BLOCKED_FUNCTIONS:
             refused = f"function {arg2}()"
         elif action in _ALLOWED:
+            return sqlite3.SQLITE_OK
+        elif action == sqlite3.SQLITE_PRAGMA and (arg1 or "").lower() in _READ_ONLY_PRAGMAS:
             return sqlite3.SQLITE_OK
         elif (arg1 or "").startswith(("sqlite_master", "sqlite_temp_master", "sqlite_schema")):
             refused = "a schema change"       # SQLite asks for this before CREATE/DROP

@@ -11,10 +11,13 @@ from typing import Any
 
 from vajrad.errors import RequestError
 from vajrad.schema import Table
+from vajrad.serve.wire import ParseError, decode, shown, shown_key
 from vajrad.store.event_store import EventStore, Filter
 
 DEFAULT_LIMIT = 1000
 MAX_LIMIT = 10000
+INT64_MAX = (1 << 63) - 1       # SQLite's INTEGER: a bigger number cannot even be compared in SQL
+MAX_PID = (1 << 31) - 1
 FILTER_KEYS = ("host_identifier", "is_open", "start_time", "end_time", "start_eid", "end_eid")
 
 
@@ -24,20 +27,20 @@ def parse_bool(value: Any, field: str) -> bool:
         return value
     if isinstance(value, str) and value.lower() in ("true", "t", "false", "f"):
         return value.lower() in ("true", "t")
-    raise RequestError(f"{field} must be a boolean (true/false, or \"true\"/\"t\"), got {value!r}", field)
+    raise RequestError(f"{field} must be a boolean (true/false, or \"true\"/\"t\"), got {shown(value)}", field)
 
 
 def parse_int(value: Any, field: str, minimum: int | None = None, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise RequestError(f"{field} must be an integer, got {value!r}", field)
+        raise RequestError(f"{field} must be an integer, got {shown(value)}", field)
     try:
         n = int(value)
-    except ValueError:
-        raise RequestError(f"{field} must be an integer, got {value!r}", field) from None
+    except ValueError:        # not digits, or more digits than int() takes
+        raise RequestError(f"{field} must be an integer, got {shown(value)}", field) from None
     if minimum is not None and n < minimum:
-        raise RequestError(f"{field} must be >= {minimum}, got {n}", field)
+        raise RequestError(f"{field} must be >= {minimum}, got {shown(n)}", field)
     if maximum is not None and n > maximum:
-        raise RequestError(f"{field} must be <= {maximum}, got {n}", field)
+        raise RequestError(f"{field} must be <= {maximum}, got {shown(n)}", field)
     return n
 
 
@@ -46,8 +49,9 @@ def parse_filter(obj: Any, field: str = "filter") -> Filter:
         raise RequestError(f"{field} must be an object", field)
     unknown = [k for k in obj if k not in FILTER_KEYS]
     if unknown:
-        raise RequestError(f"{field}.{unknown[0]} is not a filter field (known: {', '.join(FILTER_KEYS)})",
-                           f"{field}.{unknown[0]}")
+        key = shown_key(unknown[0])
+        raise RequestError(f"{field}.{key} is not a filter field (known: {', '.join(FILTER_KEYS)})",
+                           f"{field}.{key}")
     if not any(k in obj for k in FILTER_KEYS):
         raise RequestError(f"{field} must hold at least one of {', '.join(FILTER_KEYS)}", field)
     flt = Filter()
@@ -59,7 +63,7 @@ def parse_filter(obj: Any, field: str = "filter") -> Filter:
         flt.is_open = parse_bool(obj["is_open"], f"{field}.is_open")
     for key in ("start_time", "end_time", "start_eid", "end_eid"):
         if key in obj:
-            setattr(flt, key, parse_int(obj[key], f"{field}.{key}", minimum=0))
+            setattr(flt, key, parse_int(obj[key], f"{field}.{key}", minimum=0, maximum=INT64_MAX))
     return flt
 
 
@@ -73,11 +77,11 @@ def decode_cursor(cursor: Any, tables: dict[str, Table]) -> dict[str, int]:
     if not isinstance(cursor, str):
         raise RequestError("cursor must be a string returned by a previous call", "cursor")
     try:
-        position = json.loads(base64.urlsafe_b64decode(cursor.encode()))
-    except (binascii.Error, ValueError, UnicodeDecodeError):
+        position = decode(base64.urlsafe_b64decode(cursor.encode("ascii")))
+    except (binascii.Error, ValueError, ParseError):     # also a cursor that is not ASCII
         raise RequestError("cursor is not one this daemon returned", "cursor") from None
     if not isinstance(position, dict) or not all(
-            k in tables and isinstance(v, int) and not isinstance(v, bool) and v >= 0
+            k in tables and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT64_MAX
             for k, v in position.items()):
         raise RequestError("cursor is not one this daemon returned", "cursor")
     return position
@@ -108,7 +112,7 @@ class VajraService:
         if table in (None, ""):
             return None
         if not isinstance(table, str) or table not in self.event_tables:
-            raise RequestError(f"{field}: unknown event table {table!r} "
+            raise RequestError(f"{field}: unknown event table {shown(table)} "
                                f"(known: {', '.join(self.event_tables)})", field)
         return table
 
@@ -118,11 +122,11 @@ class VajraService:
             raise RequestError("params.table is required", "table")
         unknown = [k for k in params if k != "table"]
         if unknown:
-            raise RequestError(f"unknown parameter {unknown[0]}", unknown[0])
+            raise RequestError(f"unknown parameter {shown_key(unknown[0])}", shown_key(unknown[0]))
         name = params["table"]
         if name not in self.tables or self.tables[name].evented:
             live = [n for n, t in self.tables.items() if not t.evented]
-            raise RequestError(f"table: {name!r} is not a live table (known: {', '.join(live)}; "
+            raise RequestError(f"table: {shown(name)} is not a live table (known: {', '.join(live)}; "
                                f"event tables are read with event/list)", "table")
         rows = self.snapshots.get(name)
         if rows is None:
@@ -132,7 +136,7 @@ class VajraService:
     def process_tree(self, params: Any) -> dict:
         if not isinstance(params, dict) or "pid" not in params:
             raise RequestError("params.pid is required", "pid")
-        pid = parse_int(params["pid"], "pid", minimum=1)
+        pid = parse_int(params["pid"], "pid", minimum=1, maximum=MAX_PID)
         found = self.describe_process(pid) if self.describe_process else None
         if found is None:
             raise RequestError(f"pid: no running process {pid} is known"
@@ -145,7 +149,7 @@ class VajraService:
             raise RequestError("params must be an object", "params")
         unknown = [k for k in params if k not in ("filter", "table", "limit", "cursor")]
         if unknown:
-            raise RequestError(f"unknown parameter {unknown[0]}", unknown[0])
+            raise RequestError(f"unknown parameter {shown_key(unknown[0])}", shown_key(unknown[0]))
         if "filter" not in params:
             raise RequestError("filter is required", "filter")
         flt = parse_filter(params["filter"])

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import grp
 import itertools
-import json
 import logging
 import os
 import socket
@@ -18,6 +17,7 @@ from typing import Any
 from vajrad.errors import RequestError, VajraError
 from vajrad.serve.hub import EventHub, Subscription
 from vajrad.serve.service import VajraService
+from vajrad.serve.wire import ParseError, RateLimitedLog, decode, encode, shown, shown_key
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,21 @@ PARSE_ERROR, INVALID_REQUEST, METHOD_NOT_FOUND, INVALID_PARAMS, INTERNAL_ERROR =
     -32700, -32600, -32601, -32602, -32603
 
 
+def _valid_id(msg: dict) -> tuple[Any, str | None]:
+    """The request's id as the reply may carry it, and what is wrong with it.
+    JSON-RPC ids are strings, numbers or null; the reply to any other id
+    says so with id null."""
+    id_ = msg.get("id")
+    if id_ is None or isinstance(id_, (str, float)) or (isinstance(id_, int) and not isinstance(id_, bool)):
+        return id_, None
+    return None, f"id must be a string, a number or null, got {type(id_).__name__}"
+
+
 def _error(id_: Any, code: int, message: str, field: str | None = None) -> dict:
     err: dict = {"code": code, "message": message}
     if field:
         err["data"] = {"field": field}
     return {"jsonrpc": "2.0", "error": err, "id": id_}
-
-
-def encode(msg: dict) -> bytes:
-    return json.dumps(msg, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
 
 
 class LineReader:
@@ -81,17 +87,23 @@ class ApiServer:
         self.connections = 0
         self._ids = itertools.count(1)
         self._tasks: set[asyncio.Task] = set()
+        # Tracebacks of internal errors, at most a few a minute whatever clients send.
+        self.internal_errors = RateLimitedLog(log)
 
     async def start(self) -> None:
         directory = os.path.dirname(self.path)
-        os.makedirs(directory, mode=0o755, exist_ok=True)
-        self._remove_stale()
-        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
-        os.chmod(self.path, 0o660)
         try:
             gid = grp.getgrnam("vajra").gr_gid
         except KeyError:
             gid = -1
+        if not os.path.isdir(directory):
+            # Members of group vajra reach the socket through it; nobody else.
+            os.makedirs(directory, mode=0o750)
+            os.chmod(directory, 0o750)
+            os.chown(directory, 0, gid)
+        self._remove_stale()
+        self.server = await asyncio.start_unix_server(self._serve, path=self.path)
+        os.chmod(self.path, 0o660)
         os.chown(self.path, 0, gid)
 
     def _remove_stale(self) -> None:
@@ -145,6 +157,8 @@ class ApiServer:
                         await conn.send(reply)
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception:        # a bug here must be seen, not left for "never retrieved" at exit
+            self.internal_errors.exception("api: connection failed")
         finally:
             conn.close()
             self.connections -= 1
@@ -168,22 +182,27 @@ class _Connection:
         self.subs.clear()
 
     async def handle_line(self, line: bytes) -> dict | None:
+        """The reply to one line: exactly one for a request with an id (and
+        for a line that is not a request at all), none for a notification
+        that succeeds."""
         try:
-            msg = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            msg = decode(line)
+        except ParseError as e:
             return _error(None, PARSE_ERROR, f"parse error: {e}")
         if not isinstance(msg, dict):
             return _error(None, INVALID_REQUEST, "a request must be a JSON object (batches are not supported)")
-        id_ = msg.get("id")
+        id_, bad_id = _valid_id(msg)
+        if bad_id:
+            return _error(None, INVALID_REQUEST, bad_id, "id")
         if msg.get("jsonrpc") != "2.0":
             return _error(id_, INVALID_REQUEST, 'jsonrpc must be "2.0"', "jsonrpc")
         method = msg.get("method")
         if not isinstance(method, str):
             return _error(id_, INVALID_REQUEST, "method must be a string", "method")
         params = msg.get("params", {})
-        handler = getattr(self, "m_" + method.replace("/", "_"), None)
+        handler = getattr(self, "m_" + method.replace("/", "_"), None) if method.isascii() else None
         if handler is None:
-            return _error(id_, METHOD_NOT_FOUND, f"unknown method {method!r}", "method")
+            return _error(id_, METHOD_NOT_FOUND, f"unknown method {shown(method)}", "method")
         try:
             result = await handler(params)
         except RequestError as e:
@@ -191,8 +210,8 @@ class _Connection:
         except VajraError as e:
             return _error(id_, INTERNAL_ERROR, str(e))
         except Exception as e:  # a bug must not take the connection down
-            log.exception("api: %s failed", method)
-            return _error(id_, INTERNAL_ERROR, f"internal error: {e}")
+            self.server.internal_errors.exception("api: %s failed", shown(method))
+            return _error(id_, INTERNAL_ERROR, f"internal error: {type(e).__name__}")
         if "id" not in msg:
             return None          # a notification gets no reply
         return {"jsonrpc": "2.0", "result": result, "id": id_}
@@ -228,7 +247,7 @@ class _Connection:
             raise RequestError("params must be an object", "params")
         unknown = [k for k in params if k != "table"]
         if unknown:
-            raise RequestError(f"unknown parameter {unknown[0]}", unknown[0])
+            raise RequestError(f"unknown parameter {shown_key(unknown[0])}", shown_key(unknown[0]))
         table = self.server.service.check_table(params.get("table"))
         sub_id = next(self.server._ids)
         sub = self.server.hub.add(table)
@@ -238,9 +257,12 @@ class _Connection:
     async def m_unsubscribe(self, params):
         if not isinstance(params, dict) or "subscription" not in params:
             raise RequestError("params.subscription is required", "subscription")
-        entry = self.subs.pop(params["subscription"], None)
+        sub_id = params["subscription"]
+        if isinstance(sub_id, bool) or not isinstance(sub_id, int):
+            raise RequestError(f"subscription must be an integer, got {shown(sub_id)}", "subscription")
+        entry = self.subs.pop(sub_id, None)
         if entry is None:
-            raise RequestError(f"no subscription {params['subscription']!r} on this connection", "subscription")
+            raise RequestError(f"no subscription {shown(sub_id)} on this connection", "subscription")
         self.server.hub.remove(entry[0])
         entry[1].cancel()
         return True

@@ -4,18 +4,30 @@ Rows are committed in batches by one writer thread, so the event loop never
 waits on disk. eids are assigned inside the writing transaction from
 sqlite_sequence, which keeps them monotonic across restarts and retention.
 With synchronous=FULL a crash of the process or the machine loses at most
-the batch that was not yet committed, and never the file.
+the rows queued and not yet committed, and never the file. That queue is
+bounded in time (the oldest queued row is committed within max_pending_ms
+while the writer keeps up: the writer commits by age as well as by size)
+and in rows (beyond max_pending_rows, rows are dropped and counted rather
+than queued). Retention runs on its own schedule, whether or not rows arrive.
+
+The store and its side files (-wal, -shm) are 0640, root:vajra where that
+group exists (members read them with `vajractl query`), whatever the umask;
+a directory the store creates is 0750. An existing directory that other
+users may write to is refused; one they may read is reported (see
+docs/storage.md).
 
 A `shared` column (ancestry) lives in a side table and rows hold its id: see
 vajrad/store/shared_columns.py.
 """
 from __future__ import annotations
 
+import grp
 import logging
 import operator
 import os
 import queue
 import sqlite3
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -34,7 +46,13 @@ _STOP = object()
 NARROW_WINDOW_ROWS = 50_000      # below this, time-bounded queries go through the time index
 SHARED_GENERATION_S = 60         # how often a new generation of shared values starts
 SHARED_TEXTS_KEPT = 1024         # shared-column texts a reading thread keeps by id
-FLUSH_INTERVAL_S = 0.2           # at most one commit (and fsync) per interval
+MAX_PENDING_MS = 200             # the oldest queued row waits at most this long for its commit
+MAX_PENDING_ROWS = 50_000        # rows queued beyond this are dropped and counted
+BATCH_ROWS = 5_000               # a batch this large is committed at once, whatever its age
+FILE_MODE = 0o640                # the store and its side files; group vajra reads them
+DIR_MODE = 0o750
+STORE_GROUP = "vajra"
+SIDE_FILES = ("-wal", "-shm", "-journal")
 # Rows per INSERT statement. One multi-row statement is one sqlite3_step, and
 # so one release of the GIL, where executemany releases and retakes it per
 # row and hands it to the collector's thread each time.
@@ -46,6 +64,26 @@ class StoreError(VajraError):
     def __init__(self, path: str, message: str):
         self.path = path
         super().__init__(f"event store {path}: {message}")
+
+
+def _store_gid() -> int | None:
+    """Group vajra's id when we may give files to it (as root), else None."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        return grp.getgrnam(STORE_GROUP).gr_gid
+    except KeyError:
+        return None
+
+
+def _restrict(fd: int, gid: int | None) -> None:
+    """0640 or tighter (an admin's 0600 stays), and group vajra when it exists."""
+    st = os.fstat(fd)
+    mode = stat.S_IMODE(st.st_mode) & FILE_MODE
+    if mode != stat.S_IMODE(st.st_mode):
+        os.fchmod(fd, mode)
+    if gid is not None and (st.st_uid, st.st_gid) != (0, gid):
+        os.fchown(fd, 0, gid)
 
 
 @dataclass
@@ -77,18 +115,24 @@ _FILTER_CLAUSES = (
 
 class EventStore:
     def __init__(self, path: str, tables: dict[str, Table], *, expiry: int, max_rows: int,
-                 queue_rows: int = 200_000, flush_interval: float = FLUSH_INTERVAL_S,
-                 retention_interval: float = 5.0):
+                 max_pending_rows: int = MAX_PENDING_ROWS, max_pending_ms: int = MAX_PENDING_MS,
+                 batch_rows: int = BATCH_ROWS, retention_interval: float = 5.0):
         self.path = path
         self.tables = {n: t for n, t in tables.items() if t.evented}
         self.expiry, self.max_rows = expiry, max_rows
-        self.flush_interval = flush_interval
+        self.max_pending_s = max_pending_ms / 1000
+        self.batch_rows = batch_rows
         self.retention_interval = retention_interval
         # Committed batches, rows as submitted (dicts or lists) with eids set.
         self.on_commit: Callable[[list[tuple[str, list]]], None] | None = None
+        # Items: (table, rows, host_identifier, monotonic time queued), or _STOP.
         self._queue: queue.Queue = queue.Queue()
-        self._queue_rows_max = queue_rows
+        self._queue_rows_max = max_pending_rows
         self._pending = 0
+        self._batch_since: float | None = None     # queued time of the oldest row the writer holds
+        self.commits = 0
+        self._last_commit = 0.0
+        self.warnings: list[str] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
@@ -114,7 +158,7 @@ class EventStore:
     def open(self) -> None:
         directory = os.path.dirname(self.path) or "."
         try:
-            os.makedirs(directory, mode=0o750, exist_ok=True)
+            self._prepare_files(directory)
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
@@ -134,6 +178,50 @@ class EventStore:
         except (OSError, sqlite3.Error) as e:
             raise StoreError(self.path, str(e)) from e
         self._conn = conn
+
+    def _prepare_files(self, directory: str) -> None:
+        """Modes and owners before SQLite opens anything: the directories it
+        lacks are made 0750, the store file is made (or tightened to) 0640,
+        and SQLite gives -wal and -shm the store file's mode and owner when
+        it creates them. Explicit chmods, so the umask does not matter."""
+        gid = _store_gid()
+        missing = []
+        head = os.path.abspath(directory)
+        while not os.path.isdir(head):
+            missing.append(head)
+            head = os.path.dirname(head)
+        for d in reversed(missing):
+            os.mkdir(d, DIR_MODE)
+            os.chmod(d, DIR_MODE)
+            if gid is not None:
+                os.chown(d, 0, gid)
+        st = os.stat(directory)
+        if not missing:
+            others = stat.S_IMODE(st.st_mode) & 0o007
+            if others & 0o002:
+                raise StoreError(self.path, f"directory {directory} is writable by every user (mode "
+                                 f"{stat.S_IMODE(st.st_mode):04o}): any of them could replace the store or "
+                                 f"plant its -wal; use a directory only root may write to")
+            if others:
+                warning = (f"directory {directory} is mode {stat.S_IMODE(st.st_mode):04o}: other users "
+                           f"see the store's file names and sizes (its contents stay 0640); "
+                           f"chmod o-rwx {directory} to hide them")
+                self.warnings.append(warning)
+                log.warning("event store: %s", warning)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+        try:
+            _restrict(fd, gid)
+        finally:
+            os.close(fd)
+        for suffix in SIDE_FILES:          # left by an earlier run, perhaps under an older vajrad
+            try:
+                fd = os.open(self.path + suffix, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                _restrict(fd, gid)
+            finally:
+                os.close(fd)
 
     def _create(self, conn: sqlite3.Connection, table: Table) -> None:
         t = _quote(table.name)
@@ -224,7 +312,7 @@ class EventStore:
                 self.dropped += len(rows)
                 return 0
             self._pending += len(rows)
-        self._queue.put((table, rows, host_identifier))
+        self._queue.put((table, rows, host_identifier, time.monotonic()))
         return len(rows)
 
     def _conforming(self, table: str, rows: list[dict]) -> list[dict]:
@@ -247,44 +335,71 @@ class EventStore:
                                   "counted in lost_collector)", table, kind, name)
         return good
 
+    def oldest_pending_ms(self) -> int:
+        """How long the oldest row not yet committed has waited, in ms (0: none)."""
+        since = self._batch_since
+        with self._queue.mutex:
+            head = self._queue.queue[0] if self._queue.queue else None
+        if head is not None and head is not _STOP and (since is None or head[3] < since):
+            since = head[3]
+        return 0 if since is None else int((time.monotonic() - since) * 1000)
+
     def _writer(self) -> None:
         name_native_thread("vajra-store")
-        last_retention = time.monotonic()
-        last_commit = 0.0
+        next_retention = time.monotonic() + self.retention_interval
         stopping = False
         while not stopping:
-            item = self._queue.get()
-            batch: list = []
-            # At most one commit per flush_interval: what arrives after an
-            # idle spell goes in at once, a steady stream in one transaction
-            # (and one fsync) per interval.
-            deadline = max(time.monotonic(), last_commit + self.flush_interval)
-            while True:
-                if item is _STOP:
-                    stopping = True
-                else:
-                    batch.append(item)
-                try:
-                    remaining = deadline - time.monotonic()
-                    item = self._queue.get(timeout=remaining) if remaining > 0 and not stopping \
-                        else self._queue.get_nowait()
-                except queue.Empty:
-                    break
-            if batch:
-                self._write(batch)
-                last_commit = time.monotonic()
-            if time.monotonic() - last_retention >= self.retention_interval:
+            # Waits no longer than the next retention, so that expired rows
+            # go on a quiet host too, not only after the next write.
+            try:
+                item = self._queue.get(timeout=max(0.0, next_retention - time.monotonic()))
+            except queue.Empty:
+                item = None
+            if item is not None:
+                stopping = self._collect_and_write(item)
+            if time.monotonic() >= next_retention:
                 self.apply_retention()
-                last_retention = time.monotonic()
+                next_retention = time.monotonic() + self.retention_interval
 
-    def _write(self, batch: list[tuple[str, list, str | None]]) -> None:
+    def _collect_and_write(self, item) -> bool:
+        """Gathers one batch from `item` on and commits it: when its oldest row
+        has waited max_pending_s (flush by age), when it holds batch_rows
+        rows (by size), or at stop. Returns whether stop was asked."""
+        batch: list = []
+        rows = 0
+        stopping = False
+        deadline = time.monotonic() if item is _STOP else item[3] + self.max_pending_s
+        while True:
+            if item is _STOP:
+                stopping = True
+            else:
+                if not batch:
+                    self._batch_since = item[3]
+                batch.append(item)
+                rows += len(item[1])
+            if rows >= self.batch_rows:
+                break
+            try:
+                remaining = deadline - time.monotonic()
+                # Past the deadline (or stopping), take what is queued already, then commit.
+                item = self._queue.get(timeout=remaining) if remaining > 0 and not stopping \
+                    else self._queue.get_nowait()
+            except queue.Empty:
+                break
+        if batch:
+            self._write(batch)
+            self._last_commit = time.monotonic()
+        self._batch_since = None
+        return stopping
+
+    def _write(self, batch: list[tuple[str, list, str | None, float]]) -> None:
         conn = self._conn
         committed: dict[str, list] = {}
-        count = sum(len(rows) for _, rows, _ in batch)
+        count = sum(len(item[1]) for item in batch)
         seq = dict(self._seq)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for table, rows, host in batch:
+            for table, rows, host, _ in batch:
                 shared = self._shared[table]
                 eid_at, host_at, open_at = self._slots[table]
                 n = seq[table]
@@ -340,6 +455,7 @@ class EventStore:
             return
         self._write_failed = False
         self._seq = seq
+        self.commits += 1
         with self._lock:
             self.stored += count
             self._pending -= count
@@ -470,5 +586,7 @@ class EventStore:
 
     def stats(self) -> dict:
         return {"stored": self.stored, "dropped": self.dropped, "rejected": self.rejected,
-                "pending": self._pending,
-                "expired": self.expired, "path": self.path, "last_error": self.last_error}
+                "pending": self._pending, "oldest_pending_ms": self.oldest_pending_ms(),
+                "max_pending_ms": int(self.max_pending_s * 1000), "max_pending_rows": self._queue_rows_max,
+                "commits": self.commits, "expired": self.expired, "path": self.path,
+                "last_error": self.last_error, "warnings": list(self.warnings)}
