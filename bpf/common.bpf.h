@@ -203,18 +203,29 @@ static __always_inline u32 path_before(char *data, u32 end, u32 *pos, void *vfsm
 }
 
 /* Everything about who: from the task itself, so that a fork event
- * describes the child and not the parent that runs the probe. */
+ * describes the child and not the parent that runs the probe.
+ *
+ * A process is known by its pid and its start time, and userspace (the
+ * process cache, /proc's starttime) has the start time of the process, which
+ * is its thread-group leader's. Any thread may act, and the real parent is
+ * the thread that forked, which need not be a leader either: both start times
+ * are read through group_leader, or a thread born after its process would name
+ * a process nobody knows. After an exec from a non-leader thread the kernel
+ * has made that thread the leader with the old leader's start time. */
 static __always_inline void fill_hdr(struct vajra_proc_hdr *h, void *task, u32 type)
 {
     void *real_parent = read_ptr(task, VAJRA_OFF_TASK_REAL_PARENT);
+    void *leader = read_ptr(task, VAJRA_OFF_TASK_GROUP_LEADER);
+    void *parent_leader = read_ptr(real_parent, VAJRA_OFF_TASK_GROUP_LEADER);
     void *cred = read_ptr(task, VAJRA_OFF_TASK_CRED);
     void *signal = read_ptr(task, VAJRA_OFF_TASK_SIGNAL);
 
     h->type = type;
     h->flags = 0;
     h->ktime_ns = bpf_ktime_get_ns();
-    h->start_ns = read_u64(task, VAJRA_OFF_TASK_START_BOOTTIME);
-    h->parent_start_ns = read_u64(real_parent, VAJRA_OFF_TASK_START_BOOTTIME);
+    h->start_ns = read_u64(leader ? leader : task, VAJRA_OFF_TASK_START_BOOTTIME);
+    h->parent_start_ns = read_u64(parent_leader ? parent_leader : real_parent,
+                                  VAJRA_OFF_TASK_START_BOOTTIME);
     h->pid = read_u32(task, VAJRA_OFF_TASK_TGID);
     h->tid = read_u32(task, VAJRA_OFF_TASK_PID);
     h->ppid = read_u32(real_parent, VAJRA_OFF_TASK_TGID);
@@ -225,7 +236,9 @@ static __always_inline void fill_hdr(struct vajra_proc_hdr *h, void *task, u32 t
     h->auid = read_u32(task, VAJRA_OFF_TASK_LOGINUID);
     void *sid_pid = read_ptr(signal, VAJRA_OFF_SIGNAL_PIDS + VAJRA_PIDTYPE_SID * sizeof(void *));
     h->sid = sid_pid ? read_u32(sid_pid, VAJRA_OFF_PID_NUMBERS + VAJRA_OFF_UPID_NR) : 0;
-    h->_pad = 0;
+    /* Every thread of a process has the same value: exec leaves one thread,
+     * and threads are cloned from it. */
+    h->exec_id = (u32)read_u64(task, VAJRA_OFF_TASK_SELF_EXEC_ID);
     h->cgroup_id = bpf_get_current_cgroup_id();
     h->tty[0] = 0;
     void *tty = read_ptr(signal, VAJRA_OFF_SIGNAL_TTY);

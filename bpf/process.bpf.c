@@ -63,7 +63,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
     fill_hdr(&e->hdr, task, VAJRA_EV_EXIT);
     e->exit_code = read_u32(task, VAJRA_OFF_TASK_EXIT_CODE);
-    e->duration_ns = e->hdr.ktime_ns - read_u64(task, VAJRA_OFF_TASK_START_TIME);
+    /* The process's life, not this thread's: the last thread out may have
+     * been born long after the process (the leader stays, a zombie, until
+     * the whole group is reaped). */
+    void *leader = read_ptr(task, VAJRA_OFF_TASK_GROUP_LEADER);
+    e->duration_ns = e->hdr.ktime_ns - read_u64(leader ? leader : task, VAJRA_OFF_TASK_START_TIME);
     e->fork_kind = 0;
     submit(args, e, sizeof(*e));
     return 0;

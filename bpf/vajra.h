@@ -1,4 +1,4 @@
-/* Structures shared by the BPF programs and vajrad/bpf_abi.py, which mirrors
+/* Structures shared by the BPF programs and vajrad/kernel/abi.py, which mirrors
  * them with ctypes. Any change here must be made there too; the size checks at
  * the bottom fail the build when the two disagree. */
 #ifndef VAJRA_H
@@ -48,8 +48,9 @@ struct vajra_proc_hdr {
     u32 type;
     u32 flags;
     u64 ktime_ns;        /* bpf_ktime_get_ns() at the event */
-    u64 start_ns;        /* task->start_boottime: with pid, the process's identity */
-    u64 parent_start_ns; /* real_parent->start_boottime */
+    u64 start_ns;        /* the thread-group leader's start_boottime: with pid, the
+                          * process's identity, whichever thread acts */
+    u64 parent_start_ns; /* the same of real_parent's thread-group leader */
     u32 pid;             /* tgid */
     u32 tid;
     u32 ppid;            /* real_parent->tgid */
@@ -59,7 +60,8 @@ struct vajra_proc_hdr {
     u32 egid;
     u32 auid;            /* loginuid; 4294967295 when unset */
     u32 sid;             /* session id, in the initial pid namespace */
-    u32 _pad;
+    u32 exec_id;         /* the image: task->self_exec_id, which every exec
+                          * increments and fork and clone copy (low 32 bits) */
     u64 cgroup_id;
     char tty[VAJRA_TTY_MAX];
 };
@@ -203,7 +205,7 @@ struct vajra_file_event {
 };
 
 /* Kernel struct offsets come as -DVAJRA_OFF_*=N, read from the running
- * kernel's BTF by vajrad/kernel.py. Without BTF, headers that match the
+ * kernel's BTF by vajrad/kernel/environment.py. Without BTF, headers that match the
  * running kernel give them through offsetof(). */
 #ifndef VAJRA_OFF_TASK_REAL_PARENT
 #include <linux/sched.h>
@@ -215,6 +217,8 @@ struct vajra_file_event {
 #include <linux/tty.h>
 #include <linux/pid.h>
 #define VAJRA_OFF_TASK_REAL_PARENT offsetof(struct task_struct, real_parent)
+#define VAJRA_OFF_TASK_GROUP_LEADER offsetof(struct task_struct, group_leader)
+#define VAJRA_OFF_TASK_SELF_EXEC_ID offsetof(struct task_struct, self_exec_id)
 #define VAJRA_OFF_TASK_TGID offsetof(struct task_struct, tgid)
 #define VAJRA_OFF_TASK_MM offsetof(struct task_struct, mm)
 #define VAJRA_OFF_TASK_FS offsetof(struct task_struct, fs)
@@ -294,7 +298,7 @@ _Static_assert(sizeof(struct vajra_exec_event) == VAJRA_EXPECT_EXEC_EVENT_SIZE &
                VAJRA_ARGS_MAX == VAJRA_EXPECT_ARGS_MAX && VAJRA_PATH_MAX == VAJRA_EXPECT_PATH_MAX &&
                VAJRA_NAME_MAX == VAJRA_EXPECT_NAME_MAX && VAJRA_DATA_SIZE == VAJRA_EXPECT_DATA_SIZE &&
                VAJRA_WAKEUP_BYTES == VAJRA_EXPECT_WAKEUP_BYTES,
-               "bpf/vajra.h differs from vajrad/bpf_abi.py");
+               "bpf/vajra.h differs from vajrad/kernel/abi.py");
 #endif
 
 #endif

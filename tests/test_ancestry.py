@@ -1,8 +1,14 @@
 """ProcessCache without the kernel: /proc fallbacks, keys and bounds."""
 import json
 import os
+import time
 
 from vajrad.enrich.process_cache import ProcessCache, TICK_NS
+
+
+# Event times are CLOCK_MONOTONIC ns, as the kernel stamps them; images are
+# kept at most a minute behind the clock, so the tests' events are recent.
+T = time.monotonic_ns()
 
 
 def proc_parents(pid):
@@ -36,14 +42,77 @@ def test_reused_pid_is_another_process():
     assert old.path == "/usr/bin/old-parent" and new.path == "/usr/bin/new-parent"
 
 
-def test_one_bound_for_running_and_exited_with_exited_going_first():
+def test_the_bound_is_on_exited_processes_and_running_ones_are_never_evicted():
+    cache = ProcessCache(size=3, proc="/nonexistent")
+    for pid in range(1, 11):                        # ten running: more than size
+        cache.executed(pid, pid * TICK_NS, 0, 0, f"/p{pid}", "")
+    assert all(cache.get(pid, pid * TICK_NS) is not None for pid in range(1, 11))
+    for pid in (2, 3, 4, 5):                        # four exit: the oldest exited goes
+        cache.exited_process(pid, pid * TICK_NS)
+    assert cache.get(2, 2 * TICK_NS) is None and cache.get(3, 3 * TICK_NS) is not None
+    stats = cache.stats()
+    assert (stats["live_entries"], stats["exited_entries"], stats["cache_size"], stats["evictions"]) == (6, 3, 9, 1)
+
+
+def test_reconcile_drops_a_running_entry_only_when_proc_shows_it_gone_twice():
     cache = ProcessCache(size=3, proc="/nonexistent")
     for pid in (1, 2, 3):
         cache.executed(pid, pid * TICK_NS, 0, 0, f"/p{pid}", "")
-    cache.exited_process(2, 2 * TICK_NS)
-    cache.executed(4, 4 * TICK_NS, 0, 0, "/p4", "")
-    assert cache.get(2, 2 * TICK_NS) is None and cache.get(1, TICK_NS) is not None
-    assert cache.stats()["cache_size"] == 3 and cache.stats()["evictions"] == 1
+    alive = {1: 1, 2: 2}                          # pid 3's exit record was lost
+    reused = {1: 1, 2: 99}                        # and pid 2 is now another process
+    assert cache.reconcile(lambda pid: alive.get(pid)) == 0       # first sighting: marked only
+    assert cache.reconcile(lambda pid: reused.get(pid)) == 1      # 3 gone twice; 2 only once
+    assert cache.get(3, 3 * TICK_NS) is None and cache.get(2, 2 * TICK_NS) is not None
+    assert cache.reconcile(lambda pid: reused.get(pid)) == 1
+    assert cache.get(2, 2 * TICK_NS) is None and cache.stats()["vanished_entries"] == 2
+
+
+def test_an_event_before_an_exec_gets_the_image_it_ran_under():
+    cache = ProcessCache(size=10, proc="/nonexistent")
+    cache.attributed_upto("socket", T)            # a collector whose rows are not attributed yet
+    cache.executed(1, TICK_NS, 0, 0, "/sbin/init", "init", exec_id=1)
+    cache.forked(50, 5 * TICK_NS, 1, TICK_NS, exec_id=1, ktime_ns=T + 100)
+    cache.executed(50, 5 * TICK_NS, 1, TICK_NS, "/bin/sh", "sh -c x", exec_id=2, ktime_ns=T + 200)
+    cache.executed(50, 5 * TICK_NS, 1, TICK_NS, "/bin/env", "env x", exec_id=3, ktime_ns=T + 300)
+    cache.executed(50, 5 * TICK_NS, 1, TICK_NS, "/bin/x", "x", exec_id=4, ktime_ns=T + 400)
+    proc = cache.get(50, 5 * TICK_NS)
+    assert proc.image_at(1, T + 150) == ("/sbin/init", "init")       # forked, not yet exec'd
+    assert proc.image_at(2, T + 250) == ("/bin/sh", "sh -c x")
+    assert proc.image_at(3, T + 350) == ("/bin/env", "env x")
+    assert proc.image_at(4, T + 450) == ("/bin/x", "x")
+    assert cache.stats()["held_images"] == 3
+    # Once the collector has attributed past the second exec, the images it
+    # replaced go; the newer ones stay.
+    cache.attributed_upto("socket", T + 301)
+    assert proc.prior == [(3, T + 400, "/bin/env", "env x")] and cache.stats()["held_images"] == 1
+    cache.attributed_upto("socket", None)         # the collector stopped: nothing is needed
+    assert proc.prior is None and cache.stats()["held_images"] == 0
+
+
+def test_a_seeded_process_image_is_matched_by_time_and_nothing_is_held_without_collectors():
+    cache = ProcessCache(size=10, proc="/nonexistent")
+    cache.executed(7, 7 * TICK_NS, 0, 0, "/bin/a", "a")               # no exec_id: as from /proc
+    cache.executed(7, 7 * TICK_NS, 0, 0, "/bin/b", "b", exec_id=9, ktime_ns=T + 1000)
+    assert cache.get(7, 7 * TICK_NS).prior is None                    # no collector needs it
+    cache.attributed_upto("file", T)
+    cache.executed(7, 7 * TICK_NS, 0, 0, "/bin/c", "c", exec_id=10, ktime_ns=T + 2000)
+    proc = cache.get(7, 7 * TICK_NS)
+    assert proc.image_at(9, T + 1500) == ("/bin/b", "b") and proc.image_at(10, T + 2500) == ("/bin/c", "c")
+    seeded = ProcessCache(size=10, proc="/nonexistent")
+    seeded.attributed_upto("file", T)
+    seeded.executed(8, 8 * TICK_NS, 0, 0, "/bin/old", "old")
+    seeded.executed(8, 8 * TICK_NS, 0, 0, "/bin/new", "new", exec_id=5, ktime_ns=T + 1000)
+    proc = seeded.get(8, 8 * TICK_NS)
+    assert proc.image_at(4, T + 999) == ("/bin/old", "old") and proc.image_at(5, T + 1001) == ("/bin/new", "new")
+
+
+def test_replaced_images_per_process_are_bounded():
+    cache = ProcessCache(size=10, proc="/nonexistent")
+    cache.attributed_upto("socket", T)
+    for n in range(1, 20):
+        cache.executed(3, 3 * TICK_NS, 0, 0, f"/bin/{n}", str(n), exec_id=n, ktime_ns=T + n * 100)
+    proc = cache.get(3, 3 * TICK_NS)
+    assert [image[0] for image in proc.prior] == [15, 16, 17, 18]
 
 
 def chain_cache(length, max_depth=32, size=1000):

@@ -264,8 +264,10 @@ def test_reused_pid_does_not_inherit_a_strangers_ancestry(bpf_daemon, workdir):
 
 def test_cache_stats_table(bpf_daemon):
     [row] = bpf_daemon.call("table/read", {"table": "process_ancestry_cache_stats"})["rows"]
-    assert row["max_size"] == 1000 and row["cache_hits"] > 0 and 0 < row["cache_size"] <= 1000
-    assert set(row) == {"cache_hits", "cache_misses", "cache_size", "evictions", "expired_entries", "max_size"}
+    assert row["max_size"] == 1000 and row["cache_hits"] > 0 and 0 < row["exited_entries"] <= 1000
+    assert row["cache_size"] == row["live_entries"] + row["exited_entries"] and row["live_entries"] > 0
+    assert set(row) == {"cache_hits", "cache_misses", "cache_size", "live_entries", "exited_entries", "evictions",
+                        "expired_entries", "vanished_entries", "held_images", "max_size"}
 
 
 def test_ancestry_disabled_gives_empty_arrays(daemon_factory, workdir):

@@ -18,6 +18,9 @@ MAX_BATCH = 2048
 # How long a row waits for the process collector before it is attributed
 # with what the cache (or /proc) knows then.
 ATTRIBUTION_WAIT_NS = 500_000_000
+# A record's ktime is read a little before it is submitted: what a drain that
+# started at T has read for certain is what happened before T minus this.
+SUBMIT_SLACK_NS = 10_000_000
 
 
 class MonotonicClock:
@@ -44,6 +47,7 @@ class BpfCollector(Collector):
         self.clock = MonotonicClock()
         self._pending: list[dict] = []
         self._thread: PollingThread | None = None
+        self._drain_started_ns = 0
 
     def row(self, buf, off: int, size: int) -> dict | None:
         """One record to one row (None: nothing to store). Runs on the polling
@@ -88,6 +92,7 @@ class BpfCollector(Collector):
         """On the polling thread, after each drain (final: the last one, at stop)."""
 
     def _poll_once(self) -> None:
+        self._drain_started_ns = time.monotonic_ns()
         self.program.poll(self.poll_ms)
         self._after_poll()
         if self._pending:
@@ -136,8 +141,8 @@ class AttributedCollector(BpfCollector):
         self._waiting: deque[tuple[tuple, dict]] = deque()
 
     def decode(self, buf, off: int, size: int) -> tuple[dict, tuple] | None:
-        """(row, who) with who = (pid, start_ns, ppid, parent_start_ns, ktime_ns),
-        or None for a record that makes no row."""
+        """(row, who) with who = (pid, start_ns, ppid, parent_start_ns, ktime_ns,
+        exec_id), or None for a record that makes no row."""
         raise NotImplementedError
 
     def row(self, buf, off: int, size: int) -> None:
@@ -147,31 +152,53 @@ class AttributedCollector(BpfCollector):
         return None
 
     def attribute(self, row: dict, who: tuple) -> None:
-        """Fills path, ancestry and (where the table has it) cmdline; holds cache.lock."""
-        pid, start, ppid, pstart, _ = who
+        """Fills path, ancestry and (where the table has it) cmdline; holds
+        cache.lock. The image is the one the call ran under (exec_id), which
+        the process may have replaced by an exec since."""
+        pid, start, ppid, pstart, ktime, exec_id = who
         cache = self.cache
         proc = cache.running(pid, start)
         row["ancestry"] = cache.ancestry_of(proc, ppid, pstart)
         if proc is not None:
-            row["path"] = proc.path
+            path, cmdline = proc.image_at(exec_id, ktime)
+            row["path"] = path
             if "cmdline" in row:
-                row["cmdline"] = proc.cmdline
+                row["cmdline"] = cmdline
+
+    async def start(self) -> None:
+        # From now on the cache keeps an image an exec replaced until our rows
+        # older than that exec are attributed (see _after_poll).
+        with self.cache.lock:
+            self.cache.attributed_upto(self.name, time.monotonic_ns() - SUBMIT_SLACK_NS)
+        await super().start()
+
+    async def stop(self) -> None:
+        await super().stop()
+        with self.cache.lock:
+            self.cache.attributed_upto(self.name, None)
 
     def _after_poll(self, final: bool = False) -> None:
         waiting = self._waiting
+        cache = self.cache
         if not waiting:
+            with cache.lock:
+                cache.attributed_upto(self.name, self._drain_started_ns - SUBMIT_SLACK_NS)
             return
-        synced = self.cache.synced_ns
+        synced = cache.synced_ns
         stale = time.monotonic_ns() - ATTRIBUTION_WAIT_NS
         attribute, pending = self.attribute, self._pending
-        with self.cache.lock:
+        with cache.lock:
             while waiting:
                 who, row = waiting[0]
                 if not final and who[4] > synced and who[4] > stale:
                     # The process collector drains rarely on its own; it is
                     # asked to catch up rather than have these rows wait.
-                    self.cache.request_sync()
+                    cache.request_sync()
                     break
                 waiting.popleft()
                 attribute(row, who)
                 pending.append(row)
+            # Rows from before the oldest still waiting (or, with none waiting,
+            # from before this drain) are all attributed.
+            upto = waiting[0][0][4] if waiting else self._drain_started_ns - SUBMIT_SLACK_NS
+            cache.attributed_upto(self.name, upto)

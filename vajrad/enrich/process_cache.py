@@ -4,7 +4,13 @@ ProcessCache knows each process by (pid, start time), so a reused pid never
 inherits a stranger's ancestors. It is fed by every fork, exec and exit,
 seeded from /proc at start-up for processes older than the daemon, and keeps
 an exited process for `ttl` seconds, so a short-lived chain still has its
-full ancestry after its parents died.
+full ancestry after its parents died. A running process is never evicted:
+the size bound applies to exited processes only.
+
+Each event names the image it happened under (exec_id, the kernel's
+self_exec_id), and a process keeps the images an exec replaced until every
+collector has attributed the rows older than that exec: a socket or file
+call just before an exec is blamed on the program that made it.
 
 Ancestry is a JSON array, [0] the immediate parent, in the shape of osquery
 5.18.1's process-ancestry column: exe_name, pid, ppid, path, cmdline,
@@ -22,7 +28,7 @@ import json
 import os
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Callable
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -77,18 +83,30 @@ class Ancestry(str):
 
 UNRESOLVED = object()     # Process.parent before it is looked up
 
+# Images an exec replaced, kept per process at most (a chain of wrappers that
+# exec one another: env, nice, a shell's exec); the oldest goes first.
+PRIOR_IMAGES = 4
+# However late a collector is, a replaced image is not kept longer than this.
+PRIOR_MAX_AGE_NS = 60_000_000_000
+
 
 class Process:
     """One process as the events describe it. Its ancestry node (`_node`) is
     this version of its image: it is rebuilt after an exec, and when the
     kernel's exact start times replace the tick-precise ones of /proc."""
     __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_node",
-                 "parent", "coarse", "exited_at")
+                 "parent", "coarse", "exited_at", "exec_id", "prior")
 
-    def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline, coarse=False):
+    def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline, coarse=False, exec_id=None):
         self.pid, self.ppid = pid, ppid
         self.start_ns, self.parent_start_ns = start_ns, parent_start_ns
         self.path, self.cmdline = path, cmdline
+        # The kernel's self_exec_id of the current image (None: read from
+        # /proc, unknown), and the images execs replaced that some row may
+        # still need: (exec_id, replaced at (CLOCK_MONOTONIC ns), path, cmdline),
+        # oldest first; None when there are none, the common case.
+        self.exec_id = exec_id
+        self.prior: list | None = None
         self._node: AncestryNode | None = None
         # The parent it was born to, resolved once: a pointer, not a lookup per
         # event, and it keeps an evicted ancestor's entry alive while needed.
@@ -101,6 +119,17 @@ class Process:
     def set_image(self, path: str, cmdline: str) -> None:
         self.path, self.cmdline = path, cmdline
         self.changed()
+
+    def image_at(self, exec_id: int | None, ktime_ns: int) -> tuple[str, str]:
+        """(path, cmdline) of the image an event with this exec_id ran under.
+        A replaced image whose exec_id is unknown (seeded from /proc) is
+        matched by time: the event came before the exec that replaced it."""
+        prior = self.prior
+        if prior is not None and exec_id != self.exec_id:
+            for image_id, replaced_ns, path, cmdline in prior:
+                if image_id == exec_id if image_id is not None else ktime_ns < replaced_ns:
+                    return path, cmdline
+        return self.path, self.cmdline
 
     def changed(self) -> None:
         self._node = None
@@ -142,12 +171,21 @@ class ProcessCache:
         self.max_size, self.max_depth, self.ttl = size, max_depth, ttl
         self.clock = clock or BootClock()
         self.proc = proc
-        self.counters = {"cache_hits": 0, "cache_misses": 0, "evictions": 0, "expired_entries": 0}
+        self.counters = {"cache_hits": 0, "cache_misses": 0, "evictions": 0, "expired_entries": 0,
+                         "vanished_entries": 0}
         self.enabled = size > 0
-        # Running processes, least recently used first; exited ones in the
-        # order they exited, which is also the order they expire in.
-        self.live: OrderedDict[int, Process] = OrderedDict()
+        # Running processes, never evicted (they leave at their exit, or when
+        # /proc shows one gone whose exit was lost: reconcile); exited ones in
+        # the order they exited, which is also the order they expire and are
+        # evicted in. max_size bounds the exited only.
+        self.live: dict[int, Process] = {}
         self.exited: OrderedDict[int, Process] = OrderedDict()
+        # Processes holding replaced images, in the order of those execs; and
+        # by collector, the CLOCK_MONOTONIC ns before which every row it will
+        # ever have has been attributed (see attributed_upto).
+        self._held: deque[tuple[int, Process]] = deque()
+        self._attributed: dict[str, int] = {}
+        self._vanishing: set[int] = set()      # running entries /proc did not show, last reconcile
         # The ancestry JSON that starts at a process, for its children's rows,
         # by that process's node; only for the parents busy right now, since
         # each text is a few KB.
@@ -163,10 +201,7 @@ class ProcessCache:
     def get(self, pid: int, start_ns: int) -> Process | None:
         k = key(pid, start_ns)
         proc = self.live.get(k)
-        if proc is not None:
-            self.live.move_to_end(k)
-            return proc
-        return self.exited.get(k)
+        return proc if proc is not None else self.exited.get(k)
 
     def exact(self, pid: int, start_ns: int, parent_start_ns: int | None = None) -> Process | None:
         """The entry for what a kernel event names exactly; an entry seeded from
@@ -182,32 +217,76 @@ class ProcessCache:
         from /proc when the process events have not told us about it yet."""
         return self.exact(pid, start_ns) or self._from_proc(pid, start_ns)
 
-    def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int) -> Process:
-        """A new process: it runs its parent's image until it execs."""
+    def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int,
+               exec_id: int | None = None, ktime_ns: int = 0) -> Process:
+        """A new process: it runs the image its parent had at the fork (the
+        one named by exec_id, which fork copies) until it execs."""
         k = key(pid, start_ns)
         if k in self.live or k in self.exited:      # its exec arrived first (perf buffer order)
             return self.exact(pid, start_ns, parent_start_ns)
         parent = self.exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
         if parent is not None:
-            proc = Process(pid, ppid, start_ns, parent_start_ns, parent.path, parent.cmdline)
+            path, cmdline = parent.image_at(exec_id, ktime_ns)
+            proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline, exec_id=exec_id)
             proc.parent = parent
         else:
-            proc = Process(pid, ppid, start_ns, parent_start_ns, "", "")
+            proc = Process(pid, ppid, start_ns, parent_start_ns, "", "", exec_id=exec_id)
         self._insert(k, proc)
         return proc
 
     def executed(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int,
-                 path: str, cmdline: str) -> Process:
+                 path: str, cmdline: str, exec_id: int | None = None, ktime_ns: int = 0) -> Process:
         proc = self.exact(pid, start_ns)
         if proc is None:
-            proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline)
+            proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline, exec_id=exec_id)
             self._insert(key(pid, start_ns), proc)
         else:
+            if self._attributed:        # rows of other collectors may still need the old image
+                self._hold_image(proc, ktime_ns)
             proc.set_image(path, cmdline)
+            proc.exec_id = exec_id
         return proc
 
+    def _hold_image(self, proc: Process, ktime_ns: int) -> None:
+        image = (proc.exec_id, ktime_ns, proc.path, proc.cmdline)
+        if proc.prior is None:
+            proc.prior = [image]
+        else:
+            proc.prior.append(image)
+            if len(proc.prior) > PRIOR_IMAGES:
+                del proc.prior[0]
+        self._held.append((ktime_ns, proc))
+        self.release_images(ktime_ns)
+
+    def attributed_upto(self, collector: str, ktime_ns: int | None) -> None:
+        """A collector has attributed every row it will have from before
+        ktime_ns (None: it stopped, and needs nothing any more). Replaced images
+        older than what every collector has attributed are let go."""
+        if ktime_ns is None:
+            self._attributed.pop(collector, None)
+        else:
+            self._attributed[collector] = ktime_ns
+        self.release_images(time.monotonic_ns())
+
+    def release_images(self, now_ns: int) -> None:
+        held = self._held
+        if not held:
+            return
+        upto = max(min(self._attributed.values(), default=now_ns), now_ns - PRIOR_MAX_AGE_NS)
+        while held and held[0][0] < upto:
+            _, proc = held.popleft()
+            prior = proc.prior
+            if prior is not None:
+                kept = [image for image in prior if image[1] >= upto]
+                proc.prior = kept or None
+
+    def held_images(self) -> int:
+        holders = {id(p): p for _, p in self._held}
+        return sum(len(p.prior) for p in holders.values() if p.prior)
+
     def exited_process(self, pid: int, start_ns: int) -> Process | None:
-        """Moves a process to the exited cache, where it lives `ttl` seconds."""
+        """Moves a process to the exited cache, where it lives `ttl` seconds
+        or until max_size newer exits push it out."""
         k = key(pid, start_ns)
         proc = self.live.pop(k, None)
         if proc is None:
@@ -216,7 +295,11 @@ class ProcessCache:
             proc.adopt_times(start_ns)
         now = time.monotonic()
         proc.exited_at = now
-        self.exited[k] = proc
+        exited = self.exited
+        exited[k] = proc
+        while len(exited) > self.max_size:
+            exited.popitem(last=False)
+            self.counters["evictions"] += 1
         self.expire(now)
         return proc
 
@@ -231,15 +314,38 @@ class ProcessCache:
             self.counters["expired_entries"] += 1
 
     def _insert(self, k: int, proc: Process) -> None:
-        """One bound for running and exited processes together; the exited
-        (oldest first) make room before any running one does."""
-        live = self.live
-        if k in live:
-            live.move_to_end(k)
-        live[k] = proc
-        while len(live) + len(self.exited) > self.max_size:
-            (self.exited if self.exited else self.live).popitem(last=False)
-            self.counters["evictions"] += 1
+        """A running process: kept until it exits, whatever max_size says (an
+        evicted running parent would cut every descendant's ancestry)."""
+        if self.enabled:
+            self.live[k] = proc
+
+    def reconcile(self, alive: Callable[[int], int | None] | None = None) -> int:
+        """Drops running entries whose process /proc shows gone twice in a
+        row: their exit record was lost (a full buffer), and nothing else
+        would ever end them. The first sighting only marks them, so an exit
+        still on its way through the buffer is applied normally. alive(pid)
+        gives a pid's start time in clock ticks, or None. Called now and then
+        by the process collector, not per event; /proc is read outside the lock."""
+        alive = alive or self._start_ticks
+        with self.lock:
+            entries = [(k, p.pid) for k, p in self.live.items()]
+        gone = {k for k, pid in entries if alive(pid) != k >> 22}
+        dropped = 0
+        with self.lock:
+            for k in gone & self._vanishing:
+                if self.live.pop(k, None) is not None:
+                    dropped += 1
+            self._vanishing = gone
+            self.counters["vanished_entries"] += dropped
+        return dropped
+
+    def _start_ticks(self, pid: int) -> int | None:
+        try:
+            with open(f"{self.proc}/{pid}/stat", "rb") as f:
+                stat = f.read()
+            return int(stat[stat.rindex(b")") + 2:].split()[19])
+        except (OSError, ValueError, IndexError):
+            return None
 
     # --- reading ------------------------------------------------------------
     def _parent(self, proc: Process) -> Process | None:
@@ -354,7 +460,9 @@ class ProcessCache:
     def stats(self) -> dict:
         with self.lock:
             self.expire()
-            return dict(self.counters, cache_size=len(self.live) + len(self.exited), max_size=self.max_size)
+            return dict(self.counters, cache_size=len(self.live) + len(self.exited),
+                        live_entries=len(self.live), exited_entries=len(self.exited),
+                        held_images=self.held_images(), max_size=self.max_size)
 
     # --- /proc --------------------------------------------------------------
     def _read_proc(self, pid: int) -> Process | None:

@@ -58,7 +58,7 @@ class ProcHeader(ctypes.Structure):
         ("start_ns", c_uint64), ("parent_start_ns", c_uint64),
         ("pid", c_uint32), ("tid", c_uint32), ("ppid", c_uint32),
         ("uid", c_uint32), ("gid", c_uint32), ("euid", c_uint32), ("egid", c_uint32),
-        ("auid", c_uint32), ("sid", c_uint32), ("_pad", c_uint32),
+        ("auid", c_uint32), ("sid", c_uint32), ("exec_id", c_uint32),
         ("cgroup_id", c_uint64), ("tty", c_char * TTY_MAX),
     ]
 

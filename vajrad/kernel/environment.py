@@ -28,6 +28,8 @@ HEADERS_ROOT = "/usr/src"
 # bpf/vajra.h falls back to offsetof() for each when no -D value is given.
 KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "TASK_REAL_PARENT": ("task_struct", "real_parent"),
+    "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
+    "TASK_SELF_EXEC_ID": ("task_struct", "self_exec_id"),
     "TASK_TGID": ("task_struct", "tgid"),
     "TASK_MM": ("task_struct", "mm"),
     "TASK_FS": ("task_struct", "fs"),

@@ -136,7 +136,7 @@ class FileCollector(AttributedCollector):
 
     # --- records ------------------------------------------------------------------
     def decode(self, buf, off: int, size: int) -> tuple[dict, tuple] | None:
-        (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, _euid, _egid, _auid, _sid, _pad,
+        (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, _euid, _egid, _auid, _sid, exec_id,
          cgroup, _tty, duration, ret, syscall, oflags, mode, ouid, ogid, _fd, cflags, matched,
          ps, pe, ds, de, _pos, _pad2) = bpf_abi.FILE_EVENT.unpack_from(buf, off)
         data = off + bpf_abi.FILE_DATA_OFFSET
@@ -165,7 +165,7 @@ class FileCollector(AttributedCollector):
             "duration": duration, "ancestry": "[]", "ntime": str(ktime),
             "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
         }
-        return row, (pid, start, ppid, pstart, ktime)
+        return row, (pid, start, ppid, pstart, ktime, exec_id)
 
     def kernel_counters(self) -> dict:
         if self.program.bpf is None:

@@ -27,7 +27,8 @@ UNIT = Unit(
     provides=("process_cache", "describe_process"),
     options=(
         Option("process_ancestry_cache_size", int, 1000,
-               "Processes kept for ancestry; 0 disables ancestry (every row gets []).", minimum=0),
+               "Exited processes kept for ancestry (running ones are always kept); 0 disables ancestry "
+               "(every row gets []).", minimum=0),
         Option("process_ancestry_max_depth", int, 32, "Ancestors listed per row, at most.", minimum=1),
         Option("process_ancestry_cache_ttl", int, 300,
                "Seconds an exited process stays in the ancestry cache.", minimum=0),

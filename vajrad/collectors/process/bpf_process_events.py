@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 
 from vajrad.kernel import abi as bpf_abi
 from vajrad.enrich.process_cache import ProcessCache
@@ -17,6 +18,7 @@ from vajrad.collectors.bpf import BpfCollector, MonotonicClock
 log = logging.getLogger(__name__)
 
 TABLE = "bpf_process_events"
+RECONCILE_EVERY = 60.0      # s between checks of running entries against /proc
 
 
 _quote = json.encoder.encode_basestring_ascii   # json.dumps of a str, without its dispatch
@@ -70,7 +72,7 @@ class EventDecoder:
         return tty
 
     def exec_row(self, buf, off: int) -> list:
-        (kind, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, _pad, cgroup, tty,
+        (kind, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, exec_id, cgroup, tty,
          duration, code, _old_tid, a, c, x, _pos) = bpf_abi.EXEC_EVENT.unpack_from(buf, off)
         if kind != bpf_abi.EV_EXEC:
             raise ValueError(f"unknown event type {kind}")
@@ -86,7 +88,7 @@ class EventDecoder:
         cmdline = " ".join(argv)
         cache = self.cache
         with cache.lock:
-            proc = cache.executed(pid, start, ppid, pstart, path, cmdline) if code == 0 \
+            proc = cache.executed(pid, start, ppid, pstart, path, cmdline, exec_id, ktime) if code == 0 \
                 else cache.exact(pid, start)
             ancestry = cache.ancestry_of(proc, ppid, pstart)
         return [tid, pid, ppid, uid, gid, euid, egid, auid, sid, self._tty(tty), cgroup, str(code),
@@ -95,12 +97,12 @@ class EventDecoder:
                 ancestry, str(ktime), None, 0, (ktime + self.clock.offset_ns) // 1_000_000_000, None]
 
     def task_row(self, buf, off: int) -> list:
-        (kind, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, _pad, cgroup, tty,
+        (kind, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, exec_id, cgroup, tty,
          duration, code, fork_kind) = bpf_abi.TASK_EVENT.unpack_from(buf, off)
         cache = self.cache
         with cache.lock:
             if kind == bpf_abi.EV_FORK:
-                proc = cache.forked(pid, start, ppid, pstart)
+                proc = cache.forked(pid, start, ppid, pstart, exec_id, ktime)
                 syscall, exit_code, duration = bpf_abi.FORK_KINDS.get(fork_kind, "clone"), "0", 0
             elif kind != bpf_abi.EV_EXIT:
                 raise ValueError(f"unknown event type {kind}")
@@ -135,6 +137,7 @@ class ProcessCollector(BpfCollector):
         self.decoder = EventDecoder(self.cache, self.clock)
         self.row = self.decoder.row
         self.cache.request_sync = self.program.nudge
+        self._reconciled = time.monotonic()
 
     async def prepare(self) -> None:
         # Seeded after attaching, so that nothing forked in between is missed.
@@ -145,6 +148,15 @@ class ProcessCollector(BpfCollector):
         # Other collectors attribute their events only once the cache has seen
         # every exec and fork before them.
         self.cache.synced_ns = self.program.synced_ns
+        now = time.monotonic()
+        if now - self._reconciled > RECONCILE_EVERY and not final:
+            # Running entries are never evicted; one whose exit record was
+            # lost would stay for ever without this.
+            self._reconciled = now
+            dropped = self.cache.reconcile()
+            if dropped:
+                log.warning("process cache: %d running entries dropped, /proc shows them gone "
+                            "(their exit records were lost)", dropped)
 
     def snapshots(self) -> dict:
         return {"process_ancestry_cache_stats": lambda: [self.cache.stats()]}

@@ -89,6 +89,10 @@ class OpenSockets:
         entry["owners"].add((pid, fd))
 
     def closed(self, inode: int, row: dict, pid: int, fd: int, last: bool) -> None:
+        """A close: what the kernel has already released is filled in from
+        what was tracked. A TCP socket that reached CLOSE (the peer's FIN, then
+        its RST) has given its local port back (inet_put_port zeroes it); a
+        Unix socket whose peer went first has no peer."""
         entry = self.by_inode.pop(inode, None) if last else self.by_inode.get(inode)
         if entry is None:
             return
@@ -96,6 +100,14 @@ class OpenSockets:
         if not row["remote_address"] and entry.get("remote_address"):
             row["remote_address"] = entry["remote_address"]
             row["remote_port"] = entry["remote_port"]
+        elif not row["remote_port"] and entry.get("remote_port") and row["remote_address"] == entry["remote_address"]:
+            row["remote_port"] = entry["remote_port"]
+        if entry.get("local_port") and not row["local_port"] and row["family"] != AF_UNIX:
+            row["local_port"] = entry["local_port"]
+            if not row["local_address"] or row["local_address"] in ("0.0.0.0", "::"):
+                row["local_address"] = entry["local_address"]
+        elif not row["local_address"] and entry.get("local_address"):
+            row["local_address"] = entry["local_address"]
 
     def prune(self) -> None:
         """Drops owners that no longer hold the socket (an exit closes fds
@@ -151,7 +163,7 @@ class SocketDecoder:
 
     def row(self, buf, off: int, size: int) -> tuple[dict, tuple]:
         """The row, but for who (path, ancestry): that waits for attribute()."""
-        (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, _euid, _egid, _auid, _sid, _pad, cgroup,
+        (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, _euid, _egid, _auid, _sid, exec_id, cgroup,
          _tty, duration, inode, ret, fd, syscall, net_ns, family, stype, protocol, state, lport, rport,
          laddr, raddr, ualen, lplen, rplen, uaddr, lpath, rpath) = bpf_abi.SOCK_EVENT.unpack_from(buf, off)
         name = bpf_abi.SOCK_SYSCALLS[syscall]
@@ -194,10 +206,12 @@ class SocketDecoder:
             with track.lock:
                 if syscall == bpf_abi.SYS_CLOSE:
                     track.closed(inode, row, pid, fd, bool(flags & bpf_abi.SF_LAST_REF))
-                elif ret >= 0:
+                elif ret >= 0 or status == "in_progress":
+                    # A non-blocking connect (nc, curl, Go, Java) is open from
+                    # its EINPROGRESS on, with its local end already bound.
                     held_as = ret if syscall in (bpf_abi.SYS_ACCEPT, bpf_abi.SYS_ACCEPT4) else fd
                     track.opened(inode, row, sockdiag.TCP_STATES.get(state, str(state)), pid, held_as)
-        return row, (pid, start, ppid, pstart, ktime)
+        return row, (pid, start, ppid, pstart, ktime, exec_id)
 
 
 class SocketCollector(AttributedCollector):
