@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 
-from vajrad import __version__, config, logs, units
+from vajrad import __version__, config, faults, logs, units
 from vajrad.collectors.base import Collector
 from vajrad.collectors.registry import CATALOGUE, UNITS
 from vajrad.errors import ConfigError, VajraError
@@ -21,6 +21,7 @@ from vajrad.serve.service import VajraService
 from vajrad.serve.socket_api import ApiServer
 from vajrad.store.event_store import EventStore
 from vajrad.tables import TABLES
+from vajrad.watchdog import Watchdog
 
 log = logging.getLogger("vajrad")
 
@@ -62,7 +63,7 @@ class Vajrad:
         self.service: VajraService | None = None
         self._pumps: list[asyncio.Task] = []
         self._stop = asyncio.Event()
-        self._last_tick = time.monotonic()
+        self.watchdog: Watchdog | None = None
         self._background: set[asyncio.Task] = set()
 
     # --- status -------------------------------------------------------------
@@ -95,6 +96,8 @@ class Vajrad:
             "dbus": self.dbus.state if self.dbus else "stopped",
             "events": {
                 "captured": sum(c.captured for c in self.collectors),
+                "captured_kernel": sum(c.captured for c in self.collectors if c.source == "kernel"),
+                "captured_inotify": sum(c.captured for c in self.collectors if c.source == "inotify"),
                 "stored": store.get("stored", 0),
                 "lost": kernel_lost + collector_dropped + store_dropped,
                 "lost_kernel": kernel_lost,
@@ -154,6 +157,7 @@ class Vajrad:
         await self.api.start()
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)
         await self.dbus.start()
+        faults.install(lambda: self.collectors)
 
     def _committed(self, batches: list[tuple[str, list]]) -> None:
         """Committed rows to live subscribers and observing collectors; rows
@@ -204,10 +208,13 @@ class Vajrad:
                  ", ".join(c.name for c in self.collectors) or "no collectors")
         self._spawn(self._report_status())
         if self.notifier.watchdog_interval:
-            self._spawn(self._watchdog(self.notifier.watchdog_interval))
+            self.watchdog = Watchdog(self.notifier, self.notifier.watchdog_interval, self.unhealthy)
+            self.watchdog.start()
         await self._stop.wait()
         log.info("stopping")
         self.notifier.stopping()
+        if self.watchdog is not None:       # stopping parts are not unhealthy ones
+            await self.watchdog.stop()
         await self._shutdown()
         return 0
 
@@ -222,25 +229,13 @@ class Vajrad:
             self.notifier.status(self.status_line())
 
     def unhealthy(self) -> list[str]:
+        """What is wrong besides the event loop (the watchdog checks that);
+        read from the watchdog's thread."""
         problems = []
-        lag = time.monotonic() - self._last_tick
         if self.store is None or not self.store.healthy:
             problems.append("event store writer is not healthy")
-        problems += [f"collector {c.name} is {c.state}" for c in self.collectors if not c.healthy]
-        return problems + ([f"event loop lagged {lag:.1f} s"] if lag > 5 else [])
-
-    async def _watchdog(self, interval: float) -> None:
-        """WATCHDOG=1 only while the loop turns and every part is healthy, so
-        that systemd restarts a daemon that is wedged rather than one that is slow."""
-        while True:
-            self._last_tick = time.monotonic()
-            await asyncio.sleep(interval)
-            problems = self.unhealthy()
-            if problems:
-                log.warning("withholding watchdog ping: %s", "; ".join(problems))
-                self.notifier.status("unhealthy: " + "; ".join(problems))
-            else:
-                self.notifier.watchdog()
+        return problems + [f"collector {c.name} is {c.state}" + (f" ({c.error})" if c.error else "")
+                           for c in list(self.collectors) if not c.healthy]
 
     async def reload(self) -> None:
         """SIGHUP: re-read the config file. Flags given at start still win; a bad

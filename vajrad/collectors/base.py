@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import logging
 import threading
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from vajrad.threads import name_native_thread
+
+log = logging.getLogger(__name__)
 
 Batch = tuple[str, list]        # rows: dicts, or lists in column order
 
 
 class Collector(abc.ABC):
     name: str = ""
+    source: str = ""                   # where captured events come from: "kernel", "inotify"
     tables: tuple[str, ...] = ()
     observes: tuple[str, ...] = ()     # tables whose committed rows observe() is given
 
@@ -92,22 +96,42 @@ class Collector(abc.ABC):
                 self.dropped += len(batch[1])
 
 
-class PollingThread(threading.Thread):
-    """Runs poll_once() until stopped; the poll holds no lock the loop needs."""
+class InjectedFault(RuntimeError):
+    """A failure injected on purpose (vajrad.faults, tests only)."""
 
-    def __init__(self, name: str, poll_once):
+
+class PollingThread(threading.Thread):
+    """Runs poll_once() until stopped; the poll holds no lock the loop needs.
+
+    A poll that raises ends the thread: the exception is kept in `failure`
+    and handed to on_failure (on this thread), so that the collector stops
+    claiming to run and the watchdog withholds its ping."""
+
+    def __init__(self, name: str, poll_once, on_failure: Callable[[BaseException], None] | None = None):
         super().__init__(name=name, daemon=True)
         self._poll_once = poll_once
+        self._on_failure = on_failure
         self._halt = threading.Event()
+        self._injected: BaseException | None = None
         self.failure: BaseException | None = None
 
     def run(self) -> None:
         name_native_thread(self.name)
         try:
             while not self._halt.is_set():
+                if self._injected is not None:
+                    raise self._injected
                 self._poll_once()
         except BaseException as e:  # reported through the collector's health
             self.failure = e
+            log.error("%s: polling thread died: %r", self.name, e, exc_info=e)
+            if self._on_failure is not None:
+                self._on_failure(e)
+
+    def inject_failure(self, error: BaseException) -> None:
+        """Has the next poll raise `error`: the fault a bug in a decoder or a
+        broken buffer would cause. Used only by vajrad.faults (tests)."""
+        self._injected = error
 
     def stop(self) -> None:
         self._halt.set()

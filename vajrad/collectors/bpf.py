@@ -13,6 +13,10 @@ from vajrad.collectors.base import Collector, PollingThread
 
 log = logging.getLogger(__name__)
 
+# After the probes are detached, a program that was already running on
+# another CPU may still be writing its record; this is far longer than one
+# probe runs, and is paid once, at stop.
+DETACH_GRACE_S = 0.02
 POLL_MS = 200           # a drain at least this often; the kernel wakes us sooner under load
 MAX_BATCH = 2048
 # How long a row waits for the process collector before it is attributed
@@ -39,6 +43,7 @@ class BpfCollector(Collector):
     """Subclasses set `table` and `program`, and decode records in row()."""
 
     table: str = ""
+    source = "kernel"
     poll_ms = POLL_MS
 
     def __init__(self, program: BpfProgram):
@@ -67,9 +72,13 @@ class BpfCollector(Collector):
         except Exception as e:
             self.state, self.error = "failed", str(e)
             raise
-        self._thread = PollingThread(f"vajra-{self.name}", self._poll_once)
+        self._thread = PollingThread(f"vajra-{self.name}", self._poll_once, self._poller_died)
         self._thread.start()
         self.state = "running"
+
+    def _poller_died(self, error: BaseException) -> None:
+        """On the dead polling thread: nothing drains the buffer any more."""
+        self.state, self.error = "failed", f"polling thread died: {error!r}"
 
     def _on_event(self, buf, off: int, size: int) -> None:
         try:
@@ -101,17 +110,32 @@ class BpfCollector(Collector):
             self.clock.refresh()
 
     async def stop(self) -> None:
+        """Stops polling, detaches the probes, drains what they wrote after the
+        last poll, then closes: every record committed before the probes went
+        reaches the store (SIGTERM flushes the kernel side too)."""
         if self._thread:
             self._thread.stop()
             await asyncio.to_thread(self._thread.join)
             self._thread = None
-            self._after_poll(final=True)
-            if self._pending:
-                self._flush()
+        if self.program.bpf is not None:
+            await asyncio.to_thread(self._final_drain)
         self.program.close()
         if self._queue is not None:
             self._deliver(None)
         self.state = "stopped"
+
+    def _final_drain(self) -> None:
+        """Once the polling thread has ended: nothing else reads the buffer."""
+        detached_at = time.time()
+        self.program.detach()
+        time.sleep(DETACH_GRACE_S)
+        before = self.program.records
+        self.program.poll(0)
+        self._after_poll(final=True)
+        if self._pending:
+            self._flush()
+        log.info("%s: probes detached at %.6f; the final drain handed over %d records",
+                 self.name, detached_at, self.program.records - before)
 
     @property
     def healthy(self) -> bool:

@@ -160,6 +160,16 @@ class BpfProgram:
                 total += sum(per_cpu)
         return total
 
+    def detach(self) -> None:
+        """Detaches every probe and keeps the maps and the output buffer, so
+        that what the probes wrote before can still be drained."""
+        if self.bpf is None:
+            return
+        for tp in list(self.bpf.tracepoint_fds):
+            self.bpf.detach_tracepoint(tp)
+        for tp in list(self.bpf.raw_tracepoint_fds):
+            self.bpf.detach_raw_tracepoint(tp)
+
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()

@@ -14,8 +14,7 @@ class Subscription:
     def __init__(self, table: str | None, size: int):
         self.table = table
         self.queue: asyncio.Queue = asyncio.Queue(size)
-        self.missed = 0
-        self.missed_total = 0
+        self.missed = 0             # since the subscriber was last told
 
     async def get(self) -> tuple[str, dict]:
         return await self.queue.get()
@@ -25,6 +24,9 @@ class EventHub:
     def __init__(self, queue_events: int = QUEUE_EVENTS):
         self.subscribers: set[Subscription] = set()
         self.queue_events = queue_events
+        # Every event any subscriber missed, this run: it stays when the
+        # subscriber that missed them goes.
+        self.missed_total = 0
 
     def add(self, table: str | None) -> Subscription:
         sub = Subscription(table, self.queue_events)
@@ -47,8 +49,4 @@ class EventHub:
                         sub.queue.put_nowait((table, row))
                     except asyncio.QueueFull:
                         sub.missed += 1
-                        sub.missed_total += 1
-
-    @property
-    def missed_total(self) -> int:
-        return sum(s.missed_total for s in self.subscribers)
+                        self.missed_total += 1
