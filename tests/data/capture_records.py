@@ -88,6 +88,13 @@ def main() -> None:
         sys.exit("run as root: loading BPF programs needs it")
     ensure_tracefs()
     work = tempfile.mkdtemp(prefix="vajra-capture-")
+    try:
+        capture(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def capture(work: str) -> None:
     watched = os.path.join(work, "watched")
     os.mkdir(watched)
     fim_doc = {"file_paths": {"captured": [watched + "/%%"]}}
@@ -102,7 +109,7 @@ def main() -> None:
         def keep(buf, off, size):
             record = bytes(buf[off:off + size])
             hdr = abi.ProcHeader.from_buffer_copy(record[:hdr_size])
-            if hdr.ppid == me or hdr.pid == me or hdr.type in (abi.EV_SOCKET, abi.EV_FILE):
+            if hdr.ppid == me or hdr.pid == me:     # our children's records, and our own
                 seen.append((kind, record))
         return keep
 
@@ -122,6 +129,9 @@ def main() -> None:
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     listener.bind(("127.0.0.1", 0))
     listener.listen(4)
+    listener6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    listener6.bind(("::1", 0))
+    listener6.listen(4)
     unix_path = os.path.join(work, "golden.sock")
 
     def acts():
@@ -130,6 +140,11 @@ def main() -> None:
         c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         c.connect(listener.getsockname())
         out["connect"] = {"fd": c.fileno(), "local": c.getsockname(), "remote": c.getpeername()}
+        c6 = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        c6.connect(listener6.getsockname())
+        out["connect6"] = {"local": c6.getsockname()[:2], "remote": c6.getpeername()[:2]}
+        out["close"] = {"fd": c.fileno()}
+        c.close()
         u = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         u.bind(unix_path)
         out["bind_unix"] = {"fd": u.fileno()}
@@ -153,6 +168,10 @@ def main() -> None:
     accepted, _ = listener.accept()
     accepted.close()
     listener.close()
+    accepted6, _ = listener6.accept()          # Python's accept() is the accept4 syscall
+    acted["accept6"] = {"fd": listener6.fileno(), "ret": accepted6.fileno()}
+    accepted6.close()
+    listener6.close()
     _, status = os.waitpid(actor, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7, status
 
@@ -201,7 +220,10 @@ def main() -> None:
                 c.program.poll(50)
             if found():
                 return
-        raise SystemExit("records not all seen; captured: " + repr([(k, len(r)) for k, r in seen]))
+        closes = [(e.fd, e.family, e.inode, e.hdr.flags) for e in
+                  (abi.SockEvent.from_buffer_copy(r) for r in sock_call(actor, abi.SYS_CLOSE)())]
+        raise SystemExit("records not all seen: " + repr({name: len(f()) for name, f in wanted.items()})
+                         + f"; closes: {closes}")
 
     def hdr(record):
         return abi.ProcHeader.from_buffer_copy(record[:hdr_size])
@@ -209,9 +231,11 @@ def main() -> None:
     def find(kind, pid, rtype, test=lambda r: True):
         return [r for k, r in seen if k == kind and hdr(r).pid == pid and hdr(r).type == rtype and test(r)]
 
-    def sock_call(pid, syscall):
-        return lambda: find("socket", pid, abi.EV_SOCKET,
-                            lambda r: abi.SockEvent.from_buffer_copy(r).syscall == syscall)
+    def sock_call(pid, syscall, family=None):
+        def match(r):
+            e = abi.SockEvent.from_buffer_copy(r)
+            return e.syscall == syscall and family in (None, e.family)
+        return lambda: find("socket", pid, abi.EV_SOCKET, match)
 
     def file_call(pid, syscall):
         return lambda: find("file", pid, abi.EV_FILE,
@@ -227,8 +251,10 @@ def main() -> None:
         "exec": exec_of(execd),
         "exec_failed": exec_of(failed),
         "exit_signal": lambda: find("process", victim, abi.EV_EXIT),
-        "connect_ipv4": sock_call(actor, abi.SYS_CONNECT),
+        "connect_ipv4": sock_call(actor, abi.SYS_CONNECT, socket.AF_INET),
         "bind_unix": sock_call(actor, abi.SYS_BIND),
+        "close_ipv4": sock_call(actor, abi.SYS_CLOSE, socket.AF_INET),
+        "accept4_ipv6": sock_call(me, abi.SYS_ACCEPT4, socket.AF_INET6),
         "openat_write": file_call(actor, "openat"),
         "renameat2": file_call(actor, "renameat2"),
     }
@@ -295,6 +321,25 @@ def main() -> None:
         remote_address=c["remote"][0], local_port=c["local"][1], remote_port=c["remote"][1],
         duration=duration, status="succeeded", socket="", net_namespace=facts["net_ns"], ancestry="[]"),
         "TCP connect() to a listener on 127.0.0.1; addresses and ports from getsockname()/getpeername()")
+    ktime, duration, row = common(actor, records["close_ipv4"], abi.SockEvent)
+    add("close_ipv4", "bpf_socket_events", dict(
+        row, exit_code="0", probe_error=0, syscall="close", path="", fd=acted["close"]["fd"],
+        family=socket.AF_INET, type=socket.SOCK_STREAM, protocol=socket.IPPROTO_TCP,
+        local_address=c["local"][0], remote_address=c["remote"][0], local_port=c["local"][1],
+        remote_port=c["remote"][1], duration=duration, status="succeeded", socket="",
+        net_namespace=facts["net_ns"], ancestry="[]"),
+        "close() of the connected TCP socket above: its last reference, duration its lifetime")
+    a = acted["accept6"]
+    c6 = acted["connect6"]
+    ktime, duration, row = common(me, records["accept4_ipv6"], abi.SockEvent)
+    add("accept4_ipv6", "bpf_socket_events", dict(
+        row, parent=os.getppid(), exit_code=str(a["ret"]), probe_error=0, syscall="accept4", path="",
+        fd=a["fd"], family=socket.AF_INET6, type=socket.SOCK_STREAM, protocol=socket.IPPROTO_TCP,
+        local_address=c6["remote"][0], remote_address=c6["local"][0], local_port=c6["remote"][1],
+        remote_port=c6["local"][1], duration=duration, status="succeeded", socket="",
+        net_namespace=facts["net_ns"], ancestry="[]"),
+        "the capturing process's accept() (accept4) on ::1 of the child's IPv6 connect; fd is the "
+        "listener, exit_code the new fd")
     ktime, duration, row = common(actor, records["bind_unix"], abi.SockEvent)
     add("bind_unix", "bpf_socket_events", dict(
         row, exit_code="0", probe_error=0, syscall="bind", path="", fd=acted["bind_unix"]["fd"],
@@ -334,7 +379,6 @@ def main() -> None:
     with open(OUT, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
-    shutil.rmtree(work)
     print(f"wrote {len(out)} records to {OUT}")
 
 
