@@ -28,7 +28,7 @@ from vajrad.collectors.fim import rules as fim
 from vajrad.collectors.fim.bpf_file_events import FileCollector
 from vajrad.collectors.process.bpf_process_events import ROW, EventDecoder
 from vajrad.collectors.socket.bpf_socket_events import OpenSockets, SocketDecoder
-from vajrad.enrich.process_cache import BootClock, ProcessCache
+from vajrad.enrich.process_cache import ProcessCache
 from vajrad.kernel import abi
 from vajrad.kernel.environment import KernelEnv
 
