@@ -388,7 +388,7 @@ def test_connect_ipv4_row_field_by_field(sockets, open_sockets, clock):
         "remote_port": 443, "duration": 31_000, "status": "succeeded", "socket": "",
         "net_namespace": 4026531840, "ancestry": "[]", "ntime": str(ktime),
         "time": (ktime + clock.offset_ns) // SEC}
-    assert who == (3001, 101 * SEC, 3000, 100 * SEC, ktime)
+    assert who == (3001, 101 * SEC, 3000, 100 * SEC, ktime, 0)     # exec_id: the record's, 0 here
     tracked = open_sockets.by_inode[1001]
     assert tracked["owners"] == {(3001, 7)} and tracked["state"] == "ESTABLISHED"
     assert (tracked["remote_address"], tracked["remote_port"]) == ("93.184.216.34", 443)
@@ -401,9 +401,11 @@ def test_connect_status_in_progress_and_failed(sockets, open_sockets):
     assert (pending["status"], pending["exit_code"]) == ("in_progress", "-115")
     # What the caller asked for, even before the kernel's socket has a peer.
     assert (pending["remote_address"], pending["remote_port"]) == ("192.0.2.1", 22)
-    refused = sock_row(sockets, sock_record(abi.SYS_CONNECT, ret=-errno.ECONNREFUSED, **common))
+    # A non-blocking connect is an open socket while it is in progress.
+    assert 1002 in open_sockets.by_inode
+    refused = sock_row(sockets, sock_record(abi.SYS_CONNECT, ret=-errno.ECONNREFUSED, **dict(common, inode=1003)))
     assert (refused["status"], refused["exit_code"]) == ("failed", "-111")
-    assert 1002 not in open_sockets.by_inode        # failed calls open nothing
+    assert 1003 not in open_sockets.by_inode        # a failed call opens nothing
 
 
 def test_connect_on_an_fd_that_is_no_socket_takes_the_family_from_the_caller(sockets, open_sockets):
@@ -533,7 +535,7 @@ def test_open_for_write_row_field_by_field(files):
         "flags": "O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC", "mode": "0644", "owner_uid": None, "owner_gid": None,
         "category": "etc", "exit_code": "3", "probe_error": 0, "duration": 4200, "ancestry": "[]",
         "ntime": str(ktime), "time": (ktime + files.clock.offset_ns) // SEC}
-    assert who == (3001, 101 * SEC, 3000, 100 * SEC, ktime)
+    assert who == (3001, 101 * SEC, 3000, 100 * SEC, ktime, 0)     # exec_id: the record's, 0 here
 
 
 def test_open_flag_texts(files):
