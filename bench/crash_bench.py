@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 
-from exec_bench import REPO, exec_at_rate  # noqa: F401  (also puts tests/ on sys.path)
+from exec_bench import exec_at_rate  # importing exec_bench also puts the repo and tests/ on sys.path
 from harness import Daemon  # noqa: E402
 
 TABLE = "bpf_process_events"
