@@ -4,7 +4,12 @@ run:
 	./quickstart run $(ARGS)
 test:
 	./quickstart test $(ARGS)
+# `make bench crash` runs one bench: the words after `bench` name it.
 bench:
-	./quickstart bench $(ARGS)
+	./quickstart bench $(filter-out bench,$(MAKECMDGOALS)) $(ARGS)
+ifneq ($(filter bench,$(MAKECMDGOALS)),)
+$(filter-out bench,$(MAKECMDGOALS)):
+	@:
+endif
 bootstrap:
 	sh scripts/bootstrap

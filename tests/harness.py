@@ -197,19 +197,46 @@ SYSTEM_LIKE_BUS = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus C
 
 
 class PrivateBus:
-    def __init__(self):
+    """A private dbus-daemon with the system bus's default policy plus ours.
+
+    dbus-daemon resolves group names when it loads its config: a <policy
+    group="vajra"> block whose group does not exist yet is dropped ("Unknown
+    group") and stays dropped. So a test that creates the group calls
+    ensure_group(), which reloads the bus's config once the group exists."""
+
+    def __init__(self, policy: Path | str = POLICY):
         # World-traversable, so that the tests' unprivileged clients reach it.
         self.dir = tempfile.mkdtemp(prefix="vajra-bus-")
         os.chmod(self.dir, 0o755)
         self.path = os.path.join(self.dir, "bus")
         self.address = f"unix:path={self.path}"
+        self.created_groups: list[str] = []
         conf = os.path.join(self.dir, "bus.conf")
-        Path(conf).write_text(SYSTEM_LIKE_BUS.format(path=self.path, policy=POLICY))
+        Path(conf).write_text(SYSTEM_LIKE_BUS.format(path=self.path, policy=policy))
         self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("dbus-daemon failed: " + self.proc.stderr.read())
+
+    def reload_config(self) -> None:
+        """ReloadConfig returns once the bus has re-read its config (and
+        re-resolved group names), so the next call sees the new policy."""
+        self.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                    "ReloadConfig")
+
+    def ensure_group(self, name: str = "vajra") -> int:
+        """The group's id, creating the group if needed (removed again by
+        close()), with the bus's policy reloaded so that it counts."""
+        import grp
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            subprocess.run(["groupadd", "--system", name], check=True)
+            self.created_groups.append(name)
+            gid = grp.getgrnam(name).gr_gid
+        self.reload_config()
+        return gid
 
     def busctl(self, *args: str, user: str | None = None, groups: str | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
@@ -223,6 +250,8 @@ class PrivateBus:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        for name in self.created_groups:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
