@@ -36,6 +36,9 @@ def can_bpf() -> tuple[bool, str]:
         import bcc  # noqa: F401
     except ImportError:
         return False, "python3-bpfcc is not installed"
+    from vajrad.kernel.environment import bpf_refusal
+    if refusal := bpf_refusal():
+        return False, refusal
     return True, ""
 
 

@@ -58,6 +58,9 @@ class Vajrad:
         self._stop = asyncio.Event()
         self._last_tick = time.monotonic()
         self._background: set[asyncio.Task] = set()
+        # SIGHUPs handled so far and how the last one ended, for a reloader
+        # (vajrad.client.reload, the unit's ExecReload) that waits for it.
+        self.reloads = {"count": 0, "result": "none"}
 
     # --- status -------------------------------------------------------------
     def counters(self) -> tuple[int, int]:
@@ -87,6 +90,7 @@ class Vajrad:
                     "subscriber_missed": self.hub.missed_total,
                     "events_served": self.service.served if self.service else 0},
             "dbus": self.dbus.state if self.dbus else "stopped",
+            "reload": dict(self.reloads),
             "events": {
                 "captured": sum(c.captured for c in self.collectors),
                 "stored": store.get("stored", 0),
@@ -266,7 +270,7 @@ class Vajrad:
             new = config.load([], self.flags)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
-            self.notifier.ready(self.status_line())
+            self._reloaded(f"failed: {e}")
             return
         changed = self.config.changed(new)
         for name in sorted(changed):
@@ -293,8 +297,15 @@ class Vajrad:
         if new.fim.unmatched:
             log.warning("file_paths patterns that match nothing yet: %s", ", ".join(new.fim.unmatched))
         self.config = new
-        log.info("configuration reloaded from %s (%s)", new.config_path,
-                 ", ".join(sorted(changed)) or "no changes")
+        # Without a file at the default path the embedded defaults apply:
+        # say so rather than name a file that was never read.
+        source = new.config_path if os.path.exists(new.config_path) else \
+            f"the embedded defaults ({new.config_path} does not exist)"
+        log.info("configuration reloaded from %s (%s)", source, ", ".join(sorted(changed)) or "no changes")
+        self._reloaded("ok")
+
+    def _reloaded(self, result: str) -> None:
+        self.reloads = {"count": self.reloads["count"] + 1, "result": result}
         self.notifier.ready(self.status_line())
 
     async def _shutdown(self) -> None:
