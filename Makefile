@@ -1,5 +1,5 @@
 # Thin wrappers over ./quickstart, which installs what is missing first.
-.PHONY: run test bench bootstrap
+.PHONY: run test bench bootstrap deb
 run:
 	./quickstart run $(ARGS)
 test:
@@ -8,3 +8,7 @@ bench:
 	./quickstart bench $(ARGS)
 bootstrap:
 	sh scripts/bootstrap
+# The .deb, built with dpkg-buildpackage -us -uc -b (build dependencies come
+# from Debian) and checked with lintian; it lands in build/deb/.
+deb:
+	sh scripts/build-deb
