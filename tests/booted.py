@@ -249,7 +249,8 @@ class BootedSystem:
         on (and recommends) come from Debian's archive."""
         inside = self.copy_in(deb, "/root/" + os.path.basename(deb))
         self.run("apt-get", "update", "-qq", timeout=timeout)
-        return self.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confnew",
+        return self.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
+                        "-o", "Dpkg::Options::=--force-confold",
                         inside, timeout=timeout)
 
     def journal(self, unit: str | None = None, since_cursor: str | None = None) -> str:

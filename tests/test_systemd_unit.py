@@ -1,5 +1,6 @@
 """The unit file passes systemd-analyze verify and says what the issue asks."""
 import configparser
+import json
 import os
 import shutil
 import subprocess
@@ -56,7 +57,43 @@ def test_systemd_analyze_verify(tmp_path):
     assert os.path.exists(vajrad)
     unit = tmp_path / "vajrad.service"
     unit.write_text(UNIT.read_text().replace("ExecStart=/usr/bin/vajrad", f"ExecStart={vajrad}"))
+    # verify also runs `man` on Documentation=: give it this checkout's pages
+    manpath = tmp_path / "man"
+    for page in (UNIT.parent.parent / "man").glob("*.[18]"):
+        section = manpath / f"man{page.suffix[1:]}"
+        section.mkdir(parents=True, exist_ok=True)
+        shutil.copy(page, section / page.name)
     r = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True,
-                       env=dict(os.environ, SYSTEMD_LOG_LEVEL="notice"))
+                       env=dict(os.environ, SYSTEMD_LOG_LEVEL="notice", MANPATH=str(manpath)))
     problems = [line for line in (r.stdout + r.stderr).splitlines() if "vajrad.service" in line]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def reload_helper(pid: int) -> subprocess.CompletedProcess:
+    """The unit's ExecReload, as systemd runs it."""
+    return subprocess.run([os.sys.executable, "-m", "vajrad.client.reload", str(pid)],
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_exec_reload_returns_once_the_reload_is_done(daemon_factory, workdir):
+    cfg = Path(workdir, "vajra.conf")
+    cfg.write_text(json.dumps({"options": {"host_identifier": "before"}}))
+    d = daemon_factory("--enable_bpf_events=false", f"--config_path={cfg}")
+    cfg.write_text(json.dumps({"options": {"host_identifier": "after"}}))
+    r = reload_helper(d.proc.pid)
+    assert r.returncode == 0 and "ok" in r.stderr, r.stderr
+    assert d.call("status")["host_identifier"] == "after"      # no waiting: it is done
+    cfg.write_text(json.dumps({"options": {"events_max": "lots"}}))
+    r = reload_helper(d.proc.pid)
+    assert r.returncode == 1 and "options.events_max" in r.stderr, r.stderr
+    assert d.call("status")["host_identifier"] == "after"
+
+
+@pytest.mark.skipif(os.path.exists("/etc/vajra/vajra.conf"), reason="this host has /etc/vajra/vajra.conf")
+def test_reload_without_a_config_file_does_not_claim_to_read_one(daemon_factory, workdir):
+    d = daemon_factory("--enable_bpf_events=false", start=False)
+    d.flags = [f for f in d.flags if not f.startswith("--config_path")]
+    d.start()
+    assert reload_helper(d.proc.pid).returncode == 0
+    assert "configuration reloaded from the embedded defaults (/etc/vajra/vajra.conf does not exist)" in d.log
+    assert "reloaded from /etc/vajra/vajra.conf" not in d.log
