@@ -1,5 +1,5 @@
 # Thin wrappers over ./quickstart, which installs what is missing first.
-.PHONY: run test bench bootstrap
+.PHONY: run test bench bootstrap deb
 run:
 	./quickstart run $(ARGS)
 test:
@@ -13,3 +13,7 @@ $(filter-out bench,$(MAKECMDGOALS)):
 endif
 bootstrap:
 	sh scripts/bootstrap
+# The .deb, built with dpkg-buildpackage -us -uc -b (build dependencies come
+# from Debian) and checked with lintian; it lands in build/deb/.
+deb:
+	sh scripts/build-deb

@@ -26,6 +26,41 @@ REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "dbus" / "org.vajra.Vajra1.conf"
 
 
+# Code run as another user (nobody, a vajra member) runs on the system Python
+# from a world-readable copy of the package: the checkout and its venv may
+# sit in /root (mode 0700), where such a user cannot read them.
+SYSTEM_PYTHON = "/usr/bin/python3"
+_shared_copy: str | None = None
+
+
+def world_readable_package() -> str:
+    """A directory any user can put on PYTHONPATH to import this checkout's
+    vajrad; made once per test session, removed at exit."""
+    global _shared_copy
+    if _shared_copy is None:
+        import atexit
+        d = tempfile.mkdtemp(prefix="vajra-pkg-")
+        shutil.copytree(REPO / "vajrad", os.path.join(d, "vajrad"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for root, dirs, files in os.walk(d):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        atexit.register(shutil.rmtree, d, True)
+        _shared_copy = d
+    return _shared_copy
+
+
+def run_as(user: str, argv: list[str], groups: str | None = None, **kw) -> subprocess.CompletedProcess:
+    """argv as `user` (group nogroup, only `groups` as supplementary ones),
+    from /, with this checkout's vajrad importable by the system Python."""
+    prefix = ["setpriv", f"--reuid={user}", "--regid=nogroup"]
+    prefix += [f"--groups={groups}"] if groups else ["--clear-groups"]
+    env = dict(os.environ, PYTHONPATH=world_readable_package())
+    env.pop("VIRTUAL_ENV", None)
+    return subprocess.run([*prefix, *argv], cwd="/", env=env, capture_output=True, text=True, **kw)
+
+
 def can_bpf() -> tuple[bool, str]:
     if os.geteuid() != 0:
         return False, "needs root to load BPF programs"
@@ -36,6 +71,9 @@ def can_bpf() -> tuple[bool, str]:
         import bcc  # noqa: F401
     except ImportError:
         return False, "python3-bpfcc is not installed"
+    from vajrad.kernel.environment import bpf_refusal
+    if refusal := bpf_refusal():
+        return False, refusal
     return True, ""
 
 

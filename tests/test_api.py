@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import needs_bpf, needs_root
-from harness import jsonrpc_lines
+from harness import SYSTEM_PYTHON, jsonrpc_lines, run_as
 from vajrad.tables import TABLES
 from vajrad.serve.service import encode_cursor
 from vajrad.serve.wire import RateLimitedLog
@@ -161,9 +161,7 @@ def test_socket_mode_and_group(api):
 
 @needs_root
 def test_vajractl_reports_refusal_and_absence(api, workdir):
-    out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                          sys.executable, "-m", "vajrad.client.ctl", "--socket", api.socket, "status"],
-                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = run_as("nobody", [SYSTEM_PYTHON, "-m", "vajrad.client.ctl", "--socket", api.socket, "status"])
     assert out.returncode == 1 and "permission denied" in out.stderr and "group vajra" in out.stderr
     out = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", f"{workdir}/none.sock", "status"],
                          capture_output=True, text=True)

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 from conftest import BPF_OK, needs_root
-from harness import unique_program
+from harness import SYSTEM_PYTHON, run_as, unique_program
 
 pytestmark = needs_root
 
@@ -127,8 +127,7 @@ def test_only_root_may_own_the_name(private_bus):
         "    except Exception as e:\n"
         "        print('REFUSED', e)\n"
         "asyncio.run(main())\n")
-    out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                          sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
+    out = run_as("nobody", [SYSTEM_PYTHON, "-c", script], timeout=20)
     assert out.stdout.startswith("REFUSED"), out.stdout + out.stderr
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=20)
     assert out.stdout.startswith("OWNED"), out.stdout + out.stderr
