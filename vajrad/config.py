@@ -239,7 +239,6 @@ def load(argv: list[str], catalogue: Catalogue, previous_flags: dict[str, Any] |
     path = flags.get("config_path", DEFAULT_CONFIG_PATH)
     if "config_path" not in flags and not os.path.exists(path):
         file_opts, sections = validate_document(EMBEDDED_CONFIG, "embedded config", catalogue)
-        path = "embedded config"
     else:
         file_opts, sections = read_config_file(path, catalogue)
     values = {o.name: o.default for o in catalogue.options}
