@@ -63,7 +63,10 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
         return 0;
     fill_hdr(&e->hdr, task, VAJRA_EV_EXIT);
     e->exit_code = read_u32(task, VAJRA_OFF_TASK_EXIT_CODE);
-    e->duration_ns = e->hdr.ktime_ns - read_u64(task, VAJRA_OFF_TASK_START_TIME);
+    /* The process's lifetime: the last thread may be younger than the
+     * process; the leader (a zombie until the group is gone) is as old. */
+    void *leader = read_ptr(task, VAJRA_OFF_TASK_GROUP_LEADER);
+    e->duration_ns = e->hdr.ktime_ns - read_u64(leader, VAJRA_OFF_TASK_START_TIME);
     e->fork_kind = 0;
     submit(args, e, sizeof(*e));
     return 0;
