@@ -321,10 +321,32 @@ def jsonrpc_lines(sock_path: str, payload: bytes, replies: int, timeout: float =
 
 # --- osquery core, played by osquery's official Thrift stubs (PyPI's osquery) ---
 
-class FakeCore:
-    """osquery core's extension manager, as far as an extension can see it."""
+# osquery core's own tables on Linux (osquery 5.x specs/ and specs/linux/;
+# /work/shared/reference/osquery-facts.md), evented ones first: an extension
+# table of one of these names is refused by a real core, and so by this one.
+OSQUERY_LINUX_TABLES = frozenset({
+    "bpf_process_events", "bpf_socket_events", "file_events", "process_events", "process_file_events",
+    "socket_events", "hardware_events", "selinux_events", "seccomp_events", "syslog_events",
+    "user_events", "yara_events", "apparmor_events",
+    "process_open_sockets", "processes", "process_envs", "process_memory_map", "process_namespaces",
+    "process_open_files", "listening_ports", "users", "groups", "file", "hash", "mounts", "time",
+    "uptime", "system_info", "os_version", "kernel_info", "kernel_modules", "deb_packages",
+    "rpm_packages", "apt_sources", "crontab", "etc_hosts", "interface_addresses", "routes",
+    "arp_cache", "iptables", "docker_containers", "logged_in_users", "last", "shadow", "sudoers",
+    "authorized_keys", "memory_info", "cpu_time", "block_devices", "disk_encryption",
+    "dns_resolvers", "shared_memory", "yara", "augeas", "osquery_info", "osquery_extensions",
+    "osquery_flags", "osquery_registry", "osquery_schedule",
+})
+# The process-ancestry build of osquery 5.18.1 (osquery-ancestry-README.txt) adds this one.
+OSQUERY_ANCESTRY_BUILD_TABLES = OSQUERY_LINUX_TABLES | {"process_ancestry_cache_stats"}
 
-    def __init__(self, options=None, core_tables=(), list_tables=True):
+
+class FakeCore:
+    """osquery core's extension manager, as far as an extension can see it:
+    by default with osquery's own Linux tables, which it refuses to let an
+    extension register again."""
+
+    def __init__(self, options=None, core_tables=OSQUERY_LINUX_TABLES, list_tables=True):
         self.opts = {"disable_events": "false", "enable_bpf_events": "true", **(options or {})}
         self.core_tables = set(core_tables)
         self.list_tables = list_tables
@@ -364,7 +386,7 @@ class FakeCore:
 
     def query(self, sql):
         if "osquery_registry" in sql and self.list_tables:
-            rows = [{"name": n} for n in sorted(self.core_tables | {"processes"})]
+            rows = [{"name": n} for n in sorted(self.core_tables)]
             return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=0, message="OK"), response=rows)
         return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=1, message="no such table"), response=[])
 
