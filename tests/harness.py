@@ -3,6 +3,7 @@ for systemd, and a private dbus-daemon with the system bus's default policy
 plus ours stands in for the system bus."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -24,6 +25,42 @@ from vajrad.osquery import protocol as p
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "dbus" / "org.vajra.Vajra1.conf"
+SERVICE_UNIT = REPO / "systemd" / "vajrad.service"
+
+_runtime_dir: str | None = None
+
+
+def runtime_directory() -> str:
+    """The daemons' RUNTIME_DIRECTORY (where vajrad merges its kernel header
+    tree), one for the whole run so the tree is built once, and never the
+    host's /run/vajra. Removed when the run ends."""
+    global _runtime_dir
+    if _runtime_dir is None:
+        _runtime_dir = tempfile.mkdtemp(prefix="vajra-test-run-")      # 0700
+        atexit.register(shutil.rmtree, _runtime_dir, True)
+    return _runtime_dir
+
+
+def private_directory(prefix: str = "vajra-test-") -> str:
+    """A temp directory others may traverse but not list (0711): unprivileged
+    test clients reach a socket inside by its name, nobody browses it."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(d, 0o711)
+    return d
+
+
+def shipped_watchdog_usec() -> int:
+    """WATCHDOG_USEC as systemd sets it from the shipped unit's WatchdogSec."""
+    for line in SERVICE_UNIT.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "WatchdogSec":
+            value = value.strip()
+            units = (("min", 60_000_000), ("ms", 1000), ("us", 1), ("s", 1_000_000))
+            for suffix, scale in units:
+                if value.endswith(suffix):
+                    return int(float(value[:-len(suffix)]) * scale)
+            return int(float(value) * 1_000_000)        # bare seconds
+    raise AssertionError(f"no WatchdogSec in {SERVICE_UNIT}")
 
 
 # Code run as another user (nobody, a vajra member) runs on the system Python
@@ -81,8 +118,11 @@ class NotifyListener:
     """A datagram socket playing systemd's end of sd_notify, read continuously
     on a thread as systemd would."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, on_message=None):
         self.path = os.path.join(directory, "notify.sock")
+        # Called on the reading thread with each message as it arrives, before
+        # the next is read: what a test does there happens "right at" it.
+        self.on_message = on_message
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.sock.settimeout(0.1)
@@ -99,7 +139,10 @@ class NotifyListener:
                 continue
             except OSError:
                 return
-            self.messages.append((time.monotonic(), data.decode()))
+            message = data.decode()
+            if self.on_message is not None:
+                self.on_message(message)
+            self.messages.append((time.monotonic(), message))
 
     def pause(self) -> None:
         """Stops reading, as a wedged receiver would."""
@@ -109,16 +152,28 @@ class NotifyListener:
     def states(self) -> list[str]:
         return [line for _, m in list(self.messages) for line in m.split("\n")]
 
-    def wait_for(self, key: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
+    def mark(self) -> int:
+        """A position in the messages, for wait_for(after=...)."""
+        return len(self.messages)
+
+    def lines_after(self, after: int) -> list[str]:
+        return [line for _, m in list(self.messages)[after:] for line in m.split("\n")]
+
+    def wait_for(self, key: str, timeout: float, proc: subprocess.Popen | None = None,
+                 after: int = 0, count: int = 1) -> str:
+        """The count-th message after position `after` with a line starting with key."""
         deadline = time.monotonic() + timeout
         while True:
-            for _, msg in list(self.messages):
+            seen = 0
+            for _, msg in list(self.messages)[after:]:
                 if any(line.startswith(key) for line in msg.split("\n")):
-                    return msg
+                    seen += 1
+                    if seen == count:
+                        return msg
             if proc is not None and proc.poll() is not None:
                 raise AssertionError(f"vajrad exited with {proc.returncode} before {key}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"no {key} within {timeout} s; got {self.states()}")
+                raise AssertionError(f"no {count} x {key} within {timeout} s; got {self.states()}")
             time.sleep(0.02)
 
     def close(self) -> None:
@@ -141,15 +196,16 @@ class Daemon:
             if not os.path.exists(cfg):
                 Path(cfg).write_text('{"options": {}}')
             self.flags.append(f"--config_path={cfg}")
-        self.env = dict(os.environ, **(env or {}))
+        self.env = dict(os.environ, RUNTIME_DIRECTORY=runtime_directory(), **(env or {}))
         self.prefix = prefix or []
         self.proc: subprocess.Popen | None = None
         self.notify: NotifyListener | None = None
         self.stderr_path = os.path.join(workdir, f"vajrad-{time.monotonic_ns()}.log")
         self.ready_after: float | None = None
+        self.on_notify = None           # NotifyListener.on_message for the next start()
 
     def start(self, wait_ready: bool = True, timeout: float = 30) -> "Daemon":
-        self.notify = NotifyListener(tempfile.mkdtemp(dir=self.workdir))
+        self.notify = NotifyListener(tempfile.mkdtemp(dir=self.workdir), self.on_notify)
         env = dict(self.env, NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1")
         self._stderr = open(self.stderr_path, "w")
         t0 = time.monotonic()
@@ -164,6 +220,15 @@ class Daemon:
     @property
     def log(self) -> str:
         return Path(self.stderr_path).read_text()
+
+    def wait_log(self, text: str, timeout: float = 30) -> str:
+        """The log, once it holds text."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert time.monotonic() < deadline, f"no {text!r} in the log within {timeout} s:\n{self.log}"
+            assert self.proc is None or self.proc.poll() is None or text in self.log, self.log
+            time.sleep(0.05)
+        return self.log
 
     def client(self) -> VajraClient:
         return VajraClient(self.socket, timeout=10).connect()
@@ -188,16 +253,24 @@ class Daemon:
         self.proc = None
         return rc
 
-    def wait_events(self, predicate, table: str = "bpf_process_events", timeout: float = 10) -> list[dict]:
+    def wait_events(self, predicate, table: str = "bpf_process_events", timeout: float = 30,
+                    want: int = 1, since_time: int = 0) -> list[dict]:
+        """The rows of `table` matching predicate, once there are `want` of them
+        (or what there is at the timeout). The table is read once from
+        since_time, then only past the last eid seen: a busy table is not
+        rescanned every poll."""
         deadline = time.monotonic() + timeout
         found: list[dict] = []
+        flt: dict = {"start_time": since_time}
         with self.client() as c:
-            while time.monotonic() < deadline:
-                found = [e for e in c.iter_events({"start_time": 0}, table) if predicate(e)]
-                if found:
+            while True:
+                for e in c.iter_events(flt, table):
+                    flt = {"start_eid": e["eid"] + 1}
+                    if predicate(e):
+                        found.append(e)
+                if len(found) >= want or time.monotonic() > deadline:
                     return found
                 time.sleep(0.1)
-        return found
 
 
 def unique_program(directory: str, name: str) -> str:
@@ -315,10 +388,32 @@ def jsonrpc_lines(sock_path: str, payload: bytes, replies: int, timeout: float =
 
 # --- osquery core, played by osquery's official Thrift stubs (PyPI's osquery) ---
 
-class FakeCore:
-    """osquery core's extension manager, as far as an extension can see it."""
+# osquery core's own tables on Linux (osquery 5.x specs/ and specs/linux/;
+# /work/shared/reference/osquery-facts.md), evented ones first: an extension
+# table of one of these names is refused by a real core, and so by this one.
+OSQUERY_LINUX_TABLES = frozenset({
+    "bpf_process_events", "bpf_socket_events", "file_events", "process_events", "process_file_events",
+    "socket_events", "hardware_events", "selinux_events", "seccomp_events", "syslog_events",
+    "user_events", "yara_events", "apparmor_events",
+    "process_open_sockets", "processes", "process_envs", "process_memory_map", "process_namespaces",
+    "process_open_files", "listening_ports", "users", "groups", "file", "hash", "mounts", "time",
+    "uptime", "system_info", "os_version", "kernel_info", "kernel_modules", "deb_packages",
+    "rpm_packages", "apt_sources", "crontab", "etc_hosts", "interface_addresses", "routes",
+    "arp_cache", "iptables", "docker_containers", "logged_in_users", "last", "shadow", "sudoers",
+    "authorized_keys", "memory_info", "cpu_time", "block_devices", "disk_encryption",
+    "dns_resolvers", "shared_memory", "yara", "augeas", "osquery_info", "osquery_extensions",
+    "osquery_flags", "osquery_registry", "osquery_schedule",
+})
+# The process-ancestry build of osquery 5.18.1 (osquery-ancestry-README.txt) adds this one.
+OSQUERY_ANCESTRY_BUILD_TABLES = OSQUERY_LINUX_TABLES | {"process_ancestry_cache_stats"}
 
-    def __init__(self, options=None, core_tables=(), list_tables=True):
+
+class FakeCore:
+    """osquery core's extension manager, as far as an extension can see it:
+    by default with osquery's own Linux tables, which it refuses to let an
+    extension register again."""
+
+    def __init__(self, options=None, core_tables=OSQUERY_LINUX_TABLES, list_tables=True):
         self.opts = {"disable_events": "false", "enable_bpf_events": "true", **(options or {})}
         self.core_tables = set(core_tables)
         self.list_tables = list_tables
@@ -358,7 +453,7 @@ class FakeCore:
 
     def query(self, sql):
         if "osquery_registry" in sql and self.list_tables:
-            rows = [{"name": n} for n in sorted(self.core_tables | {"processes"})]
+            rows = [{"name": n} for n in sorted(self.core_tables)]
             return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=0, message="OK"), response=rows)
         return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=1, message="no such table"), response=[])
 

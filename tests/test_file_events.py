@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import BPF_OK, BPF_WHY, needs_bpf
-from harness import Daemon
+from harness import Daemon, private_directory
 
 pytestmark = needs_bpf
 BASH = os.path.realpath(shutil.which("bash"))
@@ -31,8 +31,7 @@ class Fim:
     (%%, reads recorded too); U is not watched."""
 
     def __init__(self):
-        self.root = tempfile.mkdtemp(prefix="vajra-fim-")
-        os.chmod(self.root, 0o755)
+        self.root = private_directory("vajra-fim-")
         self.W, self.L, self.A, self.U, self.N = (os.path.join(self.root, d) for d in "WLAUN")
         for d in (self.W, self.L, self.A, self.U, self.N, self.L + "/sub"):
             os.makedirs(d)

@@ -48,6 +48,7 @@ KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "TASK_PID": ("task_struct", "pid"),
     "TASK_FLAGS": ("task_struct", "flags"),
     "TASK_START_TIME": ("task_struct", "start_time"),
+    "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
     "TASK_START_BOOTTIME": ("task_struct", "start_boottime"),
     "TASK_EXIT_CODE": ("task_struct", "exit_code"),
     "TASK_CRED": ("task_struct", "cred"),
