@@ -143,6 +143,16 @@ def test_malformed_lines_keep_the_connection_usable(api):
     assert rpc(api, "ping") == "pong"
 
 
+def test_subscribe_is_in_force_when_it_returns(api):
+    """vajractl events --follow subscribes, then lists what is stored: the
+    subscription must exist before the listing starts, or events in between
+    are neither listed nor followed."""
+    with api.client() as follower, api.client() as other:
+        stream = follower.subscribe()
+        assert other.call("status")["api"]["subscribers"] == 1   # before anything is read from it
+        assert iter(stream) is stream
+
+
 def test_notifications_get_no_reply(api):
     replies = jsonrpc_lines(api.socket, b'{"jsonrpc":"2.0","method":"ping"}\n'
                             b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n', 1)

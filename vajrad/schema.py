@@ -53,6 +53,12 @@ class Column:
                 "hidden": self.hidden, "additional": self.additional, "index": self.index}
 
 
+# osquery core has tables of its own under some of our names (file_events,
+# process_events, and bpf_* ones in older builds) and refuses an extension
+# table of the same name: the osquery shim registers every table as
+# `vajra_<name>` (docs/osquery.md).
+OSQUERY_PREFIX = "vajra_"
+
 # Columns every event table carries, declared once.
 EVENT_COLUMNS = (
     Column("host_identifier", TEXT, "Identifier of the host that recorded the event (--host_identifier)"),
@@ -100,6 +106,11 @@ class Table:
         """An event table: its own columns, then the common event columns."""
         own = tuple(c for c in columns if c.name not in EVENT_COLUMN_NAMES)
         return cls(name, description, own + EVENT_COLUMNS, True, notes or {}, **facts)
+
+    @property
+    def osquery_name(self) -> str:
+        """The name this table has in osquery (see OSQUERY_PREFIX)."""
+        return self.name if self.name.startswith(OSQUERY_PREFIX) else OSQUERY_PREFIX + self.name
 
     def row(self, **values) -> dict:
         """A row of this table as a dict: every column, None where not given.

@@ -118,10 +118,15 @@ class VajraClient:
             cursor = result["cursor"]
 
     def subscribe(self, table: str | None = None) -> Iterator[dict]:
-        """Yields notifications ({"method": "event"|"missed", "params": ...}) forever."""
+        """Subscribes now, before returning (so that a caller can list what is
+        stored next and miss nothing in between), and returns an iterator of
+        the notifications ({"method": "event"|"missed", "params": ...}), forever."""
         params = {"table": table} if table else {}
         self.call("subscribe", params)
         self._sock.settimeout(None)      # a quiet host sends nothing for a long time
+        return self._notifications()
+
+    def _notifications(self) -> Iterator[dict]:
         while True:
             msg = self.read_message()
             if "method" in msg:

@@ -14,7 +14,10 @@ from vajrad.tables import TABLES
 
 # Names osquery users query by that Vajra stores under a bpf_ name, so that
 # queries written for the process-ancestry osquery build run verbatim.
+# The osquery shim's names (vajra_<table>) too, so that a query written for
+# osquery runs here as it is.
 ALIASES = {alias: name for name, table in TABLES.items() for alias in table.aliases}
+ALIASES.update({t.osquery_name: name for name, t in TABLES.items() if t.osquery_name != name})
 
 _ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
 _ACTIONS = ("CREATE_INDEX CREATE_TABLE CREATE_TEMP_INDEX CREATE_TEMP_TABLE CREATE_TEMP_TRIGGER "
@@ -52,9 +55,6 @@ class ReadOnlySql:
             for name in TABLES:
                 if name in have and f"{name}__read" in views:
                     self.conn.execute(f'CREATE TEMP VIEW "{name}" AS SELECT * FROM main."{name}__read"')
-            for alias, target in ALIASES.items():
-                if target in have and alias not in have:
-                    self.conn.execute(f'CREATE TEMP VIEW "{alias}" AS SELECT * FROM "{target}"')
             for name, rows in (live or {}).items():
                 cols = TABLES[name].columns
                 self.conn.execute(f'CREATE TEMP TABLE "{name}" ('
@@ -68,6 +68,9 @@ class ReadOnlySql:
                 self.conn.execute(f"SELECT * FROM pragma_{name} LIMIT 0").fetchall()
             for name in ("json_each", "json_tree"):
                 self.conn.execute(f"SELECT * FROM {name}('[]') LIMIT 0").fetchall()
+            for alias, target in ALIASES.items():
+                if (target in have or target in (live or {})) and alias not in have:
+                    self.conn.execute(f'CREATE TEMP VIEW "{alias}" AS SELECT * FROM "{target}"')
         except sqlite3.Error as e:
             raise QueryError(f"cannot open {database}: {e}") from e
         self.refused: str | None = None

@@ -21,7 +21,7 @@ from thrift.transport import TSocket, TTransport
 
 from vajrad import __version__
 from vajrad.client.connection import ClientError, RemoteError, VajraClient
-from vajrad.schema import Table
+from vajrad.schema import OSQUERY_PREFIX, Table
 from vajrad.tables import TABLES
 from vajrad.osquery import protocol as p
 
@@ -35,9 +35,8 @@ OP_EQUALS, OP_GT, OP_LE, OP_LT, OP_GE = 2, 4, 8, 16, 32
 # osquery core has (or had, or has in a build our users run) tables named
 # file_events, bpf_process_events, bpf_socket_events and
 # process_ancestry_cache_stats, and refuses an extension table of the same
-# name. Under one prefix no Vajra table can clash with any of them, nor with
-# a table osquery adds later; the columns stay osquery's.
-OSQUERY_PREFIX = "vajra_"
+# name. Under one prefix (schema.OSQUERY_PREFIX) no Vajra table can clash with
+# any of them, nor with a table osquery adds later; the columns stay osquery's.
 
 
 def osquery_name(table: str) -> str:
