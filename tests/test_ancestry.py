@@ -161,3 +161,19 @@ def test_max_depth_cuts_the_chain_and_deeper_lines_still_get_their_full_depth():
 def test_a_deep_line_builds_without_recursion():
     cache = chain_cache(3000, max_depth=32, size=5000)
     assert pids(cache.ancestry(3000, 3000 * TICK_NS)) == list(range(3000, 2968, -1))
+
+
+def test_an_exited_process_lives_ttl_seconds():
+    """process_ancestry_cache_ttl: an exited parent keeps giving its children
+    their ancestry for ttl seconds, then goes (issue 21: the TTL was untested)."""
+    cache = ProcessCache(size=1000, ttl=60, proc="/nonexistent")
+    cache.executed(100, 10 * TICK_NS, 1, 0, "/usr/bin/parent", "parent")
+    cache.forked(200, 20 * TICK_NS, 100, 10 * TICK_NS)
+    exited = cache.exited_process(100, 10 * TICK_NS)
+    t = exited.exited_at
+    cache.expire(t + 59)
+    assert cache.get(100, 10 * TICK_NS) is exited
+    assert '"path": "/usr/bin/parent"' in cache.ancestry(200, 20 * TICK_NS)
+    cache.expire(t + 61)
+    assert cache.get(100, 10 * TICK_NS) is None
+    assert cache.counters["expired_entries"] == 1

@@ -198,7 +198,7 @@ def test_exec_row_field_by_field_with_ancestry(decoder, cache, clock):
         cgroup_id=8812, **CHILD))
     assert row == {
         "tid": 3001, "pid": 3001, "parent": 3000, "uid": 1001, "gid": 1002, "euid": 0, "egid": 0,
-        "auid": 1001, "sid": 2999, "tty": "pts3", "cid": 8812, "exit_code": "0", "probe_error": 0,
+        "auid": 1001, "sid": 2999, "tty": "pts/3", "cid": 8812, "exit_code": "0", "probe_error": 0,
         "partial": 0, "syscall": "exec", "path": "/usr/bin/grep", "cwd": "/home/alice/my docs",
         "cmdline": "grep two words line\nbreak tab\there", "duration": 48_000,
         "json_cmdline": '["grep", "two words", "line\\nbreak", "tab\\there"]',
@@ -267,7 +267,7 @@ def test_failed_exec_with_no_path_given(decoder):
 def test_tty_is_the_name_up_to_its_nul(decoder):
     rows = [decode(decoder, exec_record(args=argv_bytes("sh"), cwd=b"", exe=components("/bin/sh"), tty=t,
                                         **CHILD)) for t in (b"", b"tty1", b"pts12\0junk")]
-    assert [r["tty"] for r in rows] == ["", "tty1", "pts12"]
+    assert [r["tty"] for r in rows] == ["", "tty1", "pts/12"]
 
 
 def test_unknown_record_type_is_refused(decoder):

@@ -427,3 +427,27 @@ def test_reload_to_a_narrower_tree_keeps_watching_it(daemon_factory, workdir):
     rows = d.wait_events(lambda e: e["target_path"].startswith(str(w)), "file_events")
     assert {(r["target_path"], r["category"]) for r in rows} == {(str(w / "sub" / "deep" / "inside"), "sub")}
     assert d.call("status")["collectors"]["fim"]["watches"] == 2      # sub and sub/deep
+
+
+def test_files_larger_than_read_max_are_not_hashed(daemon_factory, workdir):
+    """read_max bounds what file_events hashes: a bigger file gets hashed = 0
+    and no hashes; one within it is hashed (issue 21: read_max was untested)."""
+    watched = Path(workdir, "rm")
+    watched.mkdir()
+    cfg = Path(workdir, "rm.conf")
+    cfg.write_text(json.dumps({"options": {"read_max": 1000}, "file_paths": {"rm": [f"{watched}/%%"]}}))
+    d = daemon_factory(f"--config_path={cfg}", "--enable_bpf_events=false")
+    (watched / "big").write_bytes(b"x" * 1001)
+    (watched / "small").write_bytes(b"y" * 1000)
+    deadline = time.monotonic() + 30
+    with d.client() as c:
+        while time.monotonic() < deadline:
+            updated = {Path(e["target_path"]).name: e for e in c.iter_events({"start_time": 0}, "file_events")
+                       if e["action"] == "UPDATED"}
+            if {"big", "small"} <= set(updated):
+                break
+            time.sleep(0.1)
+    assert {"big", "small"} <= set(updated), updated
+    big, small = updated["big"], updated["small"]
+    assert (big["hashed"], big["md5"], big["sha256"], big["size"]) == (0, "", "", 1001)
+    assert (small["hashed"], small["sha256"], small["size"]) == (1, hashlib.sha256(b"y" * 1000).hexdigest(), 1000)

@@ -404,3 +404,31 @@ def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
     assert bad.returncode == 1 and "no running process 999999" in bad.stderr
     bad = subprocess.run(ctl, capture_output=True, text=True)
     assert bad.returncode == 2 and "PID or --eid" in bad.stderr
+
+
+def test_tty_is_the_controlling_terminal(bpf_daemon, workdir):
+    """An exec on a pseudo-terminal names it exactly (pts/N); one without a
+    controlling terminal has tty '' (issue 21: tty was untested)."""
+    import pty
+    prog = unique_program(workdir, f"vajra-tty-{uuid.uuid4().hex[:8]}")
+    named = os.path.join(workdir, "tty-name")
+    pid, fd = pty.fork()                 # child: a new session whose controlling terminal is the pty
+    if pid == 0:
+        try:
+            with open(named, "w") as f:
+                f.write(os.ttyname(0))
+            os.execv(prog, [prog])
+        finally:
+            os._exit(127)
+    try:
+        os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    subprocess.run([prog], check=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                   stderr=subprocess.DEVNULL, start_new_session=True)
+    with open(named) as f:
+        expected = f.read().removeprefix("/dev/")
+    rows = execs_of(bpf_daemon, prog, want=2)
+    on_pty = [r["tty"] for r in rows if r["pid"] == pid]
+    detached = [r["tty"] for r in rows if r["pid"] != pid]
+    assert expected.startswith("pts/") and on_pty == [expected] and detached == [""], rows

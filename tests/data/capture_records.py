@@ -300,7 +300,7 @@ def capture(work: str) -> None:
         "the forked child's os._exit(7), after the fork record; duration is its lifetime")
     add("exec", "bpf_process_events",
         process_row(execd, records["exec"], abi.ExecEvent, sid=sid_of[execd],
-                    tty=tty.removeprefix("/dev/").replace("/", ""), exit_code="0", syscall="exec",
+                    tty=tty.removeprefix("/dev/"), exit_code="0", syscall="exec",
                     path=exe, cwd=cwd, cmdline=" ".join(argv), json_cmdline=json.dumps(argv)),
         "execv(/bin/true, argv with a space and a newline) in a cwd with a space, on a pty made its "
         "controlling terminal after setsid()")

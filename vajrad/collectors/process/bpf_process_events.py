@@ -68,7 +68,12 @@ class EventDecoder:
         if tty is None:
             if len(self._ttys) > 1024:
                 self._ttys.clear()
-            tty = self._ttys[raw] = raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+            tty = raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+            # The kernel names a pseudo-terminal's slave "pts<N>"; users (ps,
+            # w, who) and /dev know it as pts/<N>.
+            if tty.startswith("pts") and tty[3:].isdigit():
+                tty = "pts/" + tty[3:]
+            self._ttys[raw] = tty
         return tty
 
     def exec_row(self, buf, off: int) -> list:
