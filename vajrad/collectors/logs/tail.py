@@ -42,6 +42,7 @@ FINGERPRINT_BYTES = 1024
 CHUNK_BYTES = 1 << 20          # read at most this much of one file per batch
 BATCH_LINES = 5000             # and make at most this many rows of it
 ROTATED_SEPARATORS = (".", "-", "_")
+TRUNCATED = -2                 # _read_once: f was truncated; read again in order
 
 
 def fingerprint(fd: int, size: int) -> tuple[str, int]:
@@ -76,6 +77,7 @@ class TrackedFile:
     idle_since: float | None = None
     copy_of: str | None = None      # a probable copytruncate copy, waiting on its original
     copy_since: float = 0.0
+    complete: bool = False   # a copytruncate copy: nobody writes to it, its last line is whole as is
     lines: int = 0
     bytes: int = 0
     dropped: int = 0         # bytes cut off over-long lines
@@ -278,6 +280,15 @@ class Tailer:
             self._save_only(key, None)
         self.first_scan = False
 
+    def _base_name(self, path: str) -> str:
+        """The watched name a rotated name derives from (app.log for app.log.1)."""
+        directory, name = os.path.split(path)
+        bases = [os.path.basename(p) for p in self.path_seen if os.path.dirname(p) == directory]
+        for base in sorted(bases, key=len, reverse=True):
+            if name.startswith(base) and len(name) > len(base) and name[len(base)] in ROTATED_SEPARATORS:
+                return base
+        return name
+
     def _reopen(self, tracked: TrackedFile, path: str, st: os.stat_result) -> TrackedFile | None:
         """A file saved by an earlier run (or let go): the same one if its
         first bytes still match, else the inode was reused."""
@@ -380,6 +391,8 @@ class Tailer:
                     continue
             while budget_bytes > 0:
                 used = self._read_once(f, now_mono)
+                if used == TRUNCATED:
+                    return True     # again in order: a copytruncate copy before its original
                 if used < 0:
                     break
                 budget_bytes -= used
@@ -389,6 +402,12 @@ class Tailer:
 
     def _settle_copy(self, f: TrackedFile, now_mono: float) -> None:
         original = self.files.get(f.copy_of)
+        if original is not None and original.fd is not None:
+            try:
+                if self._check_truncation(original, os.fstat(original.fd).st_size):
+                    return          # f took over from the original (copy_of cleared)
+            except OSError:
+                pass
         cat = self.categories.get(f.category)
         wait = (cat.rotate_wait_ms if cat else 0) / 1000
         if original is not None and original.fd is not None and now_mono - f.copy_since < wait:
@@ -401,18 +420,25 @@ class Tailer:
         self._place_new(f, not f.rotated, created=True)
         self._save(f)
 
+    def _check_truncation(self, f: TrackedFile, size: int) -> bool:
+        """Whether f shrank or its first bytes changed (handled here)."""
+        if size < f.offset or (f.fp_size and size >= f.fp_size
+                               and not fingerprint_matches(f.fd, f.fp, f.fp_size)):
+            self._truncated(f, size)
+            f.fp, f.fp_size = fingerprint(f.fd, size)
+            f.size = size
+            self._save(f)
+            return True
+        return False
+
     def _read_once(self, f: TrackedFile, now_mono: float) -> int:
         """One batch of f. Returns the bytes consumed, or -1 when there is
         nothing more to do with f now."""
         try:
             size = os.fstat(f.fd).st_size
-            if size < f.offset or (f.fp_size and size >= f.fp_size
-                                   and not fingerprint_matches(f.fd, f.fp, f.fp_size)):
-                self._truncated(f, size)
-                f.fp, f.fp_size = fingerprint(f.fd, size)
-                f.size = size
-                self._save(f)
-            elif f.fp_size < FINGERPRINT_BYTES and size > f.fp_size:
+            if self._check_truncation(f, size):
+                return TRUNCATED
+            if f.fp_size < FINGERPRINT_BYTES and size > f.fp_size:
                 f.fp, f.fp_size = fingerprint(f.fd, size)      # a short file's fingerprint grows with it
         except OSError as e:
             self._file_error(f.path, e)
@@ -442,10 +468,12 @@ class Tailer:
         that stayed idle for rotate_wait."""
         if f.idle_since is None:
             f.idle_since = now_mono
-            return -1
+            if not f.complete:
+                return -1
         idle = now_mono - f.idle_since
         held = size - f.offset
-        if held > 0 and (idle >= cat.partial_timeout_ms / 1000 or (f.rotated and idle >= cat.rotate_wait_ms / 1000)):
+        if held > 0 and (f.complete or idle >= cat.partial_timeout_ms / 1000
+                         or (f.rotated and idle >= cat.rotate_wait_ms / 1000)):
             data = os.pread(f.fd, min(held, CHUNK_BYTES), f.offset)
             rows, consumed = self._lines(f, cat, data, final=True)
             f.size = size
@@ -553,7 +581,7 @@ class Tailer:
             copy.copy_of = None
             copy.offset = min(f.offset, copy.size)
             copy.mid_line, copy.skipping = f.mid_line, f.skipping
-            copy.rotated = True
+            copy.rotated = copy.complete = True
             self._save(copy)
         row = self.make_row(time=int(time.time()), source="file", category=f.category, path=f.path,
                             inode=f.ino, offset=f.offset, line=None, partial=0, cut=0, replaced=0,
@@ -562,6 +590,9 @@ class Tailer:
                                                "continued_in": copy.path if copy else None}),
                             writer_pid=None, writer_path=None)
         f.offset, f.mid_line, f.skipping = 0, False, False
+        if copy is not None and copy.size and copy.fd is not None:
+            # The copy ends mid-line: the writer's next bytes, now at 0 here, finish that line.
+            f.mid_line = os.pread(copy.fd, 1, copy.size - 1) != b"\n"
         self.output([row], [(UNIT, f.key, f.saved())])
 
     def _find_copy(self, f: TrackedFile) -> TrackedFile | None:
