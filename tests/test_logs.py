@@ -274,3 +274,67 @@ def test_stopped_across_two_rotations_with_compression(tmp_path, logrotate):
     finally:
         writer.close()
         d.stop()
+
+
+# --- crashes and restarts --------------------------------------------------------
+
+def test_sigkill_between_reading_and_committing_loses_and_repeats_nothing(tmp_path):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "app.log"
+    writer = Writer(log)
+    cfg = write_config(tmp_path, log_files=app(logdir))
+    db = str(tmp_path / "events.db")
+    # Rows wait up to 10 s in the store's queue: a window between read and commit.
+    d = start(tmp_path, f"--config_path={cfg}", "--store_max_pending_ms=10000")
+    try:
+        writer("lines 0 500")
+        wait_lines(db, 500, daemon=d)             # committed (by age)
+        writer("lines 500 1000")
+        deadline = time.monotonic() + 30
+        while True:
+            status = d.call("status")
+            if status["collectors"]["logs"]["lines"] == 1000 and status["store"]["pending"] > 0:
+                break
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert len(rows(db)) == 500               # read, not committed
+        d.stop(signal.SIGKILL)
+        d = start(tmp_path, f"--config_path={cfg}")
+        got = wait_lines(db, 1000, daemon=d)
+        time.sleep(1)
+        assert seqs(rows(db)) == list(range(1000))
+    finally:
+        writer.close()
+        d.stop()
+
+
+def test_ten_restarts_during_a_steady_writer(tmp_path):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "app.log"
+    log.touch()
+    cfg = write_config(tmp_path, log_files=app(logdir))
+    db = str(tmp_path / "events.db")
+    total = 24_000
+    writer = subprocess.Popen([sys.executable, WRITER, str(log), "--lines", str(total), "--rate", "1500"])
+    d = start(tmp_path, f"--config_path={cfg}")
+    kills = 0
+    try:
+        for i in range(10):
+            time.sleep(0.6)
+            if i % 2:
+                d.stop(signal.SIGKILL)
+                kills += 1
+            else:
+                assert d.stop() == 0
+            d = start(tmp_path, f"--config_path={cfg}")
+        assert writer.wait(60) == 0
+        wait_lines(db, total, daemon=d)
+        time.sleep(1)
+        got = rows(db)
+        assert seqs(got) == list(range(total))     # each line once, in order
+        assert kills == 5
+    finally:
+        writer.kill()
+        d.stop()
