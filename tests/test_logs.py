@@ -338,3 +338,56 @@ def test_ten_restarts_during_a_steady_writer(tmp_path):
     finally:
         writer.kill()
         d.stop()
+
+
+# --- discovery, status and the live table ------------------------------------------
+
+MAX_QUEUED = "/proc/sys/fs/inotify/max_queued_events"
+
+
+def test_inotify_overflow_is_a_full_rescan_and_counted(tmp_path):
+    """The queue limit is read when an inotify instance is made: lowered for
+    vajrad's start only, then put back."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    cfg = write_config(tmp_path, log_files={"many": {"paths": [f"{logdir}/*.log"], "start_at": "beginning"}})
+    db = str(tmp_path / "events.db")
+    before = Path(MAX_QUEUED).read_text()
+    try:
+        Path(MAX_QUEUED).write_text("4")
+        d = start(tmp_path, f"--config_path={cfg}", "--log_rescan_interval_ms=600000")
+    finally:
+        Path(MAX_QUEUED).write_text(before)
+    try:
+        for i in range(60):
+            (logdir / f"f{i:02d}.log").write_text(f"file {i:02d}\n")
+        got = wait_lines(db, 60, timeout=30, daemon=d)
+        assert sorted(r[0] for r in got) == [f"file {i:02d}" for i in range(60)]
+        status = d.call("status")["collectors"]["logs"]
+        assert status["inotify_overflows"] >= 1
+        assert status["rescans"] == 1          # only the first: the overflow's scan read them
+    finally:
+        d.stop()
+
+
+def test_log_files_live_table_and_status(tmp_path):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "app.log"
+    log.write_bytes(b"ok\nbad \xff\n" + b"L" * 300 + b"\n")
+    cfg = write_config(tmp_path, log_files=app(logdir, max_line_bytes=100))
+    db = str(tmp_path / "events.db")
+    d = start(tmp_path, f"--config_path={cfg}")
+    try:
+        wait_lines(db, 3, daemon=d)
+        (live,) = d.call("table/read", {"table": "log_files"})["rows"]
+        st = os.stat(log)
+        assert live["path"] == str(log) and live["inode"] == st.st_ino and live["state"] == "reading"
+        assert live["offset"] == live["size"] == st.st_size and live["lines"] == 3
+        assert live["dropped"] == 200 and live["errors"] == 1
+        assert live["identity"].startswith(f"{st.st_dev}:{st.st_ino}:{st.st_size}:")
+        status = d.call("status")["collectors"]["logs"]
+        assert (status["cut_lines"], status["invalid_utf8_lines"], status["lines"]) == (1, 1, 3)
+        assert status["watched_directories"] == 1 and status["state"] == "running"
+    finally:
+        d.stop()
