@@ -391,3 +391,96 @@ def test_log_files_live_table_and_status(tmp_path):
         assert status["watched_directories"] == 1 and status["state"] == "running"
     finally:
         d.stop()
+
+
+# --- the journal ---------------------------------------------------------------------
+
+JOURNAL_REMOTE = "/usr/lib/systemd/systemd-journal-remote"
+
+
+def journal_file(path, messages, start_ns=0, unit="app.service"):
+    """A journal file written by systemd-journal-remote from export format:
+    journald does not run here (systemd is not PID 1), so `systemd-cat`
+    has no journal to write to."""
+    t = int(time.time() * 1e6)
+    export = "".join(f"__REALTIME_TIMESTAMP={t + i}\n__MONOTONIC_TIMESTAMP={start_ns + i + 1}\n"
+                     f"_BOOT_ID=0123456789abcdef0123456789abcdef\nMESSAGE={m}\n_SYSTEMD_UNIT={unit}\n\n"
+                     for i, m in enumerate(messages))
+    src = str(path) + ".export"
+    Path(src).write_text(export)
+    r = subprocess.run([JOURNAL_REMOTE, f"--output={path}", src], capture_output=True, text=True, timeout=30)
+    os.unlink(src)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.fixture(scope="module")
+def journal_tools():
+    try:
+        import systemd.journal  # noqa: F401
+    except ImportError:
+        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "python3-systemd",
+                            "systemd-journal-remote"], capture_output=True,
+                           env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
+        if r.returncode != 0:
+            pytest.skip("python3-systemd cannot be installed")
+    if not os.path.exists(JOURNAL_REMOTE):
+        pytest.skip("systemd-journal-remote is not installed")
+
+
+def journal_rows(db):
+    return rows(db, "source = 'journal'")
+
+
+def test_journal_cursor_resumes_and_a_vacuumed_cursor_is_reported(tmp_path, journal_tools):
+    jdir = tmp_path / "journal"
+    jdir.mkdir()
+    journal_file(jdir / "one.journal", [f"one {i}" for i in range(5)])
+    cfg = write_config(tmp_path, journal={"j": {
+        "directory": str(jdir), "units": ["app.service"], "start_at": "beginning",
+        "rules": [{"name": "n", "regex": r"one (?P<n>\d)", "severity": "notice"}]}})
+    db = str(tmp_path / "events.db")
+    d = start(tmp_path, f"--config_path={cfg}")
+    try:
+        deadline = time.monotonic() + 20
+        while len(journal_rows(db)) < 5:
+            assert time.monotonic() < deadline, d.log[-2000:]
+            time.sleep(0.1)
+        got = journal_rows(db)
+        assert [r[0] for r in got] == [f"one {i}" for i in range(5)]
+        assert got[3][3] == "n" and json.loads(got[3][4]) == {"n": "3"}
+        assert d.stop() == 0
+        # A restart resumes after the saved cursor: a new file's entries only.
+        journal_file(jdir / "two.journal", [f"two {i}" for i in range(3)], start_ns=100)
+        d = start(tmp_path, f"--config_path={cfg}")
+        deadline = time.monotonic() + 20
+        while len(journal_rows(db)) < 8:
+            assert time.monotonic() < deadline, d.log[-2000:]
+            time.sleep(0.1)
+        time.sleep(0.5)
+        assert [r[0] for r in journal_rows(db)][5:] == ["two 0", "two 1", "two 2"]
+        assert d.stop() == 0
+        # Vacuumed: the files holding the saved cursor are gone.
+        os.unlink(jdir / "one.journal")
+        os.unlink(jdir / "two.journal")
+        journal_file(jdir / "three.journal", ["three 0", "three 1"], start_ns=200)
+        d = start(tmp_path, f"--config_path={cfg}")
+        deadline = time.monotonic() + 20
+        while len(rows(db, "source = 'journal' AND action = 'line'")) < 10:
+            assert time.monotonic() < deadline, d.log[-2000:]
+            time.sleep(0.1)
+        lost = rows(db, "action = 'cursor_lost'")
+        assert len(lost) == 1
+        assert [r[0] for r in journal_rows(db) if r[5] == "line"][8:] == ["three 0", "three 1"]
+        assert d.call("status")["collectors"]["logs"]["journal"]["j"]["cursor_lost"] == 1
+    finally:
+        d.stop()
+
+
+def test_journal_missing_is_reported_not_fatal(tmp_path, journal_tools):
+    cfg = write_config(tmp_path, journal={"j": {"directory": str(tmp_path / "nowhere")}})
+    d = start(tmp_path, f"--config_path={cfg}")
+    try:
+        status = d.call("status")["collectors"]["logs"]
+        assert status["state"] == "running" and "unavailable" in status["journal"]["j"]
+    finally:
+        assert d.stop() == 0

@@ -22,7 +22,7 @@ JOURNAL_FIELD = re.compile(r"^[A-Z0-9_]+$")
 
 FILE_KEYS = ("paths", "exclude", "start_at", "multiline", "max_line_bytes", "encoding", "rules",
              "matched_only", "partial_timeout_ms", "rotate_wait_ms")
-JOURNAL_KEYS = ("units", "match", "rules", "matched_only", "start_at")
+JOURNAL_KEYS = ("units", "match", "rules", "matched_only", "start_at", "directory")
 
 
 @dataclass(frozen=True)
@@ -57,6 +57,7 @@ class JournalCategory:
     rules: tuple[Rule, ...] = ()
     matched_only: bool = False
     start_at: str = "end"
+    directory: str | None = None     # a journal directory; None: the system's journal
 
 
 @dataclass(frozen=True)
@@ -217,7 +218,16 @@ def _journal_category(name: str, raw, source: str) -> JournalCategory:
         rules=_rules(raw.get("rules", []), f"{key}.rules", source),
         matched_only=_bool(raw.get("matched_only", False), f"{key}.matched_only", source),
         start_at=_choice(raw.get("start_at", "end"), f"{key}.start_at", source, START_AT),
+        directory=_directory(raw.get("directory"), f"{key}.directory", source),
     )
+
+
+def _directory(value, key: str, source: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise ConfigError(key, f"must be an absolute path, got {value!r}", source)
+    return value
 
 
 def parse(doc: dict, source: str) -> LogsConfig:
