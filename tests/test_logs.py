@@ -484,3 +484,62 @@ def test_journal_missing_is_reported_not_fatal(tmp_path, journal_tools):
         assert status["state"] == "running" and "unavailable" in status["journal"]["j"]
     finally:
         assert d.stop() == 0
+
+
+# --- who wrote it ----------------------------------------------------------------------
+
+def test_rows_name_the_writer_from_proc_without_bpf(tmp_path):
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "app.log"
+    writer = Writer(log)
+    writer("lines 0 3")
+    cfg = write_config(tmp_path, log_files=app(logdir))
+    db = str(tmp_path / "events.db")
+    d = start(tmp_path, f"--config_path={cfg}")
+    try:
+        wait_lines(db, 3, daemon=d)
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        found = con.execute("SELECT DISTINCT writer_pid, writer_path FROM log_events").fetchall()
+        con.close()
+        assert found == [(writer.proc.pid, os.path.realpath(sys.executable))]
+    finally:
+        writer.close()
+        d.stop()
+
+
+def test_rows_name_the_writer_from_bpf_file_events(tmp_path):
+    from tests.harness import can_bpf
+    ok, why = can_bpf()
+    if not ok:
+        pytest.skip(why)
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "app.log"
+    log.write_text("")
+    cfg = os.path.join(tmp_path, "vajra.conf")
+    Path(cfg).write_text(json.dumps({"options": {}, "file_paths": {"logs": [f"{logdir}/%%"]},
+                                     "log_files": app(logdir)}))
+    db = str(tmp_path / "events.db")
+    d = Daemon(str(tmp_path), "--events_max=0", "--events_expiry=0", "--enable_socket_events=false",
+               f"--config_path={cfg}").start(timeout=120)
+    try:
+        writer = Writer(log)              # opened after vajrad: bpf_file_events sees the open
+        try:
+            deadline = time.monotonic() + 30
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            while not con.execute("SELECT 1 FROM bpf_file_events WHERE file_path = ? AND pid = ?",
+                                  (str(log), writer.proc.pid)).fetchone():
+                assert time.monotonic() < deadline, d.log[-2000:]
+                time.sleep(0.1)
+            time.sleep(0.3)                # observed by the logs unit once committed
+            writer("lines 0 3")
+            wait_lines(db, 3, daemon=d)
+            found = con.execute("SELECT DISTINCT writer_pid, writer_path, writer_ancestry IS NOT NULL "
+                                "FROM log_events").fetchall()
+            con.close()
+            assert found == [(writer.proc.pid, os.path.realpath(sys.executable), 1)]
+        finally:
+            writer.close()
+    finally:
+        d.stop()

@@ -37,6 +37,39 @@ TIMER_S = 0.1                    # how often pending timers (partial lines, rota
 WATCH_MASK = (pyinotify.IN_CREATE | pyinotify.IN_MODIFY | pyinotify.IN_MOVED_TO | pyinotify.IN_MOVED_FROM
               | pyinotify.IN_DELETE | pyinotify.IN_ATTRIB)
 WRITERS_KEPT = 4096
+PROC_RETRY_S = 5.0
+
+
+def proc_writer(dev: int, ino: int) -> tuple:
+    """A process that has the file (dev, ino) open for writing, from
+    /proc/*/fd and fdinfo's flags; (None, None, None) when none has."""
+    found = (None, None, None)
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return found
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                st = os.stat(f"{fd_dir}/{fd}")
+                if (st.st_dev, st.st_ino) != (dev, ino):
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+                if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                    try:
+                        exe = os.readlink(f"/proc/{pid}/exe")
+                    except OSError:
+                        exe = None
+                    return pid, exe, None
+            except (OSError, StopIteration, ValueError):
+                continue
+    return found
 
 
 class LogCollector(Collector):
@@ -65,7 +98,8 @@ class LogCollector(Collector):
         self._reconfigured: LogsConfig | None = None
         # Last process seen opening each path for writing (bpf_file_events):
         # path -> (pid, executable).
-        self._writers: dict[str, tuple[int, str]] = {}
+        self._writers: dict[str, tuple] = {}
+        self._proc_writers: dict[str, tuple] = {}     # file key -> from /proc, when first read
         self.writes_collected = False
         self.inotify_events = 0
         self.inotify_wakes = 0
@@ -248,8 +282,21 @@ class LogCollector(Collector):
             if len(self._writers) > WRITERS_KEPT:
                 self._writers.pop(next(iter(self._writers)))
 
-    def _writer_of(self, path: str) -> tuple:
-        return self._writers.get(path, (None, None, None))
+    def _writer_of(self, f) -> tuple:
+        """(pid, executable, ancestry) of the process that last opened f for
+        writing: from bpf_file_events when it saw one, else the process
+        that had f open for writing when it was first read (/proc)."""
+        found = self._writers.get(f.path)
+        if found is not None:
+            return found
+        now = time.monotonic()
+        known = self._proc_writers.get(f.key)
+        # Looked up once per file, and again every PROC_RETRY_S while no writer was found.
+        if known is None or known[0][0] is None and now - known[1] >= PROC_RETRY_S:
+            known = self._proc_writers[f.key] = (proc_writer(f.dev, f.ino), now)
+            if len(self._proc_writers) > WRITERS_KEPT:
+                self._proc_writers.pop(next(iter(self._proc_writers)))
+        return known[0]
 
     # --- status -------------------------------------------------------------
     def stats(self) -> dict:

@@ -129,11 +129,11 @@ class Counters:
 
 class Tailer:
     def __init__(self, categories: tuple[FileCategory, ...], saved: dict[str, dict], output: Output,
-                 make_row: Callable[..., dict], writer_of: Callable[[str], tuple] | None = None):
+                 make_row: Callable[..., dict], writer_of: Callable[["TrackedFile"], tuple] | None = None):
         self.categories = {c.name: c for c in categories}
         self.output = output
         self.make_row = make_row
-        self.writer_of = writer_of or (lambda path: (None, None, None))
+        self.writer_of = writer_of or (lambda f: (None, None, None))
         self.files: dict[str, TrackedFile] = {}
         self.counters = Counters()
         self.first_scan = True
@@ -492,7 +492,7 @@ class Tailer:
         rows: list[dict] = []
         pos, end, limit = 0, len(data), cat.max_line_bytes
         t = int(time.time())
-        writer = self.writer_of(f.path)
+        writer = self.writer_of(f)
         while pos < end and len(rows) < BATCH_LINES:
             nl = data.find(b"\n", pos)
             if f.skipping:                   # the rest of a line already cut
