@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|all]`: each bench prints JSON
+"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|logs|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import ancestry_bench  # noqa: E402
 import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
+import logs_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "logs", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -36,6 +37,10 @@ def main() -> int:
                    help="fim: iterations of exec, read, write and rename in the watched dir")
     p.add_argument("--fim-opens", type=int, default=1_000_000, help="fim: opens of unwatched files")
     p.add_argument("--fim-rounds", type=int, default=3, help="fim: runs per configuration (median)")
+    p.add_argument("--log-rate", type=int, default=50_000, help="logs: lines per second")
+    p.add_argument("--log-size", type=int, default=200, help="logs: bytes per line")
+    p.add_argument("--log-duration", type=float, default=30, help="logs: seconds of writing")
+    p.add_argument("--log-rotate-every", type=float, default=5, help="logs: seconds between rename rotations")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -49,6 +54,8 @@ def main() -> int:
         results["socket"] = socket_bench.run(args)
     if args.which in ("fim", "all"):
         results["fim"] = fim_bench.run(args)
+    if args.which in ("logs", "all"):
+        results["logs"] = logs_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"
