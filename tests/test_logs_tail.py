@@ -398,3 +398,21 @@ def test_symlinked_path_and_a_swapped_symlink(tmp_path):
     step(t, now=now)
     step(t, now=now + 1)
     assert sink.lines() == ["one a", "one b", "two a"]
+
+
+def test_copytruncate_found_by_the_reader_reads_the_copy_first(tmp_path):
+    """The truncation is seen while reading, before any scan saw the copy:
+    the copy's rest still comes before the new generation's lines."""
+    cfg = config(tmp_path, pattern="app.log", rotate_wait_ms=0)
+    log = tmp_path / "app.log"
+    write(log, "".join(f"line {i} {'z' * 60}\n" for i in range(20)))
+    sink = Sink()
+    t = tailer(cfg, sink)
+    step(t)
+    write(log, "unread\nhalf")
+    (tmp_path / "app.log.1").write_bytes(log.read_bytes())
+    os.truncate(log, 0)
+    write(log, " rest\nnew\n")
+    while t.read():             # no scan
+        pass
+    assert sink.lines()[20:] == ["unread", "half", " rest", "new"]

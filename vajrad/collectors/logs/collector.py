@@ -72,6 +72,21 @@ def proc_writer(dev: int, ino: int) -> tuple:
     return found
 
 
+def row_builder(table: str):
+    """Rows as lists in column order (the store's fast path; they become
+    dicts only for live listeners): cheaper per line than Table.row."""
+    names = TABLES[table].column_names
+    index = {n: i for i, n in enumerate(names)}
+    width = len(names)
+
+    def make_row(**values) -> list:
+        row = [None] * width
+        for name, value in values.items():
+            row[index[name]] = value
+        return row
+    return make_row
+
+
 class LogCollector(Collector):
     name = "logs"
     source = "file"
@@ -113,10 +128,11 @@ class LogCollector(Collector):
         self._open_channel()
         self.state = "starting"
         saved = await asyncio.to_thread(self.store.load_state, UNIT)
-        self.tailer = Tailer(self.config.files, saved, self._output, TABLES[TABLE].row, self._writer_of)
+        make_row = row_builder(TABLE)
+        self.tailer = Tailer(self.config.files, saved, self._output, make_row, self._writer_of)
         if self.config.journal:
             from vajrad.collectors.logs.journal import JournalSource
-            self.journal = JournalSource(self.config.journal, saved, self._output, TABLES[TABLE].row)
+            self.journal = JournalSource(self.config.journal, saved, self._output, make_row)
         try:
             self._wm = pyinotify.WatchManager()
             self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=self._on_inotify)

@@ -377,7 +377,10 @@ class Tailer:
 
     # --- reading ----------------------------------------------------------
     def pending(self) -> list[TrackedFile]:
-        return sorted((f for f in self.files.values() if f.fd is not None), key=lambda f: (f.mtime, f.path))
+        # Rotated files first (what is left in them was written before what
+        # the current generation holds), then by age.
+        return sorted((f for f in self.files.values() if f.fd is not None),
+                      key=lambda f: (not f.rotated, f.mtime, f.path))
 
     def read(self, budget_bytes: int = 8 * CHUNK_BYTES, now_mono: float | None = None) -> bool:
         """Reads what is new in every open file, oldest first, in batches
@@ -518,14 +521,13 @@ class Tailer:
                     f.dropped += len(line) - limit
                     line, cut = line[:limit], 1
                 pos = nl + 1
-            row = self._row(f, cat, line, whole, cut, t, writer)
+            row = self._row(f, cat, line, whole, cut, t, writer, f.offset + start)
             if row is not None:
-                row["offset"] = f.offset + start
                 rows.append(row)
         return rows, pos
 
     def _row(self, f: TrackedFile, cat: FileCategory, raw: bytes, whole: bool, cut: int, t: int,
-             writer: tuple) -> dict | None:
+             writer: tuple, offset: int):
         """A log_events row for one line (None when matched_only drops it).
         partial: the line lacks its end (flushed before its newline) or its
         start (it continues one flushed so)."""
@@ -557,7 +559,7 @@ class Tailer:
             self.counters.filtered += 1
             return None
         return self.make_row(time=t, source="file", category=cat.name, path=f.path, inode=f.ino,
-                             line=text, partial=int(partial), cut=cut, replaced=replaced, action="line",
+                             offset=offset, line=text, partial=int(partial), cut=cut, replaced=replaced, action="line",
                              rule=rule, severity=severity, fields=fields,
                              writer_pid=writer[0], writer_path=writer[1], writer_ancestry=writer[2])
 
