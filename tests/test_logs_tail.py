@@ -416,3 +416,22 @@ def test_copytruncate_found_by_the_reader_reads_the_copy_first(tmp_path):
     while t.read():             # no scan
         pass
     assert sink.lines()[20:] == ["unread", "half", " rest", "new"]
+
+
+def test_multiline_records_are_held_until_the_next_start_or_the_timeout(tmp_path):
+    cfg = config(tmp_path, multiline={"start": r"^\d{4}-", "timeout_ms": 500})
+    log = tmp_path / "a.log"
+    write(log, "2025-01-01 boom\nTraceback:\n  at x\n2025-01-01 next\n  more\n")
+    sink = Sink()
+    t = tailer(cfg, sink)
+    now = time.monotonic()
+    step(t, now=now)
+    assert sink.lines() == ["2025-01-01 boom\nTraceback:\n  at x"]      # the next is held
+    (saved,) = sink.committed()[1].values()
+    assert saved["offset"] == len("2025-01-01 boom\nTraceback:\n  at x\n")
+    t.close()
+    t2, sink2 = restart(sink, cfg)                                      # held: read again whole
+    step(t2, now=now)
+    step(t2, now=now + 1)                                               # timed out
+    assert sink2.lines() == ["2025-01-01 boom\nTraceback:\n  at x", "2025-01-01 next\n  more"]
+    assert [r["offset"] for r in sink2.rows] == [0, 34]

@@ -475,7 +475,9 @@ class Tailer:
                 return -1
         idle = now_mono - f.idle_since
         held = size - f.offset
-        if held > 0 and (f.complete or idle >= cat.partial_timeout_ms / 1000
+        timeout = cat.partial_timeout_ms if cat.multiline_start is None \
+            else min(cat.partial_timeout_ms, cat.multiline_timeout_ms)
+        if held > 0 and (f.complete or idle >= timeout / 1000
                          or (f.rotated and idle >= cat.rotate_wait_ms / 1000)):
             data = os.pread(f.fd, min(held, CHUNK_BYTES), f.offset)
             rows, consumed = self._lines(f, cat, data, final=True)
@@ -492,6 +494,8 @@ class Tailer:
     def _lines(self, f: TrackedFile, cat: FileCategory, data: bytes, final: bool) -> tuple[list[dict], int]:
         """Rows for the complete lines of data (all of it when final: the
         rest is a partial line). Returns (rows, bytes consumed)."""
+        if cat.multiline_start is not None and not f.skipping and not f.mid_line:
+            return self._records(f, cat, data, final)
         rows: list[dict] = []
         pos, end, limit = 0, len(data), cat.max_line_bytes
         t = int(time.time())
@@ -525,6 +529,55 @@ class Tailer:
             if row is not None:
                 rows.append(row)
         return rows, pos
+
+    def _records(self, f: TrackedFile, cat: FileCategory, data: bytes, final: bool) -> tuple[list, int]:
+        """multiline: a record is a line matching multiline.start and the
+        lines after it that do not (a stack trace). A record is held until
+        the next one starts, or multiline.timeout_ms passes (final); its
+        start is the position saved meanwhile, so a restart reads it whole."""
+        rows: list = []
+        t = int(time.time())
+        writer = self.writer_of(f)
+        pos, start, end = 0, None, None     # the record being gathered: data[start:end]
+        pattern, limit = cat.multiline_start, cat.max_line_bytes
+
+        def emit():
+            raw = data[start:end].replace(b"\r\n", b"\n")
+            cut = int(len(raw) > limit)
+            if cut:
+                f.dropped += len(raw) - limit
+                raw = raw[:limit]
+            row = self._row(f, cat, raw, True, cut, t, writer, f.offset + start)
+            if row is not None:
+                rows.append(row)
+
+        while len(rows) < BATCH_LINES:
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                break
+            if start is None or pattern.search(data[pos:nl].decode(cat.encoding, errors="replace")):
+                if start is not None:
+                    emit()
+                start = pos
+            end = nl
+            pos = nl + 1
+            if end - start > limit and len(rows) < BATCH_LINES:
+                emit()                      # a record this long is cut; what follows is its own
+                start = None
+        if start is None:
+            consumed = pos
+        elif final or (start == 0 and len(data) >= CHUNK_BYTES):
+            emit()
+            consumed = pos
+        else:
+            consumed = start                # held: the rest of the record may be on its way
+        if final and consumed < len(data) and not rows:
+            line = data[consumed:]
+            row = self._row(f, cat, line, False, 0, t, writer, f.offset + consumed)
+            if row is not None:
+                rows.append(row)
+            consumed = len(data)
+        return rows, consumed
 
     def _row(self, f: TrackedFile, cat: FileCategory, raw: bytes, whole: bool, cut: int, t: int,
              writer: tuple, offset: int):
