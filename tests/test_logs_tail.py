@@ -435,3 +435,18 @@ def test_multiline_records_are_held_until_the_next_start_or_the_timeout(tmp_path
     step(t2, now=now + 1)                                               # timed out
     assert sink2.lines() == ["2025-01-01 boom\nTraceback:\n  at x", "2025-01-01 next\n  more"]
     assert [r["offset"] for r in sink2.rows] == [0, 34]
+
+
+def test_same_first_kib_at_start_with_start_at_end(tmp_path):
+    cfg = config(tmp_path, start_at="end", rotate_wait_ms=0)
+    head = "h" * (FINGERPRINT_BYTES + 10) + "\n"
+    write(tmp_path / "kern.log", head + "old kern\n")
+    write(tmp_path / "ufw.log", head + "old ufw\n")
+    sink = Sink()
+    t = tailer(cfg, sink)
+    now = time.monotonic()
+    step(t, now=now)
+    write(tmp_path / "kern.log", "new kern\n")
+    write(tmp_path / "ufw.log", "new ufw\n")
+    step(t, now=now + 1)
+    assert sorted(sink.lines()) == ["new kern", "new ufw"]

@@ -16,7 +16,6 @@ import logging
 import os
 import threading
 import time
-from collections import deque
 
 import pyinotify
 
@@ -130,9 +129,9 @@ class LogCollector(Collector):
         saved = await asyncio.to_thread(self.store.load_state, UNIT)
         make_row = row_builder(TABLE)
         self.tailer = Tailer(self.config.files, saved, self._output, make_row, self._writer_of)
+        self._saved, self._make_row = saved, make_row
         if self.config.journal:
-            from vajrad.collectors.logs.journal import JournalSource
-            self.journal = JournalSource(self.config.journal, saved, self._output, make_row)
+            self.journal = self._journal_source(self.config)
         try:
             self._wm = pyinotify.WatchManager()
             self._notifier = pyinotify.Notifier(self._wm, default_proc_fun=self._on_inotify)
@@ -142,6 +141,10 @@ class LogCollector(Collector):
         self._thread = threading.Thread(target=self._run, name="vajra-logs", daemon=True)
         self._thread.start()
         self.state = "running"
+
+    def _journal_source(self, config: LogsConfig):
+        from vajrad.collectors.logs.journal import JournalSource
+        return JournalSource(config.journal, self._saved, self._output, self._make_row)
 
     async def stop(self) -> None:
         self._halt.set()
@@ -203,6 +206,8 @@ class LogCollector(Collector):
                 self.tailer.reconfigure(new.files)
                 if self.journal is not None:
                     self.journal.reconfigure(new.journal)
+                elif new.journal:
+                    self.journal = self._journal_source(new)
                 self._need_scan = True
             if self._need_scan or now >= next_rescan:
                 if now >= next_rescan:
@@ -320,8 +325,9 @@ class LogCollector(Collector):
         t = self.tailer
         if t is not None:
             c = t.counters
-            s.update(files=sum(1 for f in t.files.values() if f.fd is not None),
-                     known_files=len(t.files), lines=c.lines, matched=c.matched, filtered=c.filtered,
+            files = list(t.files.values())     # the reader thread changes the dict
+            s.update(files=sum(1 for f in files if f.fd is not None),
+                     known_files=len(files), lines=c.lines, matched=c.matched, filtered=c.filtered,
                      partial_lines=c.partial, cut_lines=c.cut, invalid_utf8_lines=c.invalid,
                      truncations=c.truncations, copytruncate_copies=c.copies, rotations=c.rotations,
                      scans=c.scans, read_errors=c.errors)

@@ -30,7 +30,7 @@ import logging
 import os
 import stat
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 from vajrad.collectors.logs.settings import COMPRESSED_SUFFIXES, FileCategory
@@ -349,7 +349,9 @@ class Tailer:
         fp, fp_size = fingerprint(fd, st.st_size)
         tracked = TrackedFile(dev=st.st_dev, ino=st.st_ino, path=path, category=cat, fp=fp, fp_size=fp_size,
                               size=st.st_size, seen=now, fd=fd, rotated=not at_watched, mtime=st.st_mtime)
-        original = self._copy_original(path, st)
+        # At start a copytruncate copy is found from its truncated original
+        # (_reopen); files already there are not copies of each other.
+        original = None if self.first_scan else self._copy_original(path, st)
         if original is not None:
             # Held until the original is truncated (then read from where the
             # original was) or rotate_wait passes (then a file of its own).
@@ -701,7 +703,7 @@ class Tailer:
     def rows(self) -> list[dict]:
         """The log_files live table."""
         out = []
-        for f in sorted(self.files.values(), key=lambda f: f.path):
+        for f in sorted(list(self.files.values()), key=lambda f: f.path):     # read from the loop
             state = "copy-pending" if f.copy_of else "done" if f.done else "rotated" if f.rotated \
                 else "reading" if f.fd is not None else "known"
             out.append({"path": f.path, "category": f.category, "identity": f"{f.dev}:{f.ino}:{f.fp_size}:{f.fp[:16]}",
