@@ -543,3 +543,52 @@ def test_rows_name_the_writer_from_bpf_file_events(tmp_path):
             writer.close()
     finally:
         d.stop()
+
+
+def test_truncate_delete_recreate_new_file_and_swapped_symlink_in_vajrad(tmp_path):
+    """The remaining cases with other processes doing the damage: coreutils'
+    truncate, rm, ln -sfn, and a writer creating a new file under the glob."""
+    logdir = tmp_path / "logs"
+    real = tmp_path / "real"
+    logdir.mkdir()
+    real.mkdir()
+    (logdir / "app.log").write_text("before start\n")
+    (real / "one.txt").write_text("")
+    os.symlink(real / "one.txt", logdir / "link.log")
+    cfg = write_config(tmp_path, log_files={"all": {"paths": [f"{logdir}/*.log"], "start_at": "end",
+                                                    "rotate_wait_ms": 300}})
+    db = str(tmp_path / "events.db")
+    d = start(tmp_path, f"--config_path={cfg}")
+    try:
+        time.sleep(0.5)
+        w = Writer(logdir / "app.log")
+        w("raw a1\\n")
+        wait_lines(db, 1, daemon=d)
+        subprocess.run(["truncate", "-s", "0", str(logdir / "app.log")], check=True)
+        w("raw a2 after truncation\\n")
+        wait_lines(db, 2, daemon=d)
+        w.close()
+        subprocess.run(["rm", str(logdir / "app.log")], check=True)
+        w = Writer(logdir / "app.log")                    # re-created by a new writer
+        w("raw a3 re-created\\n")
+        wait_lines(db, 3, daemon=d)
+        w.close()
+        w = Writer(logdir / "new.log")                    # a new file under the glob, start_at end
+        w("raw n1 new file\\n")
+        wait_lines(db, 4, daemon=d)
+        w.close()
+        w = Writer(real / "one.txt")
+        w("raw s1 first target\\n")
+        wait_lines(db, 5, daemon=d)
+        w.close()
+        (real / "two.txt").write_text("s2 second target\n")
+        subprocess.run(["ln", "-sfn", str(real / "two.txt"), str(logdir / "link.log")], check=True)
+        got = wait_lines(db, 6, daemon=d)
+        time.sleep(1)
+        got = rows(db)
+        assert [r[0] for r in got] == ["a1", "a2 after truncation", "a3 re-created", "n1 new file",
+                                       "s1 first target", "s2 second target"]
+        truncated = rows(db, "action = 'truncated'")
+        assert len(truncated) == 1 and truncated[0][1] == str(logdir / "app.log"), truncated
+    finally:
+        d.stop()

@@ -450,3 +450,24 @@ def test_same_first_kib_at_start_with_start_at_end(tmp_path):
     write(tmp_path / "ufw.log", "new ufw\n")
     step(t, now=now + 1)
     assert sorted(sink.lines()) == ["new kern", "new ufw"]
+
+
+def test_a_deleted_file_let_go_is_forgotten_so_its_reused_inode_is_a_new_file(tmp_path):
+    cfg = config(tmp_path, pattern="app.log", rotate_wait_ms=0)
+    log = tmp_path / "app.log"
+    write(log, "old " + "o" * 40 + "\n")
+    sink = Sink()
+    t = tailer(cfg, sink)
+    now = time.monotonic()
+    step(t, now=now)
+    ino = os.stat(log).st_ino
+    os.unlink(log)
+    step(t, now=now + 1)
+    step(t, now=now + 2)          # read to its end, let go: its inode is free
+    assert not t.files and not sink.committed()[1]
+    write(log, "new\n")
+    if os.stat(log).st_ino != ino:
+        pytest.skip("the file system did not reuse the inode")
+    step(t, now=now + 3)
+    assert sink.lines() == ["old " + "o" * 40, "new"]
+    assert "truncated" not in [r["action"] for r in sink.rows]

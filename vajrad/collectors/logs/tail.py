@@ -77,6 +77,7 @@ class TrackedFile:
     idle_since: float | None = None
     copy_of: str | None = None      # a probable copytruncate copy, waiting on its original
     copy_since: float = 0.0
+    gone: bool = False       # not found at the last scan (deleted, or moved out of sight)
     complete: bool = False   # a copytruncate copy: nobody writes to it, its last line is whole as is
     lines: int = 0
     bytes: int = 0
@@ -246,7 +247,7 @@ class Tailer:
                 new.append((mtime, path, cat, st, at_watched))
                 continue
             present.add(key)
-            tracked.mtime = mtime
+            tracked.mtime, tracked.gone = mtime, False
             if tracked.path != path and not tracked.rotated and not at_watched:
                 self.counters.rotations += 1
             tracked.path = path
@@ -274,7 +275,7 @@ class Tailer:
             if key in present:
                 continue
             if tracked.fd is not None:
-                tracked.rotated = True      # moved out of sight or deleted: read to its end
+                tracked.rotated = tracked.gone = True     # moved out of sight or deleted: read to its end
                 continue
             del self.files[key]
             self._save_only(key, None)
@@ -307,6 +308,10 @@ class Tailer:
                 tracked.close()
             return tracked
         os.close(fd)
+        if tracked.done:
+            # Let go, so its inode could be freed and given to this new file.
+            del self.files[tracked.key]
+            return None
         # Same inode, other content: truncated and rewritten while we were
         # away, or a new file on a reused inode. Reported as a truncation
         # (we cannot tell them apart); a copytruncate copy continues it.
@@ -488,6 +493,12 @@ class Tailer:
             return consumed
         if f.rotated and held <= 0 and idle >= cat.rotate_wait_ms / 1000:
             f.close()
+            if f.gone:
+                # Deleted or moved out of sight: nothing to keep it known for,
+                # and its inode may now go to a new file.
+                del self.files[f.key]
+                self._save_only(f.key, None)
+                return -1
             f.done = True
             f.size = size
             self._save(f)
