@@ -471,3 +471,38 @@ def test_a_deleted_file_let_go_is_forgotten_so_its_reused_inode_is_a_new_file(tm
     step(t, now=now + 3)
     assert sink.lines() == ["old " + "o" * 40, "new"]
     assert "truncated" not in [r["action"] for r in sink.rows]
+
+
+def test_a_rotated_file_ending_mid_line_is_flushed_partial_at_rotate_wait(tmp_path):
+    cfg = config(tmp_path, pattern="app.log", rotate_wait_ms=500, partial_timeout_ms=60_000)
+    log = tmp_path / "app.log"
+    write(log, "whole\ncut sho")
+    sink = Sink()
+    t = tailer(cfg, sink)
+    now = time.monotonic()
+    step(t, now=now)
+    os.rename(log, tmp_path / "app.log.1")
+    write(log, "next generation\n")
+    step(t, created={str(log)}, now=now + 0.1)
+    step(t, now=now + 0.2)
+    assert "cut sho" not in sink.lines()
+    step(t, now=now + 1)                 # rotate_wait passed, long before partial_timeout
+    assert sink.lines() == ["whole", "next generation", "cut sho"] or \
+        sink.lines() == ["whole", "cut sho", "next generation"]
+    assert [r["partial"] for r in sink.rows if r["line"] == "cut sho"] == [1]
+
+
+def test_old_rotated_siblings_are_judged_once(tmp_path, monkeypatch):
+    cfg = config(tmp_path, pattern="app.log")
+    for i in range(1, 4):
+        write(tmp_path / f"app.log.{i}", f"old {i}\n")
+    write(tmp_path / "app.log", "live\n")
+    sink = Sink()
+    t = tailer(cfg, sink)
+    step(t)
+    calls = []
+    real = Tailer._copy_original
+    monkeypatch.setattr(Tailer, "_copy_original", lambda self, p, st: calls.append(p) or real(self, p, st))
+    for _ in range(3):
+        step(t)
+    assert len(calls) <= 3 and sink.lines() == ["live"]

@@ -149,6 +149,8 @@ class Tailer:
                     self.path_seen[tracked.path] = max(self.path_seen.get(tracked.path, 0), tracked.seen)
         self.known_paths: set[str] = {f.path for f in self.files.values()}
         self._error_logged: set[str] = set()
+        # Old rotated siblings already judged not to be read: key -> (size, mtime, files known).
+        self._ignored: dict[str, tuple] = {}
 
     # --- configuration ----------------------------------------------------
     def reconfigure(self, categories: tuple[FileCategory, ...]) -> None:
@@ -266,11 +268,18 @@ class Tailer:
                 continue
             if not at_watched:
                 seen = base_seen.get(os.path.join(os.path.dirname(path), self._base_name(path)), 0)
-                if not (seen and mtime > seen) and self._copy_original(path, st) is None:
-                    continue                # rotated before we knew the path: read then
+                if not (seen and mtime > seen):
+                    # Rotated before we knew the path (read then), unless it is a
+                    # copytruncate copy; judged once while it does not change.
+                    looks = (st.st_size, st.st_mtime_ns, len(self.files))
+                    if self._ignored.get(key) == looks or self._copy_original(path, st) is None:
+                        self._ignored[key] = looks
+                        continue
             created_here = self._track_new(path, cat, st, now, at_watched, path in created)
             if created_here is not None:
                 present.add(created_here.key)
+        if len(self._ignored) > 4 * len(everything) + 64:
+            self._ignored.clear()
         for key, tracked in list(self.files.items()):
             if key in present:
                 continue
