@@ -592,3 +592,37 @@ def test_truncate_delete_recreate_new_file_and_swapped_symlink_in_vajrad(tmp_pat
         assert len(truncated) == 1 and truncated[0][1] == str(logdir / "app.log"), truncated
     finally:
         d.stop()
+
+
+def test_restarts_across_logrotate_during_a_steady_writer(tmp_path, logrotate):
+    """Rotations while vajrad runs and while it is stopped (SIGKILLed), one
+    writer throughout: every line once, in order."""
+    logdir = tmp_path / "logs"
+    logdir.mkdir()
+    log = logdir / "app.log"
+    log.touch()
+    cfg = write_config(tmp_path, log_files=app(logdir))
+    db = str(tmp_path / "events.db")
+    total = 16_000
+    writer = subprocess.Popen([sys.executable, WRITER, str(log), "--lines", str(total), "--rate", "1500"])
+    pidfile = tmp_path / "writer.pid"
+    pidfile.write_text(str(writer.pid))
+    conf = rotate_conf(tmp_path, logdir, f"  create\n  postrotate\n    kill -HUP $(cat {pidfile})\n  endscript")
+    state = str(tmp_path / "lr.state")
+    d = start(tmp_path, f"--config_path={cfg}")
+    try:
+        for i in range(6):
+            time.sleep(0.7)
+            if i in (1, 4):
+                run_logrotate(logrotate, conf, state)            # while running
+            d.stop(signal.SIGKILL if i % 2 else signal.SIGTERM)
+            if i in (2, 3):
+                run_logrotate(logrotate, conf, state)            # while stopped
+            d = start(tmp_path, f"--config_path={cfg}")
+        assert writer.wait(60) == 0
+        wait_lines(db, total, daemon=d)
+        time.sleep(1)
+        assert seqs(rows(db)) == list(range(total))
+    finally:
+        writer.kill()
+        d.stop()
