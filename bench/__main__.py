@@ -1,4 +1,4 @@
-"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|all]`: each bench prints JSON
+"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -16,11 +16,12 @@ import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
 import crash_bench  # noqa: E402
+import logs_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -42,6 +43,10 @@ def main() -> int:
     p.add_argument("--crash-storm-max", type=float, default=4.0, help="crash: longest storm before a kill, s")
     p.add_argument("--crash-seed", type=int, default=17, help="crash: seed of the storms' lengths")
     p.add_argument("--store-max-pending-ms", type=int, default=100, help="crash: vajrad's --store_max_pending_ms")
+    p.add_argument("--log-rate", type=int, default=50_000, help="logs: lines per second")
+    p.add_argument("--log-size", type=int, default=200, help="logs: bytes per line")
+    p.add_argument("--log-duration", type=float, default=30, help="logs: seconds of writing")
+    p.add_argument("--log-rotate-every", type=float, default=5, help="logs: seconds between rename rotations")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -57,6 +62,8 @@ def main() -> int:
         results["fim"] = fim_bench.run(args)
     if args.which in ("crash", "all"):
         results["crash"] = crash_bench.run(args)
+    if args.which in ("logs", "all"):
+        results["logs"] = logs_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

@@ -450,3 +450,54 @@ def test_an_open_directory_is_reported_and_a_writable_one_refused(tmp_path):
     with pytest.raises(StoreError, match="writable by every user"):
         EventStore(str(writable / "e.db"), TABLES, expiry=0, max_rows=0).open()
     assert not (writable / "e.db").exists()
+
+
+# --- units' saved state (log offsets, journal cursors, watermarks) -----------------
+
+def test_unit_state_is_committed_with_its_rows_and_read_back(tmp_path):
+    db = tmp_path / "e.db"
+    s = open_store(db)
+    s.submit(T, rows(2), state=[("logs", "file:1:2", {"offset": 10}), ("logs", "other", [1, "x"])])
+    s.submit(T, [], state=[("logs", "file:1:2", {"offset": 25})])     # state alone, no rows
+    s.submit(T, rows(1), state=[("alerts", "watermark", 7), ("logs", "other", None)])
+    s.stop()
+    s = open_store(db)
+    assert s.load_state("logs") == {"file:1:2": {"offset": 25}}    # None forgot "other"
+    assert s.load_state("alerts") == {"watermark": 7}
+    assert s.load_state("nobody") == {}
+    s.stop()
+    assert count_rows(db) == 3
+
+
+def test_unit_state_of_dropped_rows_is_not_saved(tmp_path):
+    s = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0, max_pending_rows=100)
+    s.open()
+    assert s.submit(T, rows(80), state=[("logs", "k", 80)]) == 80
+    assert s.submit(T, rows(30), state=[("logs", "k", 110)]) == 0     # over the bound: neither
+    s.start()
+    s.stop()
+    s = open_store(tmp_path / "e.db")
+    assert s.load_state("logs") == {"k": 80}
+    s.stop()
+
+
+def test_unit_state_rolls_back_with_its_rows(tmp_path, monkeypatch):
+    """A failed transaction loses the rows and the position together, so the
+    unit reads them again rather than skipping them."""
+    db = tmp_path / "e.db"
+    s = open_store(db)
+    s.submit(T, rows(1), state=[("logs", "k", 1)])
+    s.stop()
+    s = open_store(db)
+    real_insert = EventStore._insert
+
+    def failing_insert(self, conn, table, params, count):
+        raise sqlite3.OperationalError("disk I/O error (injected)")
+    monkeypatch.setattr(EventStore, "_insert", failing_insert)
+    s.submit(T, rows(1), state=[("logs", "k", 2)])
+    s.stop()
+    monkeypatch.setattr(EventStore, "_insert", real_insert)
+    s = open_store(db)
+    assert s.load_state("logs") == {"k": 1}
+    s.stop()
+    assert count_rows(db) == 1

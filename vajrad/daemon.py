@@ -28,7 +28,7 @@ log = logging.getLogger("vajrad")
 STATUS_INTERVAL = 2.0
 GC_THRESHOLDS = (50_000, 20, 20)
 EXIT_CONFIG, EXIT_STARTUP = 2, 1
-DAEMON_SERVICES = ("kernel",)      # what the daemon itself offers units (see Vajrad.services)
+DAEMON_SERVICES = ("kernel", "store")     # what the daemon itself offers units (see Vajrad.services)
 
 
 def release_compiler_memory() -> None:
@@ -53,7 +53,7 @@ class Vajrad:
         self.kenv: kernel.KernelEnv | None = None
         # What units share: the kernel environment (probed on first use) and
         # what each unit provides as it is built.
-        self.services = units.Services({"kernel": self._probe_kernel})
+        self.services = units.Services({"kernel": self._probe_kernel, "store": lambda: self.store})
         self.collectors: list[Collector] = []
         self.units: dict[str, Collector] = {}
         self.store: EventStore | None = None
@@ -178,8 +178,10 @@ class Vajrad:
                 collector.observe(table, rows)
 
     async def _pump(self, collector: Collector) -> None:
-        async for table, rows in collector.events():
-            self.store.submit(table, rows, self.host_id)
+        # A batch may carry changes to its unit's saved state (a log offset),
+        # committed in the same transaction as its rows.
+        async for batch in collector.events():
+            self.store.submit(batch[0], batch[1], self.host_id, state=batch[2] if len(batch) > 2 else None)
 
     # --- running ------------------------------------------------------------
     async def run(self) -> int:

@@ -18,7 +18,11 @@ from vajrad.threads import name_native_thread
 
 log = logging.getLogger(__name__)
 
-Batch = tuple[str, list]        # rows: dicts, or lists in column order
+# (table, rows) or (table, rows, state): rows are dicts, or lists in column
+# order; state, a list of (unit, key, value) changes to the unit's saved
+# state that the store commits in the same transaction as the rows (see
+# EventStore.submit), for sources read from a saved position.
+Batch = tuple
 
 
 class Collector(abc.ABC):

@@ -18,10 +18,17 @@ docs/storage.md).
 
 A `shared` column (ancestry) lives in a side table and rows hold its id: see
 vajrad/store/shared_columns.py.
+
+Units that resume a source where they left it (log files' offsets, the
+journal's cursor, alert watermarks) keep that position in `unit_state`,
+written in the same transaction as the rows it accounts for (submit's
+`state`), so a crash leaves the rows and the position agreeing: nothing read
+twice, nothing skipped. `load_state(unit)` gives it back at start.
 """
 from __future__ import annotations
 
 import grp
+import json
 import logging
 import operator
 import os
@@ -58,6 +65,10 @@ SIDE_FILES = ("-wal", "-shm", "-journal")
 # row and hands it to the collector's thread each time.
 INSERT_CHUNKS = (256, 64, 16, 4, 1)
 STORE_FILLED = frozenset({"eid", "host_identifier", "is_open"})    # set by the writer when absent
+UNIT_STATE = "unit_state"        # (unit, key) -> JSON value, written with the rows it accounts for
+
+# One change of a unit's saved state: (unit, key, JSON-able value, or None to forget the key).
+StateChange = tuple[str, str, object]
 
 
 class StoreError(VajraError):
@@ -166,6 +177,9 @@ class EventStore:
             for table in self.tables.values():
                 self._create(conn, table)
                 self._create_read_view(conn, table)
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {UNIT_STATE} "
+                         f"(unit TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL, "
+                         f"PRIMARY KEY (unit, key)) WITHOUT ROWID")
             for table in self.tables:
                 self._seq[table] = self._high_water(conn, table)
                 for shared in self._shared[table]:
@@ -294,26 +308,47 @@ class EventStore:
         return self._pending
 
     # --- writing ----------------------------------------------------------
-    def submit(self, table: str, rows: list, host_identifier: str | None = None) -> int:
+    def submit(self, table: str, rows: list, host_identifier: str | None = None,
+               state: list[StateChange] | None = None) -> int:
         """Queues rows for the writer. Beyond the bound they are dropped and counted.
 
         Rows are dicts, or lists in the table's column order (the fast path
         of busy collectors; they become dicts only for live listeners). The
         writer sets eid, host_identifier (when given here) and an unset
-        is_open to 0."""
-        if not rows:
+        is_open to 0.
+
+        `state`: changes to units' saved state, committed in the same
+        transaction as these rows (and with none, when the rows are
+        dropped); rows may then be empty. Returns the rows queued."""
+        if not rows and not state:
             return 0
-        if type(rows[0]) is dict:
+        if rows and type(rows[0]) is dict:
             rows = self._conforming(table, rows)
-            if not rows:
+            if not rows and not state:
                 return 0
         with self._lock:
-            if self._pending + len(rows) > self._queue_rows_max:
+            if rows and self._pending + len(rows) > self._queue_rows_max:
                 self.dropped += len(rows)
                 return 0
             self._pending += len(rows)
-        self._queue.put((table, rows, host_identifier, time.monotonic()))
+        if state:
+            state = [(unit, key, None if value is None else json.dumps(value, separators=(",", ":")))
+                     for unit, key, value in state]
+        self._queue.put((table, rows, host_identifier, time.monotonic(), state))
         return len(rows)
+
+    def load_state(self, unit: str) -> dict[str, object]:
+        """A unit's saved state as last committed: {key: value}. Blocking; at start."""
+        try:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            try:
+                conn.execute("PRAGMA busy_timeout=5000")
+                found = conn.execute(f"SELECT key, value FROM {UNIT_STATE} WHERE unit = ?", (unit,)).fetchall()
+            finally:
+                conn.close()
+        except sqlite3.Error as e:
+            raise StoreError(self.path, f"reading the saved state of {unit} failed: {e}") from e
+        return {key: json.loads(value) for key, value in found}
 
     def _conforming(self, table: str, rows: list[dict]) -> list[dict]:
         """The rows whose keys are exactly their table's columns (less those the
@@ -392,14 +427,18 @@ class EventStore:
         self._batch_since = None
         return stopping
 
-    def _write(self, batch: list[tuple[str, list, str | None, float]]) -> None:
+    def _write(self, batch: list[tuple[str, list, str | None, float, list | None]]) -> None:
         conn = self._conn
         committed: dict[str, list] = {}
         count = sum(len(item[1]) for item in batch)
         seq = dict(self._seq)
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for table, rows, host, _ in batch:
+            for table, rows, host, _, state in batch:
+                if state:
+                    self._save_state(conn, state)
+                if not rows:
+                    continue
                 shared = self._shared[table]
                 eid_at, host_at, open_at = self._slots[table]
                 n = seq[table]
@@ -461,6 +500,15 @@ class EventStore:
             self._pending -= count
         if self.on_commit:
             self.on_commit(list(committed.items()))
+
+    @staticmethod
+    def _save_state(conn: sqlite3.Connection, changes: list) -> None:
+        for unit, key, value in changes:
+            if value is None:
+                conn.execute(f"DELETE FROM {UNIT_STATE} WHERE unit = ? AND key = ?", (unit, key))
+            else:
+                conn.execute(f"INSERT OR REPLACE INTO {UNIT_STATE} (unit, key, value) VALUES (?, ?, ?)",
+                             (unit, key, value))
 
     def _insert(self, conn: sqlite3.Connection, table: str, params: list, count: int) -> None:
         """params: count rows' values, one after the other."""
