@@ -152,9 +152,11 @@ class ProductsCollector(Collector):
         self._refresh_health = False
         self._tasks: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
+        self._emissions: asyncio.Queue[asyncio.Task] = asyncio.Queue()
         self._inotify_fd = None
         self._notifier = None
         self._own_expected: int | None = None
+        self._own_pid = os.getpid()
         self.rounds = 0
         self.health_runs = 0
         self.last_round_ms = 0.0
@@ -177,8 +179,13 @@ class ProductsCollector(Collector):
         self._start_inotify()
         await self._round(baseline=True)
         if self.bpf_enabled:
-            self._own_expected = self._rows.get("kernel-bpf", {}).get("_vajra_attached") or None
-        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._reconcile())]
+            bpf = self._rows.get("kernel-bpf")
+            self._own_expected = (bpf or {}).get("_vajra_attached") or None
+            if bpf is not None:        # what later rounds compare against, shown from the start
+                bpf["_details"]["vajra_expected"] = self._own_expected
+                bpf["details"] = json.dumps(bpf["_details"], sort_keys=True)
+        self._tasks = [asyncio.create_task(self._run()), asyncio.create_task(self._reconcile()),
+                       asyncio.create_task(self._emit_in_order())]
         self.state = "running"
         log.info("security products: %d known, %s", len(self.products), self.systemd)
 
@@ -259,6 +266,8 @@ class ProductsCollector(Collector):
     def _observe_process(self, row: dict) -> None:
         syscall, pid = row.get("syscall"), row.get("pid")
         if syscall == "exec":
+            if row.get("parent") == self._own_pid:
+                return      # our own health commands and bpftool: neither causes nor triggers
             path = row.get("path") or ""
             base = os.path.basename(path)
             entry = {"pid": pid, "path": path, "cmdline": row.get("cmdline") or "", "uid": row.get("uid"),
@@ -319,9 +328,12 @@ class ProductsCollector(Collector):
         self.last_round_ms = (time.monotonic() - t0) * 1000
         for change in changes:
             change.detected_ns = time.monotonic_ns()
-            task = asyncio.create_task(self._emit(change))
+            # Each change looks for its actor on its own, but rows leave in the
+            # order the changes happened (a stop before the start that follows).
+            task = asyncio.create_task(self._attributed(change))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
+            self._emissions.put_nowait(task)
 
     def _static_facts(self) -> dict[str, dict]:
         """Everything read from files and /proc, on a worker thread."""
@@ -339,7 +351,7 @@ class ProductsCollector(Collector):
             f["pids"] = [pid for _, pid in running]
             for pid in f["pids"]:
                 self._product_pids[pid] = p.name
-            f["binary"] = next((b for b in p.binaries if os.path.exists(b)), None)
+            f["binary"] = next((b for b in p.binaries + p.executables if os.path.exists(b)), None)
             f["binary_sha256"] = self._sha256(f["binary"]) if f["binary"] else ""
             f["configs"] = {c: self._sha256(c) for c in p.configs if os.path.exists(c)}
             f["unit"], f["unit_file_state"] = None, None
@@ -486,6 +498,17 @@ class ProductsCollector(Collector):
                     target_pid=target, signal=sig)
             elif not old["running"] and new["running"]:
                 add("started", f"{name} started (pid {new['pid']})", target_pid=new["pid"])
+            elif old["running"] and gone and not set(old["_pids"]) & set(new["_pids"]):
+                # it stopped and started again between two rounds (a restart, a
+                # flapping unit): both changes, in order, through the stopped state
+                target = gone[0]
+                sig = self._exits.get(target, 0)
+                out.append(Change(name, kind, "stopped", old["state"], "stopped",
+                                  f"{name} stopped: its process {target} "
+                                  + (f"was killed by signal {sig}" if sig else "exited"),
+                                  words=words, target_pid=target, signal=sig))
+                out.append(Change(name, kind, "started", "stopped", new["state"],
+                                  f"{name} started again (pid {new['pid']})", words=words, target_pid=new["pid"]))
             for pid in gone:
                 self._exits.pop(pid, None)
             if old["binary_sha256"] and new["binary_sha256"] and old["binary_sha256"] != new["binary_sha256"]:
@@ -527,7 +550,18 @@ class ProductsCollector(Collector):
         return out
 
     # --- attribution ------------------------------------------------------------------
-    async def _emit(self, change: Change) -> None:
+    async def _emit_in_order(self) -> None:
+        while True:
+            task = await self._emissions.get()
+            try:
+                row = await task
+            except Exception as e:         # a failed attribution must not stop the others
+                log.error("security products: attribution failed: %r", e, exc_info=e)
+                continue
+            self.captured += 1
+            self._enqueue((EVENTS, [row]))
+
+    async def _attributed(self, change: Change) -> dict:
         deadline = time.monotonic() + ACTOR_WAIT_S
         actor = self._find_actor(change)
         while actor is None and time.monotonic() < deadline:
@@ -548,8 +582,7 @@ class ProductsCollector(Collector):
             values.update(reason=change.reason, actor_found=1, actor_source=source, pid=a.get("pid"),
                           path=a.get("path"), cmdline=a.get("cmdline"), uid=a.get("uid"), ancestry=ancestry,
                           actor_eid=a.get("eid"))
-        self.captured += 1
-        self._enqueue((EVENTS, [TABLES[EVENTS].row(**values)]))
+        return TABLES[EVENTS].row(**values)
 
     def _find_actor(self, change: Change) -> tuple[str, dict] | None:
         since = change.detected_ns - ACTOR_WINDOW_NS
