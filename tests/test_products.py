@@ -435,3 +435,73 @@ def test_bad_catalogue_entry_in_the_config_stops_the_daemon_with_the_field(tmp_p
 @pytest.mark.skipif(not SYSTEMD_PID1, reason=NO_SYSTEMD)
 def test_masked_disabled_and_failed_units_need_booted_systemd():
     raise AssertionError("to be run under tests/booted.py")
+
+
+def test_surfaces_socket_dbus_vajractl_and_osquery_shim(debian_products, private_bus, workdir):
+    """Without eBPF: both tables still fill (inotify and reconcile), with no
+    actor; every surface serves them from the table declarations."""
+    from harness import OsqueryCore
+    tool = os.path.join(workdir, "watched-tool")
+    shutil.copy("/bin/true", tool)
+    cfg = Path(workdir, "vajra.conf")
+    cfg.write_text(json.dumps({"options": {}, "security_products": [
+        {"name": "test-binary", "vendor": "tests", "type": "hids", "binaries": [tool]}]}))
+    d = Daemon(workdir, f"--config_path={cfg}", "--enable_bpf_events=false", f"--dbus={private_bus.address}")
+    d.flags.remove("--dbus=none")
+    d.start()
+    core = None
+    try:
+        deadline = time.monotonic() + 10
+        while d.call("status")["dbus"] != "running":
+            assert time.monotonic() < deadline, d.log
+            time.sleep(0.1)
+        status = d.call("status")["collectors"]["products"]
+        assert status["state"] == "running" and status["products"] >= len(REQUIRED) + 1
+        if not SYSTEMD_PID1:
+            assert "systemd is not running" in status["systemd"]
+        shutil.copy("/bin/false", tool)
+        deadline = time.monotonic() + 20
+        while True:
+            with d.client() as c:
+                events = [e for e in c.iter_events({"start_time": 0}, "security_product_events")
+                          if e["name"] == "test-binary" and e["change"] == "binary_replaced"]
+            if events or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert events and events[0]["actor_found"] == 0 and events[0]["actor_source"] == "none"
+        # D-Bus
+        out = json.loads(private_bus.busctl("--json=short", "call", "org.vajra.Vajra1", "/org/vajra/Vajra1",
+                                            "org.vajra.Vajra1", "ReadTable", "s", "security_products").stdout)
+        by_name = {r["name"]["data"]: r for r in out["data"][0]}
+        assert by_name["auditd"]["package"]["data"] == "auditd"
+        assert by_name["test-binary"]["binary_sha256"]["data"] == sha256("/bin/false")
+        # vajractl products, readable and JSON
+        ctl = [sys.executable, "-m", "vajrad.client.ctl", "--socket", d.socket, "products"]
+        text = subprocess.run(ctl, capture_output=True, text=True, check=True).stdout
+        header, *lines = text.splitlines()
+        assert header.split()[:3] == ["NAME", "TYPE", "INSTALLED"]
+        assert any(line.split()[:3] == ["auditd", "audit", "1"] for line in lines)
+        assert not any(line.startswith("falco ") for line in lines)
+        everything = subprocess.run(ctl + ["--all", "--json"], capture_output=True, text=True, check=True).stdout
+        rows = {r["name"]: r for r in map(json.loads, everything.splitlines())}
+        assert rows["falco"]["state"] == "not_installed" and set(rows["falco"]) == \
+            set(__import__("vajrad.tables", fromlist=["TABLES"]).TABLES["security_products"].column_names)
+        # vajractl query over the live table and the evented one
+        q = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", d.socket, "query", "--json",
+                            "SELECT p.name, e.change FROM security_products p JOIN security_product_events e "
+                            "USING (name) WHERE p.name = 'test-binary'"],
+                           capture_output=True, text=True, check=True).stdout
+        assert {"name": "test-binary", "change": "binary_replaced"} in map(json.loads, q.splitlines())
+        # the osquery shim
+        core = OsqueryCore(workdir)
+        core.start_shim(d.socket)
+        client = core.client()
+        live = client.call("table", "security_products", {"action": "generate", "context": "{}"})
+        assert live.status.code == 0
+        assert {r["name"]: r["state"] for r in live.response}["falco"] == "not_installed"
+        evented = client.call("table", "security_product_events", {"action": "generate", "context": "{}"})
+        assert evented.status.code == 0 and any(r["change"] == "binary_replaced" for r in evented.response)
+    finally:
+        if core is not None:
+            core.stop()
+        d.stop()

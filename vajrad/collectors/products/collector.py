@@ -442,7 +442,7 @@ class ProductsCollector(Collector):
         if f["configs"]:
             details["configs"] = f["configs"]
         running = bool(pids)
-        has_units = bool(p.units)
+        has_units = bool(p.units) and p.needs_process     # a state of a running service
         return {
             "name": p.name, "vendor": p.vendor, "type": p.type, "installed": int(installed),
             "package": pkg.name if pkg else "", "version": pkg.version if pkg else "",
