@@ -334,7 +334,8 @@ def test_kill_9_of_a_product_process_names_the_killer(products):
                              and e["target_pid"] == proc.pid)[0]
         assert ev["old_state"] == "protecting" and ev["new_state"] == "stopped" and ev["severity"] == "high"
         assert ev["signal"] == 9 and "killed by signal 9" in ev["reason"]
-        assert ev["actor_found"] == 1 and ev["actor_source"] == "exec"
+        # the kernel's signal record names the sender; its exec row gives path and cmdline
+        assert ev["actor_found"] == 1 and ev["actor_source"] == "signal"
         assert ev["pid"] == killer and ev["path"] == "/usr/bin/kill"
         assert ev["cmdline"] == f"/usr/bin/kill -9 {proc.pid}"
         assert any(a["pid"] == os.getpid() for a in json.loads(ev["ancestry"]))
@@ -357,11 +358,33 @@ def test_flapping_product_gives_both_events_in_order(products):
             (e["change"], e["target_pid"]) in (("stopped", first.pid), ("started", second.pid))), want=2)
         assert [(e["change"], e["target_pid"]) for e in events] == [("stopped", first.pid), ("started", second.pid)]
         assert events[0]["signal"] == 15 and events[0]["eid"] < events[1]["eid"]
-        # no command named it: the test killed it with a call, not a tool
-        assert events[0]["actor_found"] == 0 and "no actor found" in events[0]["reason"]
+        # no command ran: the kernel's signal record names this test as the sender
+        assert events[0]["actor_source"] == "signal" and events[0]["pid"] == os.getpid()
+        assert events[0]["path"] == os.path.realpath(sys.executable)
     finally:
         second.kill()
         second.wait()
+
+
+def test_signals_to_a_product_are_recorded_with_the_sender(products):
+    """A signal that ends nothing (SIGSTOP/SIGCONT freeze and thaw an agent)
+    is a row too, from the kernel, with the sender."""
+    import signal as signals
+    proc = subprocess.Popen([products.sleeper, "1000"])
+    try:
+        products.row_when("test-daemon", lambda r: r["pid"] == proc.pid)
+        time.sleep(0.3)          # the round that fills the kernel's watched map
+        os.kill(proc.pid, signals.SIGSTOP)
+        os.kill(proc.pid, signals.SIGCONT)
+        rows = products.events(lambda e: e["change"] == "signal" and e["target_pid"] == proc.pid, want=2)
+        assert [e["signal"] for e in rows] == [signals.SIGSTOP, signals.SIGCONT]
+        assert all(e["actor_source"] == "signal" and e["pid"] == os.getpid() for e in rows)
+        # a product's own signals, and SIGCHLD, never leave the kernel
+        status = products.daemon.call("status")["collectors"]["products"]
+        assert status["signals"].startswith("running")
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_overwrite_of_a_watched_binary_names_the_writer(products):

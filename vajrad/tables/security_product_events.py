@@ -12,13 +12,15 @@ TABLE = Table.events(
         Column("change", TEXT, "stopped, started, failed, masked, disabled, enabled, uninstalled, installed, "
                                "binary_replaced, config_changed, signatures_out_of_date, lsm_disabled, "
                                "profile_complain, audit_rules_flushed, audit_disabled, firewall_flushed, "
-                               "bpf_detached, degraded, recovered, unknown"),
+                               "bpf_detached, degraded, recovered, unknown; signal: a signal sent to one of its processes "
+                               "(recorded in the kernel, with the sender as actor)"),
         Column("old_state", TEXT, "State before"),
         Column("new_state", TEXT, "State after"),
         Column("reason", TEXT, "What changed, in words"),
         Column("severity", TEXT, "high (protection lost), medium (weakened), low (restored or informational)"),
         Column("actor_found", INTEGER, "1 when the process that caused the change is known, 0 when not"),
-        Column("actor_source", TEXT, "How the actor was found: exec (a command naming the product, seen "
+        Column("actor_source", TEXT, "How the actor was found: signal (the kernel saw it send the signal "
+                                     "that ended the product's process, bpf/signal.bpf.c), exec (a command naming the product, seen "
                                      "in bpf_process_events), file (bpf_file_events/file_events on its "
                                      "path), or none"),
         Column("pid", BIGINT, "The actor's process ID"),
@@ -28,7 +30,8 @@ TABLE = Table.events(
         Column("ancestry", TEXT, "JSON array of the actor's ancestors, [0] the immediate parent"),
         Column("actor_eid", BIGINT, "eid of the bpf_process_events (or bpf_file_events) row behind the actor"),
         Column("target_pid", BIGINT, "The product's process the change is about (the one that exited), 0 if none"),
-        Column("signal", INTEGER, "Signal that ended the product's process, from its exit status; 0 if none"),
+        Column("signal", INTEGER, "Signal sent to (signal rows) or that ended (from its exit status) the "
+                                  "product's process; 0 if none"),
     ),
     notes={
         "first evaluation": "the states found when vajrad starts are the baseline: no rows.",

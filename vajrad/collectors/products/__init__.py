@@ -21,9 +21,15 @@ def _build(ctx: UnitContext):
     from vajrad.collectors.products.catalogue import merged
     from vajrad.collectors.products.collector import ProductsCollector
     cfg = ctx.config
+    signal_watch = None
+    if cfg.enable_bpf_events:
+        from vajrad.collectors.products.signals import SignalWatch
+        kenv = ctx.need("kernel")
+        signal_watch = lambda on_signal: SignalWatch(kenv, cfg.bpf_output, on_signal)  # noqa: E731
     return ProductsCollector(merged(cfg.security_products), cfg.security_products_reconcile_interval,
                              bpf_enabled=cfg.enable_bpf_events,
-                             describe_process=ctx.services.find("describe_process"))
+                             describe_process=ctx.services.find("describe_process"),
+                             signal_watch=signal_watch)
 
 
 UNIT = Unit(
@@ -33,6 +39,7 @@ UNIT = Unit(
     tables=("security_products", "security_product_events"),
     factory=_build,
     wanted=lambda cfg: cfg.enable_security_products and not cfg.disable_events,
+    needs=("kernel",),          # used only with eBPF: the kill-signal program (bpf/signal.bpf.c)
     options=(
         Option("enable_security_products", bool, True,
                "Serve security_products (the catalogue's products and the kernel's protections, live) "

@@ -45,6 +45,7 @@ PROCESS_TABLE, FILE_TABLES = "bpf_process_events", ("bpf_file_events", "file_eve
 DEBOUNCE_S = 0.05
 ACTOR_WINDOW_NS = 30_000_000_000     # how far back a cause may lie
 ACTOR_WAIT_S = 1.5                   # how long a change waits for its cause to be committed
+SENDER_WAIT_S = 0.6                  # how long a signal's sender waits for its exec row
 RECENT_MAX = 2048
 HASH_CACHE = 512
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
@@ -65,7 +66,7 @@ TAMPER_TOOLS: dict[str, tuple[str, ...]] = {
 SEVERITY = {"stopped": "high", "failed": "high", "masked": "high", "disabled": "high", "uninstalled": "high",
             "binary_replaced": "high", "audit_rules_flushed": "high", "audit_disabled": "high",
             "firewall_flushed": "high", "bpf_detached": "high", "lsm_disabled": "high",
-            "profile_complain": "high", "config_changed": "medium", "signatures_out_of_date": "medium",
+            "profile_complain": "high", "signal": "high", "config_changed": "medium", "signatures_out_of_date": "medium",
             "degraded": "medium", "unknown": "medium", "started": "low", "installed": "low",
             "enabled": "low", "recovered": "low"}
 
@@ -83,6 +84,7 @@ class Change:
     target_pid: int = 0
     signal: int = 0
     detected_ns: int = 0
+    actor: tuple | None = None       # (source, actor) when known at detection (a signal record)
 
 
 def _unit_file_state(unit: str) -> str | None:
@@ -130,7 +132,7 @@ class ProductsCollector(Collector):
     observes = (PROCESS_TABLE,) + FILE_TABLES
 
     def __init__(self, products: list[Product], reconcile_s: float, bpf_enabled: bool,
-                 describe_process=None, dpkg_status: str = dpkg.STATUS):
+                 describe_process=None, dpkg_status: str = dpkg.STATUS, signal_watch=None):
         super().__init__()
         self.products = {p.name: p for p in products}
         self.reconcile_s = reconcile_s
@@ -142,6 +144,12 @@ class ProductsCollector(Collector):
         self._health = cachetools.TTLCache(maxsize=256, ttl=max(1.0, reconcile_s))
         self._hashes = cachetools.LRUCache(maxsize=HASH_CACHE)
         self._recent_execs: deque[dict] = deque(maxlen=RECENT_MAX)
+        self._exec_by_pid = cachetools.LRUCache(maxsize=RECENT_MAX * 2)   # every exec: signal senders
+        self._signals: deque = deque(maxlen=RECENT_MAX)
+        # (on_signal) -> a started-later SignalWatch; None without eBPF
+        self._signal_factory = signal_watch
+        self.signals = None
+        self.signal_status = "off (no eBPF)" if signal_watch is None else "starting"
         self._recent_files: deque[dict] = deque(maxlen=RECENT_MAX)
         self._tamper_pids: dict[int, dict] = {}
         self._product_pids: dict[int, str] = {}
@@ -177,6 +185,15 @@ class ProductsCollector(Collector):
         self._open_channel()
         self.state = "starting"
         self._start_inotify()
+        if self._signal_factory is not None:
+            try:
+                self.signals = self._signal_factory(self._on_signal)
+                await self.signals.start()
+                self.signal_status = "running (signal:signal_generate, filtered to watched pids)"
+            except Exception as e:     # the inventory works without it; attribution of signals does not
+                self.signals = None
+                self.signal_status = f"unavailable: {e}"
+                log.warning("security products: kill signals will not be recorded: %s", e)
         await self._round(baseline=True)
         if self.bpf_enabled:
             bpf = self._rows.get("kernel-bpf")
@@ -197,6 +214,9 @@ class ProductsCollector(Collector):
         if self._notifier is not None:
             self._notifier.stop()
             self._notifier = None
+        if self.signals is not None:
+            await self.signals.stop()
+            self.signals = None
         if self._queue is not None:
             self._deliver(None)
         self.state = "stopped"
@@ -243,7 +263,8 @@ class ProductsCollector(Collector):
         s = super().stats()
         s.update({"products": len(self.products), "rounds": self.rounds, "health_runs": self.health_runs,
                   "last_round_ms": round(self.last_round_ms, 1), "systemd": self.systemd,
-                  "reconcile_interval": self.reconcile_s})
+                  "reconcile_interval": self.reconcile_s, "signals": self.signal_status,
+                  "signal_records": self.signals.records if self.signals else 0})
         return s
 
     # --- triggers ---------------------------------------------------------------------
@@ -273,6 +294,7 @@ class ProductsCollector(Collector):
             entry = {"pid": pid, "path": path, "cmdline": row.get("cmdline") or "", "uid": row.get("uid"),
                      "ancestry": row.get("ancestry"), "eid": row.get("eid"), "tool": base,
                      "_ns": time.monotonic_ns()}
+            self._exec_by_pid[pid] = entry
             if base in TAMPER_TOOLS or path.startswith("/etc/init.d/") or _script_tool(entry["cmdline"]):
                 self._recent_execs.append(entry)
                 self._tamper_pids[pid] = entry
@@ -280,9 +302,11 @@ class ProductsCollector(Collector):
                 self._product_pids[pid] = self._by_exe[path]
                 self._want(refresh_health=False)
         elif syscall == "exit":
-            if pid in self._product_pids:
+            if self._product_pids.pop(pid, None) is not None:
                 code = str(row.get("exit_code") or "0")
                 self._exits[pid] = -int(code) if code.startswith("-") and code[1:].isdigit() else 0
+                while len(self._exits) > RECENT_MAX:
+                    del self._exits[next(iter(self._exits))]
                 self._want(refresh_health=False)
             if self._tamper_pids.pop(pid, None) is not None:
                 self._want(refresh_health=True)
@@ -324,6 +348,9 @@ class ProductsCollector(Collector):
                 changes.extend(self._changes(self._previous[name], row, f))
         self._previous = rows
         self._rows = rows
+        if self.signals is not None:
+            self.signals.watch({pid for r in rows.values() for pid in r.get("_pids", ())
+                                if r["name"] != "vajra"})
         self.rounds += 1
         self.last_round_ms = (time.monotonic() - t0) * 1000
         for change in changes:
@@ -342,7 +369,8 @@ class ProductsCollector(Collector):
         packages = self.dpkg.packages(wanted)
         lsms = kernel_facts.active_lsms()
         out: dict[str, dict] = {}
-        self._product_pids = {pid: name for pid, name in list(self._product_pids.items()) if pid in self._exits}
+        if len(self._product_pids) > RECENT_MAX:     # exits never seen (no eBPF): start afresh
+            self._product_pids = {}
         for p in self.products.values():
             f: dict = {"product": p}
             pkg = next((packages[n] for n in p.packages if n in packages and packages[n].installed), None)
@@ -490,27 +518,18 @@ class ProductsCollector(Collector):
         if p is not None:
             gone = [pid for pid in old.get("_pids", []) if pid not in new.get("_pids", [])]
             if old["running"] and not new["running"]:
-                target = gone[0] if gone else 0
-                sig = self._exits.get(target, 0)
-                why = f"its process {target} was killed by signal {sig}" if sig else \
-                      f"its process {target} exited"
-                add("stopped" if p.needs_process else "degraded", f"{name} stopped: {why}",
-                    target_pid=target, signal=sig)
+                # how its process ended is added when the exit row is in (_attributed)
+                add("stopped" if p.needs_process else "degraded", f"{name} stopped",
+                    target_pid=gone[0] if gone else 0)
             elif not old["running"] and new["running"]:
                 add("started", f"{name} started (pid {new['pid']})", target_pid=new["pid"])
             elif old["running"] and gone and not set(old["_pids"]) & set(new["_pids"]):
                 # it stopped and started again between two rounds (a restart, a
                 # flapping unit): both changes, in order, through the stopped state
-                target = gone[0]
-                sig = self._exits.get(target, 0)
-                out.append(Change(name, kind, "stopped", old["state"], "stopped",
-                                  f"{name} stopped: its process {target} "
-                                  + (f"was killed by signal {sig}" if sig else "exited"),
-                                  words=words, target_pid=target, signal=sig))
+                out.append(Change(name, kind, "stopped", old["state"], "stopped", f"{name} stopped",
+                                  words=words, target_pid=gone[0]))
                 out.append(Change(name, kind, "started", "stopped", new["state"],
                                   f"{name} started again (pid {new['pid']})", words=words, target_pid=new["pid"]))
-            for pid in gone:
-                self._exits.pop(pid, None)
             if old["binary_sha256"] and new["binary_sha256"] and old["binary_sha256"] != new["binary_sha256"]:
                 add("binary_replaced", f"{new['install_path']} changed (sha256 {new['binary_sha256'][:16]}...)",
                     paths=(new["install_path"],))
@@ -550,6 +569,42 @@ class ProductsCollector(Collector):
         return out
 
     # --- attribution ------------------------------------------------------------------
+    def _sender(self, sig) -> dict:
+        """What we know of a signal's sender: its exec row, else the process cache."""
+        known = self._exec_by_pid.get(sig.sender)
+        actor = {"pid": sig.sender, "uid": sig.sender_uid, "path": None, "cmdline": None, "ancestry": None,
+                 "eid": None}
+        if known is not None:
+            actor.update(path=known["path"], cmdline=known["cmdline"], ancestry=known["ancestry"],
+                         eid=known["eid"])
+        elif self.describe_process is not None:
+            found = self.describe_process(sig.sender)
+            if found is not None:
+                actor.update(path=found["process"].get("path"), cmdline=found["process"].get("cmdline"),
+                             ancestry=json.dumps(found["ancestry"]))
+        if actor["path"] is None:
+            actor["path"] = ""
+            actor["cmdline"] = sig.sender_comm
+        return actor
+
+    def _on_signal(self, sig) -> None:
+        """A signal to a watched product's process, from the kernel: a row at
+        once, and the sender is kept as the actor of the stop that may follow."""
+        self._signals.append((time.monotonic_ns(), sig))
+        name = self._product_pids.get(sig.target)
+        row = self._rows.get(name) if name else None
+        if row is None:
+            return
+        change = Change(name, row["type"], "signal", row["state"], row["state"],
+                        f"signal {sig.sig} sent to {name}'s process {sig.target} by {sig.sender} "
+                        f"({sig.sender_comm})", target_pid=sig.target, signal=sig.sig,
+                        detected_ns=time.monotonic_ns(), actor=("signal", sig))
+        task = asyncio.create_task(self._attributed(change))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+        self._emissions.put_nowait(task)
+        self._want(refresh_health=False)
+
     async def _emit_in_order(self) -> None:
         while True:
             task = await self._emissions.get()
@@ -563,13 +618,29 @@ class ProductsCollector(Collector):
 
     async def _attributed(self, change: Change) -> dict:
         deadline = time.monotonic() + ACTOR_WAIT_S
-        actor = self._find_actor(change)
+        # A stop waits for its process's exit row (how it ended), then for its actor.
+        ending = change.change == "stopped" and change.target_pid
+        while ending and change.target_pid not in self._exits and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if ending:
+            change.signal = self._exits.get(change.target_pid, 0)
+            change.reason += (f": its process {change.target_pid} was killed by signal {change.signal}"
+                              if change.signal else f": its process {change.target_pid} exited")
+        actor = change.actor or self._find_actor(change)
         while actor is None and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
             actor = self._find_actor(change)
         values = dict(name=change.product, type=change.type, change=change.change, old_state=change.old_state,
                       new_state=change.new_state, severity=SEVERITY.get(change.change, "medium"),
                       target_pid=change.target_pid, signal=change.signal, time=int(time.time()))
+        if actor is not None and actor[0] == "signal":
+            # the sender's exec row (path, cmdline) may be committed after the
+            # signal record arrives: a short-lived `kill` is known only by it
+            sig = actor[1]
+            wait_until = time.monotonic() + SENDER_WAIT_S
+            while sig.sender not in self._exec_by_pid and time.monotonic() < wait_until:
+                await asyncio.sleep(0.05)
+            actor = ("signal", self._sender(sig))
         if actor is None:
             values.update(reason=change.reason + " (no actor found in Vajra's events)", actor_found=0,
                           actor_source="none")
@@ -586,6 +657,13 @@ class ProductsCollector(Collector):
 
     def _find_actor(self, change: Change) -> tuple[str, dict] | None:
         since = change.detected_ns - ACTOR_WINDOW_NS
+        if change.target_pid and change.signal:
+            # the kernel saw who sent the signal that ended it
+            for at, sig in reversed(self._signals):
+                if at < since:
+                    break
+                if sig.target == change.target_pid and sig.sig == change.signal:
+                    return "signal", sig
         if change.paths:
             for row in reversed(self._recent_files):
                 if row["_ns"] < since:
