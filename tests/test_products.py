@@ -456,8 +456,18 @@ def test_bad_catalogue_entry_in_the_config_stops_the_daemon_with_the_field(tmp_p
 
 
 @pytest.mark.skipif(not SYSTEMD_PID1, reason=NO_SYSTEMD)
-def test_masked_disabled_and_failed_units_need_booted_systemd():
-    raise AssertionError("to be run under tests/booted.py")
+def test_masking_a_unit_names_systemctl(products):
+    """Under a booted systemd: `systemctl mask` of a product's unit is a
+    `masked` row with systemctl as the actor, and unmasking restores it."""
+    unit = "fail2ban.service"
+    before = products.rows()["fail2ban"]["unit_file_state"]
+    masker = sh(f"exec systemctl mask {unit}")
+    try:
+        ev = products.events(lambda e: e["name"] == "fail2ban" and e["change"] == "masked")[-1]
+        assert ev["pid"] == masker and ev["path"].endswith("/systemctl") and ev["new_state"] == "stopped"
+    finally:
+        subprocess.run(["systemctl", "unmask", unit], capture_output=True)
+    products.row_when("fail2ban", lambda r: r["unit_file_state"] == before)
 
 
 def test_surfaces_socket_dbus_vajractl_and_osquery_shim(debian_products, private_bus, workdir):
@@ -528,3 +538,71 @@ def test_surfaces_socket_dbus_vajractl_and_osquery_shim(debian_products, private
         if core is not None:
             core.stop()
         d.stop()
+
+
+def test_package_removal_names_dpkg(products):
+    """dpkg --purge of a catalogue product the test installs (chkrootkit,
+    small); a host that has it already is left alone."""
+    if dpkg_version("chkrootkit") is not None:
+        pytest.skip("chkrootkit is installed on this host: the test does not remove what it did not install")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    r = subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600",
+                        "chkrootkit"], env=env, capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(f"apt-get could not install chkrootkit: {r.stderr[-300:]}")
+    try:
+        row = products.row_when("chkrootkit", lambda r: r["installed"] == 1)
+        assert row["version"] == dpkg_version("chkrootkit")
+        products.events(lambda e: e["name"] == "chkrootkit" and e["change"] == "installed")
+        remover = sh("exec dpkg --purge chkrootkit >/dev/null")
+        ev = products.events(lambda e: e["name"] == "chkrootkit" and e["change"] == "uninstalled")[0]
+        assert ev["old_state"] == "protecting" and ev["new_state"] == "not_installed"
+        assert ev["pid"] == remover and ev["path"] == "/usr/bin/dpkg" and ev["cmdline"] == "dpkg --purge chkrootkit"
+    finally:
+        subprocess.run(["dpkg", "--purge", "chkrootkit"], capture_output=True)
+
+
+def test_lsm_and_lockdown_rows_with_securityfs(debian_products, workdir):
+    """securityfs is not mounted on this host: the daemon runs in a private
+    mount namespace where it is, and its rows must say what the kernel says there."""
+    mount = 'mount -t securityfs securityfs /sys/kernel/security && exec "$@"'
+    prefix = ["unshare", "-m", "--propagation", "private", "sh", "-c", mount, "sh"]
+    seen = subprocess.run(prefix + ["sh", "-c", "cat /sys/kernel/security/lsm; echo; "
+                                                "cat /sys/kernel/security/lockdown 2>/dev/null || echo absent"],
+                          capture_output=True, text=True)
+    if seen.returncode:
+        pytest.skip(f"cannot mount securityfs in a mount namespace: {seen.stderr}")
+    lsms, lockdown = seen.stdout.splitlines()[:2]
+    d = Daemon(workdir, "--enable_bpf_events=false", prefix=prefix).start()
+    try:
+        rows = {r["name"]: r for r in d.call("table/read", {"table": "security_products"})["rows"]}
+        assert json.loads(rows["kernel-lsm"]["details"])["lsms"] == lsms.split(",")
+        enforcing = set(lsms.split(",")) & {"apparmor", "selinux", "smack", "tomoyo"}
+        assert rows["kernel-lsm"]["state"] == ("protecting" if enforcing else "degraded")
+        if lockdown == "absent":
+            assert rows["kernel-lockdown"]["state"] == "unknown"
+        else:
+            mode = next(w.strip("[]") for w in lockdown.split() if w.startswith("["))
+            assert json.loads(rows["kernel-lockdown"]["details"])["mode"] == mode
+        apparmor = "apparmor" in lsms.split(",")
+        assert (rows["apparmor"]["state"] == "degraded") == (not apparmor)
+    finally:
+        d.stop()
+
+
+@pytest.mark.skipif(not os.path.exists("/sys/module/apparmor/parameters/enabled"),
+                    reason="this kernel has no AppArmor (no /sys/module/apparmor): a profile cannot be put "
+                           "in complain mode here")
+def test_apparmor_profile_put_in_complain_mode_names_the_parser(products, tmp_path):
+    name = f"vajra-test-{os.getpid()}"
+    profile = tmp_path / name
+    profile.write_text(f"profile {name} {products.sleeper} {{\n  /** r,\n}}\n")
+    subprocess.run(["apparmor_parser", "-r", str(profile)], check=True)
+    try:
+        products.row_when("kernel-apparmor", lambda r: name in r["details"] or json.loads(r["details"])["enforce"])
+        changer = sh(f"exec apparmor_parser -C -r {profile}")
+        ev = products.events(lambda e: e["name"] == "kernel-apparmor" and e["change"] == "profile_complain")[-1]
+        assert name in ev["reason"] and ev["pid"] == changer
+        assert ev["path"] == os.path.realpath(shutil.which("apparmor_parser"))
+    finally:
+        subprocess.run(["apparmor_parser", "-R", str(profile)], capture_output=True)

@@ -47,7 +47,9 @@ def lsm_fact() -> dict:
         return fact("kernel-lsm", "lsm", "unknown",
                     f"securityfs is not mounted at {SECURITYFS}: the active LSMs cannot be read")
     lsms = [x for x in text.split(",") if x]
-    enforcing = [x for x in lsms if x in ("apparmor", "selinux", "smack", "tomoyo", "bpf")]
+    # the BPF LSM enforces nothing until a program is attached to it; landlock and
+    # yama restrict only what processes ask for themselves
+    enforcing = [x for x in lsms if x in ("apparmor", "selinux", "smack", "tomoyo")]
     if not enforcing:
         return fact("kernel-lsm", "lsm", "degraded", "no access-control LSM is active (only "
                     + (", ".join(lsms) or "none") + ")", lsms=lsms)
