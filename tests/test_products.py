@@ -551,8 +551,10 @@ def test_package_removal_names_dpkg(products):
     if r.returncode:
         pytest.skip(f"apt-get could not install chkrootkit: {r.stderr[-300:]}")
     try:
-        row = products.row_when("chkrootkit", lambda r: r["installed"] == 1)
-        assert row["version"] == dpkg_version("chkrootkit")
+        # its files can be seen (binary present) before dpkg marks it installed: wait for both
+        version = dpkg_version("chkrootkit")
+        row = products.row_when("chkrootkit", lambda r: r["installed"] == 1 and r["version"] == version)
+        assert row["package"] == "chkrootkit" and row["state"] == "protecting"
         products.events(lambda e: e["name"] == "chkrootkit" and e["change"] == "installed")
         remover = sh("exec dpkg --purge chkrootkit >/dev/null")
         ev = products.events(lambda e: e["name"] == "chkrootkit" and e["change"] == "uninstalled")[0]
@@ -606,3 +608,144 @@ def test_apparmor_profile_put_in_complain_mode_names_the_parser(products, tmp_pa
         assert ev["path"] == os.path.realpath(shutil.which("apparmor_parser"))
     finally:
         subprocess.run(["apparmor_parser", "-R", str(profile)], capture_output=True)
+
+
+# --- systemd over D-Bus -----------------------------------------------------------------
+class _StandInUnit:
+    """One unit object as systemd exports it (org.freedesktop.systemd1.Unit and .Service)."""
+
+    def __init__(self):
+        from dbus_next.service import PropertyAccess, ServiceInterface, dbus_property
+
+        class Unit(ServiceInterface):
+            def __init__(self):
+                super().__init__("org.freedesktop.systemd1.Unit")
+                self.values = {"LoadState": "loaded", "ActiveState": "active", "SubState": "running",
+                               "UnitFileState": "enabled"}
+
+            @dbus_property(access=PropertyAccess.READ)
+            def LoadState(self) -> "s":
+                return self.values["LoadState"]
+
+            @dbus_property(access=PropertyAccess.READ)
+            def ActiveState(self) -> "s":
+                return self.values["ActiveState"]
+
+            @dbus_property(access=PropertyAccess.READ)
+            def SubState(self) -> "s":
+                return self.values["SubState"]
+
+            @dbus_property(access=PropertyAccess.READ)
+            def UnitFileState(self) -> "s":
+                return self.values["UnitFileState"]
+
+        class Service(ServiceInterface):
+            def __init__(self):
+                super().__init__("org.freedesktop.systemd1.Service")
+                self.main_pid = 0
+
+            @dbus_property(access=PropertyAccess.READ)
+            def MainPID(self) -> "u":
+                return self.main_pid
+
+        self.unit, self.service = Unit(), Service()
+
+    def set(self, main_pid: int | None = None, **values) -> None:
+        """Changes properties and signals them as systemd does (PropertiesChanged)."""
+        self.unit.values.update(values)
+        if values:
+            self.unit.emit_properties_changed(values)
+        if main_pid is not None:
+            self.service.main_pid = main_pid
+            self.service.emit_properties_changed({"MainPID": main_pid})
+
+
+@pytest.fixture
+def session_bus():
+    """A private dbus-daemon with the session policy (anyone may own names):
+    the bus a stand-in for systemd's D-Bus API is served on."""
+    proc = subprocess.Popen(["dbus-daemon", "--session", "--nofork", "--print-address"],
+                            stdout=subprocess.PIPE, text=True)
+    address = proc.stdout.readline().strip()
+    yield address
+    proc.terminate()
+    proc.wait()
+
+
+def test_unit_states_from_systemd_over_dbus(session_bus, tmp_path):
+    """The collector's systemd client (LoadUnit, GetAll, Subscribe, PropertiesChanged)
+    against a stand-in for systemd on a private bus: systemd cannot be PID 1
+    here, and this is the only part of it the client sees. Failed, masked and
+    MainPID 0 while active each give the right state and row, in order."""
+    from dbus_next.aio import MessageBus
+    from dbus_next.service import ServiceInterface, method
+    from vajrad.collectors.products.collector import ProductsCollector
+
+    sleeper = str(tmp_path / "vajra-unitd")
+    shutil.copy("/bin/sleep", sleeper)
+    product = catalogue.parse_entry({"name": "test-unit", "vendor": "tests", "type": "edr",
+                                     "units": ["vajra-test.service"], "executables": [sleeper],
+                                     "needs_process": True}, "test")
+    unit = _StandInUnit()
+    calls = []
+
+    class Manager(ServiceInterface):
+        def __init__(self):
+            super().__init__("org.freedesktop.systemd1.Manager")
+
+        @method()
+        def LoadUnit(self, name: "s") -> "o":
+            calls.append(("LoadUnit", name))
+            return "/org/freedesktop/systemd1/unit/vajra_2dtest_2eservice"
+
+        @method()
+        def Subscribe(self):
+            calls.append(("Subscribe",))
+
+    async def scenario():
+        bus = await MessageBus(bus_address=session_bus).connect()
+        bus.export("/org/freedesktop/systemd1", Manager())
+        bus.export("/org/freedesktop/systemd1/unit/vajra_2dtest_2eservice", unit.unit)
+        bus.export("/org/freedesktop/systemd1/unit/vajra_2dtest_2eservice", unit.service)
+        await bus.request_name("org.freedesktop.systemd1")
+        proc = subprocess.Popen([sleeper, "1000"])
+        unit.service.main_pid = proc.pid
+        c = ProductsCollector([product], 60, bpf_enabled=False, systemd_bus=session_bus)
+        rows_out = []
+        try:
+            await c.start()
+            assert c.systemd.startswith("systemd over D-Bus: 1 units")
+            assert calls[:2] == [("Subscribe",), ("LoadUnit", "vajra-test.service")]
+            row = c._rows["test-unit"]
+            assert (row["active_state"], row["sub_state"], row["unit_file_state"], row["pid"], row["state"]) == \
+                ("active", "running", "enabled", proc.pid, "protecting")
+            events = c.events().__aiter__()
+
+            async def next_row():
+                table, [r] = await asyncio.wait_for(events.__anext__(), 10)
+                rows_out.append(r)
+                return r
+
+            proc.kill()
+            proc.wait()
+            unit.set(main_pid=0, ActiveState="failed", SubState="failed")
+            r = await next_row()
+            assert (r["change"], r["new_state"], r["target_pid"]) == ("failed", "stopped", proc.pid)
+            assert "vajra-test.service failed (failed)" in c._rows["test-unit"]["state_reason"]
+            unit.set(LoadState="masked", UnitFileState="masked", ActiveState="inactive", SubState="dead")
+            r = await next_row()
+            assert r["change"] == "masked" and r["new_state"] == "stopped"
+            unit.set(LoadState="loaded", UnitFileState="enabled", ActiveState="active", SubState="running")
+            r = await next_row()
+            assert r["change"] == "enabled" and r["new_state"] == "degraded"
+            assert "MainPID 0" in c._rows["test-unit"]["state_reason"]
+        finally:
+            await c.stop()
+            bus.disconnect()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        return rows_out
+
+    rows = asyncio.run(scenario())
+    assert [r["change"] for r in rows] == ["failed", "masked", "enabled"]

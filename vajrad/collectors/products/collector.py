@@ -132,7 +132,8 @@ class ProductsCollector(Collector):
     observes = (PROCESS_TABLE,) + FILE_TABLES
 
     def __init__(self, products: list[Product], reconcile_s: float, bpf_enabled: bool,
-                 describe_process=None, dpkg_status: str = dpkg.STATUS, signal_watch=None):
+                 describe_process=None, dpkg_status: str = dpkg.STATUS, signal_watch=None,
+                 systemd_bus: str = "auto"):
         super().__init__()
         self.products = {p.name: p for p in products}
         self.reconcile_s = reconcile_s
@@ -168,6 +169,9 @@ class ProductsCollector(Collector):
         self.rounds = 0
         self.health_runs = 0
         self.last_round_ms = 0.0
+        # "auto": the system bus when systemd runs; "none"; or a bus address
+        self._systemd_bus = systemd_bus
+        self._systemd = None
         self.systemd = _systemd_status()
         self._index()
 
@@ -194,6 +198,7 @@ class ProductsCollector(Collector):
                 self.signals = None
                 self.signal_status = f"unavailable: {e}"
                 log.warning("security products: kill signals will not be recorded: %s", e)
+        await self._start_systemd()
         await self._round(baseline=True)
         if self.bpf_enabled:
             bpf = self._rows.get("kernel-bpf")
@@ -206,7 +211,28 @@ class ProductsCollector(Collector):
         self.state = "running"
         log.info("security products: %d known, %s", len(self.products), self.systemd)
 
+    async def _start_systemd(self) -> None:
+        from vajrad.collectors.products import systemd
+        if self._systemd_bus == "none" or (self._systemd_bus == "auto" and not systemd.booted()):
+            return
+        address = None if self._systemd_bus == "auto" else self._systemd_bus
+        units = list(dict.fromkeys(u for p in self.products.values() for u in p.units))
+        watcher = systemd.SystemdUnits(address, lambda: self._want(refresh_health=False))
+        try:
+            await watcher.start(units)
+        except Exception as e:       # D-Bus down or refusing: unit files and processes still answer
+            watcher.close()
+            self.systemd = f"systemd runs, but its D-Bus API failed ({e}): unit states from unit files"
+            log.warning("security products: %s", self.systemd)
+            return
+        self._systemd = watcher
+        self.systemd = (f"systemd over D-Bus: {len(watcher.states)} units watched "
+                        "(PropertiesChanged)")
+
     async def stop(self) -> None:
+        if self._systemd is not None:
+            self._systemd.close()
+            self._systemd = None
         for task in self._tasks + list(self._pending):
             task.cancel()
         await asyncio.gather(*self._tasks, *self._pending, return_exceptions=True)
@@ -382,8 +408,14 @@ class ProductsCollector(Collector):
             f["binary"] = next((b for b in p.binaries + p.executables if os.path.exists(b)), None)
             f["binary_sha256"] = self._sha256(f["binary"]) if f["binary"] else ""
             f["configs"] = {c: self._sha256(c) for c in p.configs if os.path.exists(c)}
-            f["unit"], f["unit_file_state"] = None, None
-            for unit in p.units:
+            f["unit"], f["unit_file_state"], f["systemd"] = None, None, None
+            for unit in p.units if self._systemd is not None else ():
+                st = self._systemd.states.get(unit)
+                if st and st.get("LoadState") not in (None, "not-found"):
+                    f["unit"], f["systemd"] = unit, dict(st)
+                    f["unit_file_state"] = "masked" if st.get("LoadState") == "masked" else st.get("UnitFileState")
+                    break
+            for unit in p.units if f["systemd"] is None else ():
                 state = _unit_file_state(unit)
                 if state is not None:
                     f["unit"], f["unit_file_state"] = unit, state
@@ -442,12 +474,19 @@ class ProductsCollector(Collector):
         details: dict = {}
         sig, sig_problem = f["signatures"] or (None, "")
         state, reason = "protecting", ""
+        sd = f.get("systemd")
         if p.name == "vajra":
             installed, pids = True, [os.getpid()]
+        elif sd and not pids and sd.get("MainPID"):
+            pids = [sd["MainPID"]]           # a wrapper, or an executable the catalogue does not name
         if not installed:
             state, reason = "not_installed", "no package, binary or process of it found"
         elif f["unit_file_state"] == "masked":
             state, reason = "stopped", f"{f['unit']} is masked"
+        elif sd and sd.get("ActiveState") == "failed":
+            state, reason = "stopped", f"{f['unit']} failed ({sd.get('SubState')})"
+        elif sd and p.needs_process and sd.get("ActiveState") == "active" and not pids:
+            state, reason = "degraded", f"{f['unit']} is active but has no main process (MainPID 0)"
         elif p.needs_process and not pids:
             state, reason = "stopped", "no process of it runs"
         elif f["missing"]:
@@ -475,8 +514,9 @@ class ProductsCollector(Collector):
             "name": p.name, "vendor": p.vendor, "type": p.type, "installed": int(installed),
             "package": pkg.name if pkg else "", "version": pkg.version if pkg else "",
             "install_path": f["binary"] or "", "unit": f["unit"] or "",
-            "active_state": ("active" if running else "inactive") if has_units else "",
-            "sub_state": ("running" if running else "dead") if has_units else "",
+            "active_state": sd.get("ActiveState", "") if sd else
+            ("active" if running else "inactive") if has_units else "",
+            "sub_state": sd.get("SubState", "") if sd else ("running" if running else "dead") if has_units else "",
             "unit_file_state": f["unit_file_state"] or "", "pid": pids[0] if pids else 0,
             "running": int(running), "state": state, "state_reason": reason,
             "signatures_version": str(sig["version"]) if sig else "",
@@ -519,8 +559,9 @@ class ProductsCollector(Collector):
             gone = [pid for pid in old.get("_pids", []) if pid not in new.get("_pids", [])]
             if old["running"] and not new["running"]:
                 # how its process ended is added when the exit row is in (_attributed)
-                add("stopped" if p.needs_process else "degraded", f"{name} stopped",
-                    target_pid=gone[0] if gone else 0)
+                failed = new["active_state"] == "failed"
+                add("failed" if failed else "stopped" if p.needs_process else "degraded",
+                    f"{name} {'failed' if failed else 'stopped'}", target_pid=gone[0] if gone else 0)
             elif not old["running"] and new["running"]:
                 add("started", f"{name} started (pid {new['pid']})", target_pid=new["pid"])
             elif old["running"] and gone and not set(old["_pids"]) & set(new["_pids"]):
@@ -537,6 +578,9 @@ class ProductsCollector(Collector):
             changed = sorted(c for c in oc.keys() | nc.keys() if oc.get(c) != nc.get(c))
             if changed:
                 add("config_changed", "changed: " + ", ".join(changed), paths=tuple(changed))
+            if new["active_state"] == "failed" and old["active_state"] != "failed" and not new["running"] \
+                    and not old["running"]:
+                add("failed", new["state_reason"])
             ou, nu = old["unit_file_state"], new["unit_file_state"]
             if ou != nu and nu in ("masked", "disabled", "enabled") and ou:
                 add(nu, f"{new['unit']} is now {nu} (was {ou})")
@@ -619,7 +663,7 @@ class ProductsCollector(Collector):
     async def _attributed(self, change: Change) -> dict:
         deadline = time.monotonic() + ACTOR_WAIT_S
         # A stop waits for its process's exit row (how it ended), then for its actor.
-        ending = change.change == "stopped" and change.target_pid
+        ending = change.change in ("stopped", "failed") and change.target_pid
         while ending and change.target_pid not in self._exits and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if ending:
@@ -719,7 +763,7 @@ def _installed(f: dict) -> bool:
 def _systemd_status() -> str:
     """Whether unit states can come from systemd; say why not when they cannot."""
     if os.path.isdir("/run/systemd/system"):
-        return "systemd runs: unit states from unit files and processes (D-Bus PropertiesChanged not wired yet)"
+        return "systemd runs: connecting to its D-Bus API"
     try:
         with open("/proc/1/comm") as f:
             init = f.read().strip()
