@@ -749,3 +749,36 @@ def test_unit_states_from_systemd_over_dbus(session_bus, tmp_path):
 
     rows = asyncio.run(scenario())
     assert [r["change"] for r in rows] == ["failed", "masked", "enabled"]
+
+
+def test_reload_adds_a_catalogue_entry_and_watches_its_directory(workdir):
+    """SIGHUP with a new security_products entry: its row appears, and a change
+    of its binary (in a directory nothing watched before) is seen at once."""
+    import signal as signals
+    cfg = Path(workdir, "vajra.conf")
+    cfg.write_text(json.dumps({"options": {"security_products_reconcile_interval": 3600}}))
+    d = Daemon(workdir, f"--config_path={cfg}", "--enable_bpf_events=false").start()
+    try:
+        rows = {r["name"] for r in d.call("table/read", {"table": "security_products"})["rows"]}
+        assert "late-product" not in rows
+        folder = tempfile.mkdtemp(dir=workdir)
+        tool = os.path.join(folder, "late-tool")
+        shutil.copy("/bin/true", tool)
+        cfg.write_text(json.dumps({"options": {"security_products_reconcile_interval": 3600}, "security_products": [
+            {"name": "late-product", "vendor": "tests", "type": "hids", "binaries": [tool]}]}))
+        d.proc.send_signal(signals.SIGHUP)
+        deadline = time.monotonic() + 20
+        while True:
+            rows = {r["name"]: r for r in d.call("table/read", {"table": "security_products"})["rows"]}
+            if "late-product" in rows or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert rows["late-product"]["binary_sha256"] == sha256(tool)
+        shutil.copy("/bin/false", tool)
+        deadline = time.monotonic() + 20
+        while rows["late-product"]["binary_sha256"] != sha256("/bin/false"):
+            assert time.monotonic() < deadline, "the reconcile pass is an hour away: inotify must have seen it"
+            time.sleep(0.1)
+            rows = {r["name"]: r for r in d.call("table/read", {"table": "security_products"})["rows"]}
+    finally:
+        d.stop()

@@ -162,8 +162,9 @@ class ProductsCollector(Collector):
         self._tasks: list[asyncio.Task] = []
         self._pending: set[asyncio.Task] = set()
         self._emissions: asyncio.Queue[asyncio.Task] = asyncio.Queue()
-        self._inotify_fd = None
         self._notifier = None
+        self._wm = None
+        self._mask = 0
         self._own_expected: int | None = None
         self._own_pid = os.getpid()
         self.rounds = 0
@@ -264,9 +265,17 @@ class ProductsCollector(Collector):
                 self._want(refresh_health=False)
 
         self._notifier = pyinotify.AsyncioNotifier(wm, asyncio.get_running_loop(), default_proc_fun=on_event)
-        dirs = [d for d in self._watch_names if os.path.isdir(d)]
+        self._wm, self._mask = wm, mask
+        self._watch_dirs()
+
+    def _watch_dirs(self) -> None:
+        """Adds watches for the catalogue's directories not watched yet (at start, on reload)."""
+        if self._wm is None:
+            return
+        watched = set(self._wm.watches[wd].path for wd in list(self._wm.watches))
+        dirs = [d for d in self._watch_names if os.path.isdir(d) and d not in watched]
         if dirs:
-            wm.add_watch(dirs, mask, quiet=True)
+            self._wm.add_watch(dirs, self._mask, quiet=True)
 
     def reconfigure(self, config) -> None:
         from vajrad.collectors.products.catalogue import merged
@@ -274,6 +283,7 @@ class ProductsCollector(Collector):
         self.reconcile_s = config.security_products_reconcile_interval
         self._health.clear()
         self._index()
+        self._watch_dirs()
         self._want(refresh_health=True)
 
     # --- surfaces ---------------------------------------------------------------------
