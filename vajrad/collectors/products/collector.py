@@ -312,12 +312,10 @@ class ProductsCollector(Collector):
             for row in rows:
                 path = row.get("file_path") or row.get("target_path")
                 dest = row.get("dest_path")
-                if path is None:
-                    continue
-                row = dict(row, _ns=time.monotonic_ns())
-                self._recent_files.append(row)
+                # only calls on the catalogue's paths are kept: FIM can be busy elsewhere
                 if any(os.path.basename(p) in self._watch_names.get(os.path.dirname(p), ())
                        for p in (path, dest) if p):
+                    self._recent_files.append(dict(row, _ns=time.monotonic_ns()))
                     self._want(refresh_health=False)
 
     def _observe_process(self, row: dict) -> None:
@@ -334,6 +332,8 @@ class ProductsCollector(Collector):
             if base in TAMPER_TOOLS or path.startswith("/etc/init.d/") or _script_tool(entry["cmdline"]):
                 self._recent_execs.append(entry)
                 self._tamper_pids[pid] = entry
+                while len(self._tamper_pids) > RECENT_MAX:     # exits we never saw
+                    del self._tamper_pids[next(iter(self._tamper_pids))]
             if path in self._by_exe:
                 self._product_pids[pid] = self._by_exe[path]
                 self._want(refresh_health=False)
