@@ -344,6 +344,35 @@ def test_kill_9_of_a_product_process_names_the_killer(products):
         proc.wait()
 
 
+def test_kill_9_of_real_clamd_names_the_killer(products, tmp_path):
+    """The real clamd from Debian, started by the test on a one-signature
+    database of its own (Debian ships none and freshclam cannot reach the
+    network here), killed with kill -9."""
+    if subprocess.run(["pgrep", "-x", "clamd"], capture_output=True).returncode == 0:
+        pytest.skip("a clamd already runs: the test does not kill one it did not start")
+    os.chmod(tmp_path, 0o755)
+    (tmp_path / "vajra.hdb").write_text("44d88612fea8a8f36de82e1278abb02f:68:Vajra.Test.EICAR\n")
+    conf = tmp_path / "clamd.conf"
+    conf.write_text(f"DatabaseDirectory {tmp_path}\nLocalSocket {tmp_path}/clamd.sock\nForeground yes\n"
+                    f"LogFile {tmp_path}/clamd.log\nUser root\n")
+    clamd = subprocess.Popen(["/usr/sbin/clamd", "-c", str(conf)])
+    try:
+        row = products.row_when("clamd", lambda r: r["running"] == 1 and r["pid"] == clamd.pid, timeout=60)
+        signatures = any(os.path.exists(f"/var/lib/clamav/daily.{x}") for x in ("cvd", "cld"))
+        if not signatures:       # running, but its signature databases are not where the catalogue says
+            assert row["state"] == "degraded" and "no signature database" in row["state_reason"]
+        killer = sh(f"exec /usr/bin/kill -9 {clamd.pid}")
+        clamd.wait()
+        ev = products.events(lambda e: e["name"] == "clamd" and e["change"] == "stopped"
+                             and e["target_pid"] == clamd.pid)[0]
+        assert ev["new_state"] == "stopped" and ev["signal"] == 9
+        assert ev["actor_source"] == "signal" and ev["pid"] == killer and ev["path"] == "/usr/bin/kill"
+    finally:
+        if clamd.poll() is None:
+            clamd.kill()
+            clamd.wait()
+
+
 def test_flapping_product_gives_both_events_in_order(products):
     first = subprocess.Popen([products.sleeper, "1000"])
     products.row_when("test-daemon", lambda r: r["pid"] == first.pid)
