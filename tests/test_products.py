@@ -167,6 +167,8 @@ class Products:
         shutil.copy("/bin/sleep", self.sleeper)
         self.tool = os.path.join(self.bin, "vajra-testtool")
         shutil.copy("/bin/true", self.tool)
+        self.tool_conf = os.path.join(self.bin, "vajra-testtool.conf")
+        Path(self.tool_conf).write_text("enabled = yes\n")
         self.netns = f"vajra-products-{os.getpid()}"
         subprocess.run(["ip", "netns", "add", self.netns], check=True)
         self.nft("add table inet vajra_test")
@@ -178,7 +180,8 @@ class Products:
         cfg = {"options": {}, "file_paths": {"products": [self.bin + "/%%"]}, "security_products": [
             {"name": "test-daemon", "vendor": "tests", "type": "edr", "executables": [self.sleeper],
              "needs_process": True},
-            {"name": "test-binary", "vendor": "tests", "type": "hids", "binaries": [self.tool]},
+            {"name": "test-binary", "vendor": "tests", "type": "hids", "binaries": [self.tool],
+             "configs": [self.tool_conf]},
             {"name": "test-firewall", "vendor": "tests", "type": "firewall", "binaries": ["/usr/sbin/nft"],
              "health": {"command": ["ip", "netns", "exec", self.netns, "nft", "-j", "list", "ruleset"],
                         "timeout": 10, "parser": "nft_ruleset"}},
@@ -423,6 +426,24 @@ def test_overwrite_of_a_watched_binary_names_the_writer(products):
     assert sha256(products.tool) == sha256("/bin/false") != before["binary_sha256"]
     assert ev["actor_source"] == "file" and ev["pid"] == writer and ev["path"] == "/usr/bin/cp"
     assert products.rows()["test-binary"]["binary_sha256"] == sha256("/bin/false")
+
+
+def test_config_change_names_the_writer(products):
+    products.row_when("test-binary", lambda r: products.tool_conf in r["details"])
+    writer = sh(f"exec /usr/bin/cp /etc/hostname {products.tool_conf}")
+    ev = products.events(lambda e: e["name"] == "test-binary" and e["change"] == "config_changed")[0]
+    assert products.tool_conf in ev["reason"] and ev["severity"] == "medium"
+    assert ev["actor_source"] == "file" and ev["pid"] == writer and ev["path"] == "/usr/bin/cp"
+
+
+def test_signatures_going_out_of_date(products):
+    products.row_when("test-signatures", lambda r: r["signatures_up_to_date"] == 1)
+    old = int(time.time()) - 3 * 86400
+    clamav_header_file(Path(products.sigdir, "daily.cld"), old, 26999)
+    ev = products.events(lambda e: e["name"] == "test-signatures" and e["change"] == "signatures_out_of_date")[0]
+    assert ev["old_state"] == "protecting" and ev["new_state"] == "degraded" and "h old" in ev["reason"]
+    row = products.rows()["test-signatures"]
+    assert (row["signatures_version"], row["signatures_time"], row["signatures_up_to_date"]) == ("26999", old, 0)
 
 
 def test_nft_flush_ruleset_in_a_namespace_names_nft(products):
