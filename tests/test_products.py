@@ -832,3 +832,32 @@ def test_reload_adds_a_catalogue_entry_and_watches_its_directory(workdir):
             rows = {r["name"]: r for r in d.call("table/read", {"table": "security_products"})["rows"]}
     finally:
         d.stop()
+
+
+def test_a_change_found_just_before_stop_is_written(workdir):
+    """SIGTERM while a change waits for its actor: the row is still stored."""
+    tool = os.path.join(workdir, "stop-tool")
+    shutil.copy("/bin/true", tool)
+    cfg = Path(workdir, "vajra.conf")
+    cfg.write_text(json.dumps({"options": {}, "security_products": [
+        {"name": "stop-product", "vendor": "tests", "type": "hids", "binaries": [tool]}]}))
+    d = Daemon(workdir, f"--config_path={cfg}", "--enable_bpf_events=false").start()
+    try:
+        deadline = time.monotonic() + 20
+        while not any(r["name"] == "stop-product" and r["binary_sha256"]
+                      for r in d.call("table/read", {"table": "security_products"})["rows"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        shutil.copy("/bin/false", tool)
+        # the round that finds it runs within ~0.1 s; its row waits 1.5 s for an actor that never comes
+        deadline = time.monotonic() + 20
+        while d.call("status")["collectors"]["products"]["rounds"] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert d.stop() == 0
+    finally:
+        d.stop()
+    import sqlite3
+    db = sqlite3.connect(d.database)
+    rows = db.execute("SELECT name, change, actor_found FROM security_product_events").fetchall()
+    assert ("stop-product", "binary_replaced", 0) in rows

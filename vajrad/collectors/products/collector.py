@@ -46,6 +46,7 @@ DEBOUNCE_S = 0.05
 ACTOR_WINDOW_NS = 30_000_000_000     # how far back a cause may lie
 ACTOR_WAIT_S = 1.5                   # how long a change waits for its cause to be committed
 SENDER_WAIT_S = 0.6                  # how long a signal's sender waits for its exec row
+STOP_DRAIN_S = 3.0                   # how long stop() waits for found changes to be written
 RECENT_MAX = 2048
 HASH_CACHE = 512
 UNIT_DIRS = ("/etc/systemd/system", "/run/systemd/system", "/lib/systemd/system", "/usr/lib/systemd/system")
@@ -167,6 +168,7 @@ class ProductsCollector(Collector):
         self._mask = 0
         self._own_expected: int | None = None
         self._own_pid = os.getpid()
+        self._stopping = False
         self.rounds = 0
         self.health_runs = 0
         self.last_round_ms = 0.0
@@ -234,9 +236,22 @@ class ProductsCollector(Collector):
         if self._systemd is not None:
             self._systemd.close()
             self._systemd = None
-        for task in self._tasks + list(self._pending):
+        # Changes already found are written: their actor searches end now,
+        # and the rows go to the store before the end of the stream.
+        self._stopping = True
+        rounds, emitter = self._tasks[:2], self._tasks[2:]
+        for task in rounds:
             task.cancel()
-        await asyncio.gather(*self._tasks, *self._pending, return_exceptions=True)
+        await asyncio.gather(*rounds, return_exceptions=True)
+        if emitter:
+            try:
+                await asyncio.wait_for(self._emissions.join(), STOP_DRAIN_S)
+            except asyncio.TimeoutError:
+                self.dropped += self._emissions.qsize()
+                log.error("security products: %d changes not written at stop", self._emissions.qsize())
+        for task in emitter + list(self._pending):
+            task.cancel()
+        await asyncio.gather(*emitter, *self._pending, return_exceptions=True)
         self._tasks = []
         if self._notifier is not None:
             self._notifier.stop()
@@ -666,22 +681,27 @@ class ProductsCollector(Collector):
                 row = await task
             except Exception as e:         # a failed attribution must not stop the others
                 log.error("security products: attribution failed: %r", e, exc_info=e)
+                self.dropped += 1
                 continue
-            self.captured += 1
-            self._enqueue((EVENTS, [row]))
+            else:
+                self.captured += 1
+                self._enqueue((EVENTS, [row]))
+            finally:
+                self._emissions.task_done()
 
     async def _attributed(self, change: Change) -> dict:
         deadline = time.monotonic() + ACTOR_WAIT_S
         # A stop waits for its process's exit row (how it ended), then for its actor.
         ending = change.change in ("stopped", "failed") and change.target_pid
-        while ending and change.target_pid not in self._exits and time.monotonic() < deadline:
+        while ending and change.target_pid not in self._exits and time.monotonic() < deadline \
+                and not self._stopping:
             await asyncio.sleep(0.05)
         if ending:
             change.signal = self._exits.get(change.target_pid, 0)
             change.reason += (f": its process {change.target_pid} was killed by signal {change.signal}"
                               if change.signal else f": its process {change.target_pid} exited")
         actor = change.actor or self._find_actor(change)
-        while actor is None and time.monotonic() < deadline:
+        while actor is None and time.monotonic() < deadline and not self._stopping:
             await asyncio.sleep(0.1)
             actor = self._find_actor(change)
         values = dict(name=change.product, type=change.type, change=change.change, old_state=change.old_state,
@@ -692,7 +712,7 @@ class ProductsCollector(Collector):
             # signal record arrives: a short-lived `kill` is known only by it
             sig = actor[1]
             wait_until = time.monotonic() + SENDER_WAIT_S
-            while sig.sender not in self._exec_by_pid and time.monotonic() < wait_until:
+            while sig.sender not in self._exec_by_pid and time.monotonic() < wait_until and not self._stopping:
                 await asyncio.sleep(0.05)
             actor = ("signal", self._sender(sig))
         if actor is None:
