@@ -144,6 +144,8 @@ class ProductsCollector(Collector):
         self._rows: dict[str, dict] = {}
         self._previous: dict[str, dict] = {}     # name -> facts of the last round
         self._health = cachetools.TTLCache(maxsize=256, ttl=max(1.0, reconcile_s))
+        self._health_last: dict[str, health.Verdict] = {}     # shown while a new run is under way
+        self._health_running: dict[str, asyncio.Task] = {}
         self._hashes = cachetools.LRUCache(maxsize=HASH_CACHE)
         self._recent_execs: deque[dict] = deque(maxlen=RECENT_MAX)
         self._exec_by_pid = cachetools.LRUCache(maxsize=RECENT_MAX * 2)   # every exec: signal senders
@@ -388,7 +390,7 @@ class ProductsCollector(Collector):
         if refresh_health:
             self._health.clear()
         facts = await asyncio.to_thread(self._static_facts)
-        verdicts = await self._health_verdicts(facts)
+        verdicts = await self._health_verdicts(facts, wait=baseline)
         now = int(time.time())
         changes: list[Change] = []
         rows: dict[str, dict] = {}
@@ -471,10 +473,13 @@ class ProductsCollector(Collector):
             digest = self._hashes[key] = h.hexdigest()
         return digest
 
-    async def _health_verdicts(self, facts: dict[str, dict]) -> dict[str, health.Verdict]:
-        """Health verdicts of installed products whose process runs (or needs none);
-        cached until the next reconcile or tamper command."""
-        out, todo = {}, []
+    async def _health_verdicts(self, facts: dict[str, dict], wait: bool) -> dict[str, health.Verdict]:
+        """Health verdicts of installed products whose process runs (or needs
+        none), cached until the next reconcile or tamper command. A command
+        that must run again runs in the background: the round goes on with
+        its last verdict (a slow or hung command delays nothing else), and its
+        result starts a new round. wait: run them now (the first round)."""
+        out, launched = {}, []
         for name, f in facts.items():
             p = f.get("product")
             if p is None or p.health is None or not _installed(f) or (p.needs_process and not f["pids"]):
@@ -482,14 +487,30 @@ class ProductsCollector(Collector):
             cached = self._health.get(name)
             if cached is not None:
                 out[name] = cached
-            else:
-                todo.append(name)
-        if todo:
-            self.health_runs += len(todo)
-            results = await asyncio.gather(*(health.run(facts[n]["product"].health) for n in todo))
-            for name, verdict in zip(todo, results):
-                self._health[name] = out[name] = verdict
+                continue
+            if name not in self._health_running:
+                task = asyncio.create_task(self._run_health(name, p.health))
+                self._health_running[name] = task
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
+                launched.append(task)
+            if name in self._health_last:
+                out[name] = self._health_last[name]
+        if wait and launched:
+            await asyncio.gather(*launched)
+            for name in facts:
+                if name in self._health:
+                    out[name] = self._health[name]
         return out
+
+    async def _run_health(self, name: str, check) -> None:
+        self.health_runs += 1
+        try:
+            verdict = await health.run(check)
+        finally:
+            self._health_running.pop(name, None)
+        self._health[name] = self._health_last[name] = verdict
+        self._want(refresh_health=False)
 
     def _product_row(self, f: dict, verdict: health.Verdict | None, now: int) -> dict:
         p: Product = f["product"]
