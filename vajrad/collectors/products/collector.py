@@ -790,9 +790,6 @@ def _script_tool(cmdline: str) -> bool:
 def _causes(exec_row: dict, change: Change) -> bool:
     """Whether this command could have caused the change: it names the
     product (or the target pid), or it is a tool whose effect is that change."""
-    if change.change in ("started", "installed", "enabled", "recovered"):
-        # causes of a restoration are reported the same way
-        pass
     if change.change in TAMPER_TOOLS.get(exec_row["tool"], ()):
         return True
     args = exec_row["cmdline"].split()[1:]
