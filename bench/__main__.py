@@ -1,4 +1,4 @@
-"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|all]`: each bench prints JSON
+"""`make bench [exec|ancestry|socket|fim|products|osquery|all|NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
 import crash_bench  # noqa: E402
 import logs_bench  # noqa: E402
+import products_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "products", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -47,6 +48,8 @@ def main() -> int:
     p.add_argument("--log-size", type=int, default=200, help="logs: bytes per line")
     p.add_argument("--log-duration", type=float, default=30, help="logs: seconds of writing")
     p.add_argument("--log-rotate-every", type=float, default=5, help="logs: seconds between rename rotations")
+    p.add_argument("--products-idle", type=float, default=20, help="products: seconds of idle per configuration")
+    p.add_argument("--products-tampers", type=int, default=20, help="products: kill -9 tampers timed")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -64,6 +67,8 @@ def main() -> int:
         results["crash"] = crash_bench.run(args)
     if args.which in ("logs", "all"):
         results["logs"] = logs_bench.run(args)
+    if args.which in ("products", "all"):
+        results["products"] = products_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

@@ -193,6 +193,32 @@ def cmd_query(client: VajraClient, args) -> int:
     return 0
 
 
+PRODUCT_COLUMNS = ("name", "type", "installed", "version", "running", "pid", "state", "state_reason")
+
+
+def cmd_products(client: VajraClient, args) -> int:
+    """security_products, readable: one line per product, not-installed ones
+    only with --all; kernel facts last."""
+    rows = client.call("table/read", {"table": "security_products"})["rows"]
+    if not args.all:
+        rows = [r for r in rows if r["state"] != "not_installed" or r["name"].startswith("kernel-")]
+    rows.sort(key=lambda r: (r["name"].startswith("kernel-"), r["name"]))
+    if args.json:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+        return 0
+    shown = [[printable("" if r.get(c) is None else r.get(c)) for c in PRODUCT_COLUMNS] for r in rows]
+    headers = [c.upper() for c in PRODUCT_COLUMNS]
+    widths = [max([len(h)] + [len(v) for v in col]) for h, col in zip(headers, zip(*shown))] if shown \
+        else [len(h) for h in headers]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip())
+    for values in shown:
+        print("  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip())
+    if not args.all:
+        print("(products not installed are left out: --all shows them)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vajractl", description="Query a running vajrad.")
     p.add_argument("--socket", help="vajrad's API socket (default: $VAJRA_SOCKET or /run/vajra/vajra.sock)")
@@ -215,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eid", type=int, help="a bpf_process_events row instead of a running process")
     t.add_argument("--json", action="store_true", help="the ancestry array itself")
     t.set_defaults(func=cmd_tree)
+    pr = sub.add_parser("products", help="security products and kernel protections, and their state")
+    pr.add_argument("--json", action="store_true", help="one JSON object per row (security_products)")
+    pr.add_argument("--all", action="store_true", help="also the catalogue's products that are not installed")
+    pr.set_defaults(func=cmd_products)
     q = sub.add_parser("query", help="read-only SQL over the local event store (no osquery needed)")
     q.add_argument("sql")
     q.add_argument("--database", help="the store (default: the running vajrad's, else /var/lib/vajra/events.db)")

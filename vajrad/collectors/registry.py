@@ -1,6 +1,6 @@
 """Every collector unit vajrad can run, in start-up order. Adding a unit is
 one line here (its declaration lives in its own package)."""
-from vajrad.collectors import fim, logs, process, socket
+from vajrad.collectors import fim, logs, process, products, socket
 from vajrad.config import Catalogue
 from vajrad.units import Unit
 
@@ -10,6 +10,7 @@ UNITS: tuple[Unit, ...] = (
     fim.BPF_FILE_EVENTS,
     fim.FILE_EVENTS,
     logs.UNIT,
+    products.UNIT,
 )
 
 # Every option and config section: the daemon's own and the units'.
