@@ -1,4 +1,4 @@
-"""`make bench [exec|ancestry|socket|fim|products|osquery|all|NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|all]`: each bench prints JSON
+"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|products|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
