@@ -242,7 +242,10 @@ def test_stop_is_clean(box, installed):
     s = service(box)
     assert s["ActiveState"] == "inactive" and s["Result"] == "success" and s["ExecMainStatus"] == "0", s
     journal = box.journal("vajrad", since_cursor=cursor)
-    assert "stopping" in journal and "event store flushed" in journal, journal
+    # STOPPING=1 and the order of the way down are checked outside the
+    # container (test_lifecycle.py); here: systemd saw a clean exit and the
+    # store was flushed before it.
+    assert "event store flushed" in journal, journal
     assert "SIGKILL" not in journal and "timed out" not in journal.lower(), journal
 
 
