@@ -176,7 +176,10 @@ def test_every_failed_exec_is_recorded(bpf_daemon, workdir):
         rows = rows_of(bpf_daemon, lambda e, p=path: e["path"] == p and e["exit_code"] != "0")
         assert [r["exit_code"] for r in rows] == [str(-err)], path
         assert rows[0]["syscall"] == "exec" and json.loads(rows[0]["json_cmdline"]) == [path]
-    [big] = rows_of(bpf_daemon, lambda e: e["exit_code"] == str(-errno.E2BIG) and f"e2big-{tag}" in e["cmdline"])
+    bigs = rows_of(bpf_daemon, lambda e: e["exit_code"] == str(-errno.E2BIG) and f"e2big-{tag}" in e["cmdline"])
+    # On failure, say whether the daemon lost events or never saw this one.
+    assert len(bigs) == 1, (bigs, bpf_daemon.call("status")["events"])
+    [big] = bigs
     assert big["path"] == "/bin/true" and big["probe_error"] & 1     # argv cut, and flagged
     relative = subprocess.run([sys.executable, "-c", "import os\ntry: os.execv('./nope-%s', ['x'])\n"
                                "except OSError: pass" % tag], cwd=workdir)
