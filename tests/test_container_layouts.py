@@ -104,7 +104,7 @@ def test_resolver_and_late_fill():
     host_row = [1, *HOST, 5]
     held_row = [2, *values, 6]
     dict_row = dict(zip(columns, [3, *values, 7]))
-    assert fill.hold([held_row, host_row, dict_row], [True, False, True]) == []    # order kept
+    assert fill.hold([held_row, host_row, dict_row]) == []    # order kept
     assert fill.held == 3
     resolver.learn(ContainerInfo(ID, "podman", name="web", image="localhost/img:1", complete=True,
                                  labels={"io.kubernetes.pod.name": "p", "io.kubernetes.pod.namespace": "ns",
@@ -128,7 +128,7 @@ def test_fill_times_out_with_the_id_alone():
                                     "pod_name", "pod_namespace", "pod_uid"))
     row = list(values)
     assert not complete
-    out = fill.hold([row], [True])
+    out = fill.hold([row])
     out += fill.release(final=True)
     assert out == [[ID, "", "", "docker", "", "", ""]]
     assert resolver.fill_timeouts == 1

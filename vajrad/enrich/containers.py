@@ -368,17 +368,25 @@ class ContainerFill:
             raise ValueError("container columns must follow each other in CONTAINER_FIELDS order")
         self._held: deque[tuple[int, object]] = deque()
 
-    def row_values(self, cgroup_id: int, pid: int = 0) -> tuple[tuple, bool]:
-        return self.resolver.lookup(cgroup_id, pid)
-
-    def hold(self, rows: list, pending: list[bool]) -> list:
-        """rows with, for each, whether its metadata is still due; returns
-        the rows that may go now."""
-        held = self._held
+    def hold(self, rows: list, final: bool = False) -> list:
+        """Takes a batch of rows (lists in column order, or dicts) and returns
+        the rows that may go now, in order."""
+        held, first, resolver = self._held, self.first, self.resolver
         now = time.monotonic_ns()
-        for row, due in zip(rows, pending):
-            held.append((now if due else 0, row))
-        return self.release()
+        for row in rows:
+            if isinstance(row, list):
+                cid, name = row[first], row[first + 1]
+            else:
+                cid, name = row.get("container_id"), row.get("container_name")
+            since = 0
+            if cid and not name:
+                known = resolver.by_id(cid)
+                if known is None or not known[1]:
+                    since = now
+                else:
+                    self._put(row, known[0])
+            held.append((since, row))
+        return self.release(final)
 
     def release(self, final: bool = False) -> list:
         held, out = self._held, []
