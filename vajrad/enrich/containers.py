@@ -139,6 +139,9 @@ class CgroupMap:
         self.paths: dict[int, str] = {}
         self.removed: TTLCache = TTLCache(REMOVED_MAX, REMOVED_TTL_S)
         self.walked = 0
+        # Set by the containers collector: waits (briefly) until its thread
+        # has drained the cgroup records made so far.
+        self.catch_up = lambda: None
         self.created = 0
         self.deleted = 0
 
@@ -259,12 +262,18 @@ class ContainerResolver:
         return self._resolve(cgroup_id, pid)
 
     def _resolve(self, cgroup_id: int, pid: int) -> tuple[tuple, bool]:
-        path = self.cgroups.path(cgroup_id) if not self.v1_fallback else self._v1_path(pid)
+        if self.v1_fallback:
+            path = self._v1_path(pid)
+        else:
+            path = self.cgroups.path(cgroup_id)
+            if path is None:        # made a moment ago, and its record not drained yet?
+                self.cgroups.catch_up()
+                path = self.cgroups.path(cgroup_id)
         if path is None:
-            # Not in the map: created before the walk saw it and after the
-            # tracepoint was attached cannot happen, so this is a cgroup we
-            # could not stat; look once more, then call it the host's.
+            # Not in the map even after a drain: a cgroup the walk could not
+            # stat, or a v1 hierarchy's id. Counted, and taken as the host's.
             self.unresolved_cgroups += 1
+            self._by_cgroup[cgroup_id] = (HOST, True)
             return HOST, True
         found = parse_cgroup_path(path)
         if found is None:
@@ -285,6 +294,8 @@ class ContainerResolver:
             if ask and self.wanted is not None:
                 self.wanted(found.container_id, found.runtime)
         if not self.v1_fallback:
+            if len(self._by_cgroup) > REMOVED_MAX:
+                self._by_cgroup = {}
             self._by_cgroup[cgroup_id] = answer
         return answer
 
