@@ -104,13 +104,13 @@ def test_resolver_and_late_fill():
     host_row = [1, *HOST, 5]
     held_row = [2, *values, 6]
     dict_row = dict(zip(columns, [3, *values, 7]))
-    assert fill.hold([held_row, host_row, dict_row]) == []    # order kept
-    assert fill.held == 3
+    assert fill.hold([held_row, host_row, dict_row]) == [host_row]    # the host's row never waits
+    assert fill.held == 2
     resolver.learn(ContainerInfo(ID, "podman", name="web", image="localhost/img:1", complete=True,
                                  labels={"io.kubernetes.pod.name": "p", "io.kubernetes.pod.namespace": "ns",
                                          "io.kubernetes.pod.uid": UID}))
     out = fill.release()
-    assert [r[0] if isinstance(r, list) else r["pid"] for r in out] == [2, 1, 3]
+    assert [r[0] if isinstance(r, list) else r["pid"] for r in out] == [2, 3]
     assert held_row[1:8] == [ID, "web", "localhost/img:1", "podman", "p", "ns", UID]
     assert dict_row["container_name"] == "web" and dict_row["pod_uid"] == UID
     assert host_row[1:8] == list(HOST)

@@ -20,6 +20,7 @@ import uuid
 import pytest
 
 from conftest import needs_bpf, needs_root
+from harness import unique_program
 
 pytestmark = [needs_bpf, needs_root]
 
@@ -197,3 +198,92 @@ def test_kubelet_labels_give_pod_columns(daemon, runtime):
     mid = runtime.inspect(member)["Id"]
     row = daemon.wait_events(execs_in(mid), timeout=20)[0]
     assert (row["container_name"], row["pod_name"], row["pod_uid"]) == (member, pod, pod_id)
+
+
+def test_socket_and_file_rows_of_a_long_running_container(daemon_factory, runtime, workdir):
+    """A container that keeps running: its connect and its writes to a watched
+    file carry it too, and it is in `containers` while it runs."""
+    watched = os.path.join(workdir, "shared")
+    os.mkdir(watched)
+    config = os.path.join(workdir, "vajra-fim.conf")
+    with open(config, "w") as f:
+        json.dump({"options": {}, "file_paths": {"shared": [watched + "/%%"]}}, f)
+    d = daemon_factory(f"--podman_socket={runtime.socket}", "--docker_socket=", f"--config_path={config}")
+    wait_connected(d)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        name = runtime.name("long")
+        # Paths in rows are as the process sees them (its mount namespace):
+        # the directory is mounted at the same path inside.
+        script = f"while true; do touch {watched}/beat; echo hi | nc -w 1 127.0.0.1 {port}; sleep 0.2; done"
+        podman("run", "-d", "--network=host", "-v", f"{watched}:{watched}", "--name", name, *LIMITS, IMAGE,
+               "/bin/sh", "-c", script)
+        cid = runtime.inspect(name)["Id"]
+        conns = d.wait_events(lambda e: e["syscall"] == "connect" and e["remote_port"] == port
+                              and e["container_id"] == cid, table="bpf_socket_events", timeout=20)
+        assert conns, "no connect row carries the container"
+        assert (conns[0]["container_name"], conns[0]["container_image"], conns[0]["container_runtime"]) == \
+            (name, IMAGE, "podman")
+        files = d.wait_events(lambda e: e["file_path"] == os.path.join(watched, "beat") and e["container_id"] == cid,
+                              table="bpf_file_events", timeout=20)
+        assert files, [(e["file_path"], e["container_id"][:12], e["syscall"]) for e in
+                       d.wait_events(lambda e: True, table="bpf_file_events", timeout=1)][:10]
+        assert files[0]["container_name"] == name and files[0]["pid_namespace"] != \
+            os.stat("/proc/self/ns/pid").st_ino
+        live = [r for r in d.call("table/read", {"table": "containers"})["rows"] if r["id"] == cid]
+        assert live and live[0]["name"] == name and live[0]["state"] == "running" and live[0]["cgroup_id"] == \
+            conns[0]["cid"]
+        podman("rm", "-f", "-t", "0", name)
+    events = d.wait_events(lambda e: e["container_id"] == cid and e["action"] == "delete",
+                           table="container_events", timeout=20)
+    assert events and events[0]["container_name"] == name
+    actions = [e["action"] for e in d.wait_events(lambda e: e["container_id"] == cid, table="container_events")]
+    assert {"create", "start", "die", "delete"} <= set(actions), actions
+
+
+def test_runtime_away_rows_flow_and_are_filled_when_it_returns(daemon_factory, runtime, workdir):
+    """With podman's API service stopped, a container's exec row waits for its
+    metadata while other rows keep flowing; when the service is back, the row
+    is stored with name and image filled."""
+    d = daemon_factory(f"--podman_socket={runtime.socket}", "--docker_socket=", "--container_fill_wait_ms=60000")
+    wait_connected(d)
+    runtime.stop_service()
+    try:
+        name = runtime.name("late")
+        podman("run", "--name", name, *LIMITS, IMAGE, "/bin/true")
+        cid = runtime.inspect(name)["Id"]
+        marker = unique_program(workdir, f"vajra-marker-{uuid.uuid4().hex[:8]}")
+        subprocess.run([marker], check=True)
+        assert d.wait_events(lambda e: e["path"] == marker and e["syscall"] == "exec"), "host rows stopped flowing"
+        assert not d.wait_events(execs_in(cid), timeout=1), "stored before its metadata came"
+        assert d.call("status")["collectors"]["containers"]["runtimes"]["podman"]["connected"] is False
+    finally:
+        runtime.start_service()
+    row = d.wait_events(execs_in(cid), timeout=30)[0]
+    assert (row["container_name"], row["container_image"]) == (name, IMAGE)
+    assert d.call("status")["collectors"]["containers"]["rows_filled_late"] >= 1
+
+
+def test_runtime_away_past_the_bound_stores_the_id_alone(daemon_factory, runtime):
+    d = daemon_factory(f"--podman_socket={runtime.socket}", "--docker_socket=", "--container_fill_wait_ms=300")
+    wait_connected(d)
+    runtime.stop_service()
+    try:
+        name = runtime.name("timeout")
+        podman("run", "--name", name, *LIMITS, IMAGE, "/bin/true")
+        cid = runtime.inspect(name)["Id"]
+        row = d.wait_events(execs_in(cid), timeout=20)[0]
+        assert (row["container_id"], row["container_runtime"], row["container_name"]) == (cid, "podman", "")
+        assert d.call("status")["collectors"]["containers"]["fill_timeouts"] >= 1
+    finally:
+        runtime.start_service()
+    # Back: the container is known by name from then on.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        live = [r for r in d.call("table/read", {"table": "containers"})["rows"] if r["id"] == cid]
+        if live and live[0]["name"] == name:
+            break
+        time.sleep(0.2)
+    assert live and live[0]["name"] == name and live[0]["image"] == IMAGE

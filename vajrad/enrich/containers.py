@@ -364,64 +364,65 @@ class ContainerResolver:
 
 
 class ContainerFill:
-    """The hold between a collector's rows and its delivery: rows of a
-    container whose name and image are not known yet wait, in order, until
-    they are (then they are filled) or for at most the resolver's
-    fill_wait; a row that times out is delivered with the id alone, and
-    counted. Rows behind a held row wait with it, so a table's rows keep
-    their order. Runs on one collector's polling thread."""
+    """The hold between a collector's rows and their delivery: a row of a
+    container whose name and image are not known yet waits until they are
+    (then it is filled) or for at most the resolver's fill_wait; one that
+    times out is delivered with the container id alone, and counted. Other
+    rows never wait for it: a held row is stored when it goes, so its eid may
+    come after those of later events (its time and ntime are its own). Runs
+    on one collector's polling thread."""
 
     def __init__(self, resolver: ContainerResolver, columns: tuple[str, ...]):
         self.resolver = resolver
-        self.dict_keys = CONTAINER_FIELDS
         self.first = columns.index("container_id")
         if columns[self.first:self.first + len(CONTAINER_FIELDS)] != CONTAINER_FIELDS:
             raise ValueError("container columns must follow each other in CONTAINER_FIELDS order")
-        self._held: deque[tuple[int, object]] = deque()
+        self._held: list[tuple[int, object]] = []
 
     def hold(self, rows: list, final: bool = False) -> list:
         """Takes a batch of rows (lists in column order, or dicts) and returns
-        the rows that may go now, in order."""
-        held, first, resolver = self._held, self.first, self.resolver
+        the rows that may go now: those not waiting, then those released."""
+        first, resolver = self.first, self.resolver
         now = time.monotonic_ns()
+        out = []
         for row in rows:
             if isinstance(row, list):
                 cid, name = row[first], row[first + 1]
             else:
                 cid, name = row.get("container_id"), row.get("container_name")
-            since = 0
             if cid and not name:
                 known = resolver.by_id(cid)
                 if known is None or not known[1]:
-                    since = now
-                else:
-                    self._put(row, known[0])
-            held.append((since, row))
-        return self.release(final)
+                    self._held.append((now, row))
+                    continue
+                self._put(row, known[0])
+            out.append(row)
+        if self._held:
+            out += self.release(final)
+        return out
 
     def release(self, final: bool = False) -> list:
-        held, out = self._held, []
-        if not held:
-            return out
+        if not self._held:
+            return []
         now = time.monotonic_ns()
         wait = self.resolver.fill_wait_ns
-        while held:
-            since, row = held[0]
-            if since:
-                cid = row[self.first] if isinstance(row, list) else row["container_id"]
-                known = self.resolver.by_id(cid)
-                if known is not None and known[1]:
+        out, still = [], []
+        for since, row in self._held:
+            cid = row[self.first] if isinstance(row, list) else row["container_id"]
+            known = self.resolver.by_id(cid)
+            if known is not None and known[1]:
+                self._put(row, known[0])
+                self.resolver.filled_late += 1
+                self.resolver.fill_delays_ms.append((now - since) / 1e6)
+            elif final or now - since > wait:
+                if known is not None:
                     self._put(row, known[0])
-                    self.resolver.filled_late += 1
-                    self.resolver.fill_delays_ms.append((now - since) / 1e6)
-                elif final or now - since > wait:
-                    if known is not None:
-                        self._put(row, known[0])
-                    self.resolver.fill_timeouts += 1
-                else:
-                    break
-            held.popleft()
+                self.resolver.fill_timeouts += 1
+            else:
+                still.append((since, row))
+                continue
             out.append(row)
+        self._held = still
         return out
 
     def _put(self, row, values: tuple) -> None:
