@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|all]`: each bench prints JSON
+"""`make bench` / `python -m bench [exec|ancestry|socket|fim|containers|osquery|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import ancestry_bench  # noqa: E402
 import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
+import containers_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "containers", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -36,6 +37,8 @@ def main() -> int:
                    help="fim: iterations of exec, read, write and rename in the watched dir")
     p.add_argument("--fim-opens", type=int, default=1_000_000, help="fim: opens of unwatched files")
     p.add_argument("--fim-rounds", type=int, default=3, help="fim: runs per configuration (median)")
+    p.add_argument("--container-rate", type=int, default=20, help="containers: podman runs per second")
+    p.add_argument("--container-duration", type=float, default=30, help="containers: seconds of each window")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -49,6 +52,8 @@ def main() -> int:
         results["socket"] = socket_bench.run(args)
     if args.which in ("fim", "all"):
         results["fim"] = fim_bench.run(args)
+    if args.which in ("containers", "all"):
+        results["containers"] = containers_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"
