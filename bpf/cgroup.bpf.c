@@ -9,12 +9,11 @@
 enum { VAJRA_CG_MKDIR = 1, VAJRA_CG_RMDIR = 2 };
 
 struct vajra_cgroup_event {
-    u32 kind;            /* VAJRA_CG_MKDIR or VAJRA_CG_RMDIR */
+    struct vajra_proc_hdr hdr;   /* who made or removed it (type: VAJRA_CG_MKDIR or _RMDIR): for a
+                                  * container, the OCI runtime, whose lineage leads to who ran it */
     s32 level;           /* depth below the root */
-    u64 id;              /* the cgroup's id: its directory's inode */
-    u64 ktime_ns;
-    u32 pid;             /* the process that made or removed it (tgid) */
     u32 path_len;        /* bytes of path, with its NUL */
+    u64 id;              /* the cgroup's id: its directory's inode */
     char path[VAJRA_CGROUP_PATH_MAX];   /* relative to the hierarchy's root, from / */
 };
 
@@ -49,11 +48,9 @@ static __always_inline int record(void *ctx, u32 kind, int level, u64 id, const 
     struct vajra_cgroup_event *ev = cgroup_scratch.lookup(&zero);
     if (!ev)
         return 0;
-    ev->kind = kind;
+    fill_hdr(&ev->hdr, (void *)bpf_get_current_task(), kind);
     ev->level = level;
     ev->id = id;
-    ev->ktime_ns = bpf_ktime_get_ns();
-    ev->pid = bpf_get_current_pid_tgid() >> 32;
     int n = bpf_probe_read_kernel_str(ev->path, VAJRA_CGROUP_PATH_MAX, path);
     ev->path_len = n > 0 ? n : 0;
     emit(ctx, ev);

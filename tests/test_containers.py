@@ -287,3 +287,22 @@ def test_runtime_away_past_the_bound_stores_the_id_alone(daemon_factory, runtime
             break
         time.sleep(0.2)
     assert live and live[0]["name"] == name and live[0]["image"] == IMAGE
+
+
+def test_container_events_name_who_ran_the_container(daemon, runtime, workdir):
+    """`podman run` from a shell: the create and start rows carry the OCI
+    runtime that made the container's cgroup, and its ancestry reaches that
+    shell through the processes it was born to (conmon's double fork)."""
+    name = runtime.name("actor")
+    shell = subprocess.run(["/bin/sh", "-c", f"{' '.join(PODMAN)} run --name {name} {' '.join(LIMITS)} {IMAGE} "
+                            "/bin/true; echo $$"], capture_output=True, text=True, check=True)
+    shell_pid = int(shell.stdout.split()[-1])
+    cid = runtime.inspect(name)["Id"]
+    rows = daemon.wait_events(lambda e: e["container_id"] == cid and e["action"] == "start",
+                              table="container_events", timeout=20)
+    assert rows
+    row = rows[0]
+    assert row["pid"] and row["path"].endswith("runc"), row
+    lineage = json.loads(row["ancestry"])
+    assert any(a["path"].endswith("/podman") for a in lineage), lineage
+    assert shell_pid in [a["pid"] for a in lineage], lineage

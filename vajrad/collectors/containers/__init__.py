@@ -17,7 +17,7 @@ def _build(ctx: UnitContext):
     clients = [runtimes.Podman(cfg.podman_socket)] if cfg.podman_socket else []
     clients += [runtimes.Docker(cfg.docker_socket)] if cfg.docker_socket else []
     collector = ContainersCollector(ctx.need("kernel"), cfg.bpf_output, resolver, clients,
-                                    lambda pid: ctx.services.find("describe_process", lambda _pid: None)(pid))
+                                    lambda: ctx.services.find("process_cache"))
     ctx.provide("container_resolver", resolver)
     return collector
 

@@ -14,6 +14,7 @@ import time
 from vajrad.collectors.bpf import BpfCollector
 from vajrad.enrich import runtimes as rt
 from vajrad.enrich.containers import ContainerInfo, ContainerResolver, parse_cgroup_path
+from vajrad.kernel import abi
 from vajrad.kernel.environment import KernelEnv
 from vajrad.kernel.program import BpfProgram
 from vajrad.tables import TABLES
@@ -22,11 +23,13 @@ log = logging.getLogger(__name__)
 
 EVENTS_TABLE = "container_events"
 LIVE_TABLE = "containers"
-# struct vajra_cgroup_event (bpf/cgroup.bpf.c): kind, level, id, ktime_ns, pid, path_len, path
-CGROUP_EVENT = struct.Struct("<IiQQII512s")
+# struct vajra_cgroup_event (bpf/cgroup.bpf.c): the process header, level, path_len, id, path
+CGROUP_EVENT = struct.Struct(abi._HEADER_FORMAT + "iIQ512s")
+_HEADER_FIELDS = len(struct.unpack(abi._HEADER_FORMAT, bytes(struct.calcsize(abi._HEADER_FORMAT))))
 CG_MKDIR, CG_RMDIR = 1, 2
 CATCH_UP_S = 0.2            # how long a lookup of an unknown cgroup waits for this collector's drain
 ACTORS_MAX = 4096
+ACTOR_SYNC_S = 1.0          # how long a container event waits for the process cache to know its actor
 
 
 class ContainersCollector(BpfCollector):
@@ -36,16 +39,16 @@ class ContainersCollector(BpfCollector):
     poll_ms = 200
 
     def __init__(self, kenv: KernelEnv, output: str, resolver: ContainerResolver,
-                 runtimes: list[rt.Runtime], describe_process=None):
+                 runtimes: list[rt.Runtime], process_cache=lambda: None):
         super().__init__(BpfProgram("cgroup.bpf.c", kenv, output,
                                     {"VAJRA_EXPECT_CGROUP_EVENT_SIZE": CGROUP_EVENT.size}))
         self.resolver = resolver
         self.runtimes = {r.name: r for r in runtimes}
-        self.describe_process = describe_process    # pid -> {"process", "ancestry"} | None
+        self.process_cache = process_cache          # () -> the process unit's ProcessCache, or None
         self._tasks: list[asyncio.Task] = []
         self._inspecting: set[str] = set()
         self._pods: dict[str, str] = {}
-        self._actors: dict[str, dict] = {}          # container id -> who made its cgroup
+        self._actors: dict[str, tuple] = {}         # container id -> (pid, start_ns, ktime) of who made its cgroup
         self._drained = threading.Condition()
         self._drains = 0
         resolver.wanted = self._wanted
@@ -53,18 +56,22 @@ class ContainersCollector(BpfCollector):
 
     # --- the cgroup map (polling thread) --------------------------------------
     def row(self, buf, off: int, size: int) -> None:
-        kind, _level, cgid, _ktime, pid, plen, raw = CGROUP_EVENT.unpack_from(buf, off)
+        fields = CGROUP_EVENT.unpack_from(buf, off)
+        kind, ktime, start, pid = fields[0], fields[2], fields[3], fields[5]
+        _level, plen, cgid, raw = fields[_HEADER_FIELDS:]
         path = raw[:max(plen - 1, 0)].decode("utf-8", "surrogateescape") or "/"
         cgroups = self.resolver.cgroups
         if kind == CG_MKDIR:
             cgroups.mkdir(cgid, path)
             found = parse_cgroup_path(path)
-            if found is not None and found.container_id not in self._actors and self.describe_process:
-                # The process making a container's cgroup (the OCI runtime),
-                # with the lineage back to whoever ran the container.
+            if found is not None and found.container_id not in self._actors:
+                # The process making a container's cgroup (the OCI runtime):
+                # its lineage, through parents it was born to, leads to whoever
+                # ran the container. Looked up when the container's events
+                # come, once the process cache has caught up with it.
                 if len(self._actors) > ACTORS_MAX:
                     self._actors.clear()
-                self._actors[found.container_id] = {"pid": pid, **(self.describe_process(pid) or {})}
+                self._actors[found.container_id] = (pid, start, ktime)
         elif kind == CG_RMDIR:
             cgroups.rmdir(cgid, path)
         return None
@@ -196,17 +203,35 @@ class ContainersCollector(BpfCollector):
         info = await self._learn(client, info)
         if action is None:
             return
-        actor = self._actors.get(info.id, {})
+        actor = await self._actor(info.id)
         proc = actor.get("process") or {}
         row = TABLES[EVENTS_TABLE].row(
             container_id=info.id, runtime=info.runtime, action=action, container_name=info.name,
             container_image=info.image, pod_name=info.pod_name, pod_namespace=info.pod_namespace,
             pod_uid=info.pod_uid, exit_code=code if action == "die" else None,
-            pid=actor.get("pid") if actor else None, path=proc.get("path", ""),
+            pid=actor.get("pid"), path=proc.get("path", ""),
             cmdline=proc.get("cmdline", ""), ancestry=json.dumps(actor.get("ancestry", [])),
             time=int(ev.get("time") or time.time()))
         if self._queue is not None:
             self._enqueue((EVENTS_TABLE, [row]))
+
+    async def _actor(self, cid: str) -> dict:
+        """{"pid", "process", "ancestry"} of the process that made the
+        container's cgroup, as the process cache knows it; {} without one."""
+        made = self._actors.get(cid)
+        cache = self.process_cache()
+        if made is None or cache is None:
+            return {}
+        pid, start, ktime = made
+        deadline = time.monotonic() + ACTOR_SYNC_S
+        while cache.synced_ns < ktime and time.monotonic() < deadline:
+            cache.request_sync()
+            await asyncio.sleep(0.05)
+        with cache.lock:
+            lineage = json.loads(cache.ancestry(pid, start))
+        if not lineage:
+            return {"pid": pid}
+        return {"pid": pid, "process": lineage[0], "ancestry": lineage[1:]}
 
     # --- tables ------------------------------------------------------------------
     def snapshots(self) -> dict:
