@@ -121,7 +121,7 @@ def test_docker_client_against_recorded_dockerd(tmp_path):
         inspected = await client.inspect(WEB)
         gone = await client.inspect("f" * 64)                  # 404: None, not an error
         events = [e async for e in rt.http_stream(fake.path, client.stream_path(), "docker")]
-        with pytest.raises(rt.RuntimeError_) as broken:
+        with pytest.raises(rt.RuntimeApiError) as broken:
             await client.inspect("broken")
         fake.close()
         return client, listed, inspected, gone, events, broken.value
@@ -139,11 +139,11 @@ def test_slow_and_missing_sockets_are_bounded_errors(tmp_path):
         await fake.start()
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        with pytest.raises(rt.RuntimeError_, match="no answer in 0.3s"):
+        with pytest.raises(rt.RuntimeApiError, match="no answer in 0.3s"):
             await rt.http_json(fake.path, "/containers/slow/json", "docker", timeout=0.3)
         took = loop.time() - t0
         fake.close()
-        with pytest.raises(rt.RuntimeError_, match="cannot connect"):
+        with pytest.raises(rt.RuntimeApiError, match="cannot connect"):
             await rt.http_json(str(tmp_path / "absent.sock"), "/containers/json", "docker")
         return took
 

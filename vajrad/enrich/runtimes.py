@@ -35,7 +35,7 @@ RETRY_S = 1.0               # between attempts to reach a missing or failed sock
 MAX_BODY = 64 * 1024 * 1024
 
 
-class RuntimeError_(VajraError):
+class RuntimeApiError(VajraError):
     """A runtime API call failed: the socket, the HTTP exchange, or its status."""
 
     def __init__(self, runtime: str, what: str, status: int = 0):
@@ -48,16 +48,16 @@ async def _open(sock: str, runtime: str):
     try:
         return await asyncio.wait_for(asyncio.open_unix_connection(sock, limit=1 << 20), CONNECT_TIMEOUT_S)
     except (OSError, asyncio.TimeoutError) as e:
-        raise RuntimeError_(runtime, f"cannot connect to {sock}: {e!r}") from e
+        raise RuntimeApiError(runtime, f"cannot connect to {sock}: {e!r}") from e
 
 
 async def _head(reader, runtime: str) -> tuple[int, dict]:
     line = await reader.readline()
     if not line:
-        raise RuntimeError_(runtime, "connection closed before a response")
+        raise RuntimeApiError(runtime, "connection closed before a response")
     parts = line.decode("latin-1").split(" ", 2)
     if len(parts) < 2 or not parts[1].isdigit():
-        raise RuntimeError_(runtime, f"not an HTTP response: {line[:80]!r}")
+        raise RuntimeApiError(runtime, f"not an HTTP response: {line[:80]!r}")
     headers = {}
     while True:
         h = await reader.readline()
@@ -87,7 +87,7 @@ def _request(method: str, path: str) -> bytes:
 
 
 async def http_json(sock: str, path: str, runtime: str, timeout: float = CALL_TIMEOUT_S):
-    """GET path; the decoded JSON body. RuntimeError_ with the status on >= 400."""
+    """GET path; the decoded JSON body. RuntimeApiError with the status on >= 400."""
     async def call():
         reader, writer = await _open(sock, runtime)
         try:
@@ -103,17 +103,17 @@ async def http_json(sock: str, path: str, runtime: str, timeout: float = CALL_TI
         finally:
             writer.close()
         if status >= 400:
-            raise RuntimeError_(runtime, f"GET {path}: HTTP {status} {body[:200]!r}", status)
+            raise RuntimeApiError(runtime, f"GET {path}: HTTP {status} {body[:200]!r}", status)
         try:
             return json.loads(body)
         except ValueError as e:
-            raise RuntimeError_(runtime, f"GET {path}: body is not JSON: {e}") from e
+            raise RuntimeApiError(runtime, f"GET {path}: body is not JSON: {e}") from e
     try:
         return await asyncio.wait_for(call(), timeout)
     except asyncio.TimeoutError as e:
-        raise RuntimeError_(runtime, f"GET {path}: no answer in {timeout}s") from e
+        raise RuntimeApiError(runtime, f"GET {path}: no answer in {timeout}s") from e
     except (OSError, asyncio.IncompleteReadError, ValueError) as e:
-        raise RuntimeError_(runtime, f"GET {path}: {e!r}") from e
+        raise RuntimeApiError(runtime, f"GET {path}: {e!r}") from e
 
 
 async def http_stream(sock: str, path: str, runtime: str, on_open=None) -> AsyncIterator[dict]:
@@ -125,7 +125,7 @@ async def http_stream(sock: str, path: str, runtime: str, on_open=None) -> Async
         await writer.drain()
         status, headers = await asyncio.wait_for(_head(reader, runtime), CALL_TIMEOUT_S)
         if status >= 400:
-            raise RuntimeError_(runtime, f"GET {path}: HTTP {status}", status)
+            raise RuntimeApiError(runtime, f"GET {path}: HTTP {status}", status)
         if on_open is not None:
             on_open()
         decoder, buf = json.JSONDecoder(), ""
@@ -145,7 +145,7 @@ async def http_stream(sock: str, path: str, runtime: str, on_open=None) -> Async
                 if isinstance(obj, dict):
                     yield obj
     except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as e:
-        raise RuntimeError_(runtime, f"event stream {path}: {e!r}") from e
+        raise RuntimeApiError(runtime, f"event stream {path}: {e!r}") from e
     finally:
         writer.close()
 
@@ -317,7 +317,7 @@ class Runtime:
         self.calls += 1
         try:
             return await http_json(self.socket, path, self.name)
-        except RuntimeError_ as e:
+        except RuntimeApiError as e:
             self.errors += 1
             self.last_error = str(e)
             raise
@@ -328,7 +328,7 @@ class Runtime:
     async def inspect(self, cid: str) -> ContainerInfo | None:
         try:
             return self.decode_inspect(await self.get(self.inspect_path(cid)))
-        except RuntimeError_ as e:
+        except RuntimeApiError as e:
             if e.status == 404:         # gone already: its events say what it was
                 return None
             raise
@@ -363,7 +363,7 @@ class Podman(Runtime):
     async def pod_name(self, pod_id: str) -> str:
         try:
             return (await self.get(f"/v4.0.0/libpod/pods/{pod_id}/json")).get("Name", "")
-        except RuntimeError_:
+        except RuntimeApiError:
             return ""
 
 

@@ -132,7 +132,7 @@ class ContainersCollector(BpfCollector):
             info = await client.inspect(cid)
             if info is not None:
                 await self._learn(client, info)
-        except rt.RuntimeError_ as e:
+        except rt.RuntimeApiError as e:
             log.debug("%s", e)
         finally:
             self._inspecting.discard(cid)
@@ -164,7 +164,7 @@ class ContainersCollector(BpfCollector):
                 async for ev in rt.http_stream(client.socket, client.stream_path(), client.name):
                     await self._event(client, ev)
                 client.last_error = "event stream ended"
-            except rt.RuntimeError_ as e:
+            except rt.RuntimeApiError as e:
                 client.errors += 1
                 client.last_error = str(e)
                 if not warned:
