@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [exec|ancestry|socket|fim|containers|osquery|all]`: each bench prints JSON
+"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|containers|osquery|crash|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -16,11 +16,13 @@ import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
 import containers_bench  # noqa: E402
+import crash_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "containers", "all"))
+    p.add_argument("which", nargs="?", default="all",
+                   choices=("exec", "ancestry", "osquery", "socket", "fim", "containers", "crash", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -39,6 +41,11 @@ def main() -> int:
     p.add_argument("--fim-rounds", type=int, default=3, help="fim: runs per configuration (median)")
     p.add_argument("--container-rate", type=int, default=20, help="containers: podman runs per second")
     p.add_argument("--container-duration", type=float, default=30, help="containers: seconds of each window")
+    p.add_argument("--kills", type=int, default=10, help="crash: SIGKILLs, one per storm")
+    p.add_argument("--crash-storm-min", type=float, default=2.0, help="crash: shortest storm before a kill, s")
+    p.add_argument("--crash-storm-max", type=float, default=4.0, help="crash: longest storm before a kill, s")
+    p.add_argument("--crash-seed", type=int, default=17, help="crash: seed of the storms' lengths")
+    p.add_argument("--store-max-pending-ms", type=int, default=100, help="crash: vajrad's --store_max_pending_ms")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -54,6 +61,8 @@ def main() -> int:
         results["fim"] = fim_bench.run(args)
     if args.which in ("containers", "all"):
         results["containers"] = containers_bench.run(args)
+    if args.which in ("crash", "all"):
+        results["crash"] = crash_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

@@ -19,9 +19,10 @@ def build(cache: ProcessCache, n: int, rng: random.Random) -> list[tuple[int, in
         ppid, pstart = procs[rng.randrange(max(0, len(procs) - 50), len(procs))] if pid % 7 \
             else procs[rng.randrange(len(procs))]
         start = procs[-1][1] + 10_000_000 + rng.randrange(1000)
-        cache.forked(pid, start, ppid, pstart)
+        now = time.monotonic_ns()
+        cache.forked(pid, start, ppid, pstart, exec_id=pid, ktime_ns=now)
         cache.executed(pid, start, ppid, pstart, f"/usr/bin/tool{pid % 40}",
-                       f"tool{pid % 40} --config /etc/tool{pid % 40}.conf --job {pid}")
+                       f"tool{pid % 40} --config /etc/tool{pid % 40}.conf --job {pid}", exec_id=pid + 1, ktime_ns=now)
         procs.append((pid, start))
     return procs
 
@@ -54,4 +55,45 @@ def run(entries: int = 1000, lookups: int = 20000) -> dict:
         "max_depth": max(depths),
         "lookup_p50_us": round(percentile(lat, 50), 1),
         "lookup_p99_us": round(percentile(lat, 99), 1),
+        "live_rule": live_rule(rng),
+    }
+
+
+def _measure(work) -> int:
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    kept = work()
+    used = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    del kept
+    return used
+
+
+def live_rule(rng: random.Random, live: int = 3000, exited: int = 3000, size: int = 1000) -> dict:
+    """Running processes are never evicted, and max_size bounds the exited:
+    `live` running and `exited` exited processes through a cache of `size`;
+    then the same with every exec's replaced image held (a collector that has
+    attributed nothing yet: the most memory images can take)."""
+    def fill(hold: bool):
+        cache = ProcessCache(size=size, max_depth=32, ttl=300, proc="/nonexistent")
+        if hold:
+            cache.attributed_upto("socket", time.monotonic_ns())
+        procs = build(cache, live + exited, rng)
+        for pid, start in procs[live:]:
+            cache.exited_process(pid, start)
+        for pid, start in procs[:live]:
+            cache.ancestry(pid, start)
+        return cache
+    cache = fill(False)
+    stats = cache.stats()
+    plain = _measure(lambda: fill(False))
+    held = _measure(lambda: fill(True))
+    per_1000 = 1000 / (stats["live_entries"] + stats["exited_entries"])
+    held_cache = fill(True)
+    return {
+        "live_entries": stats["live_entries"], "exited_entries": stats["exited_entries"],
+        "evictions": stats["evictions"],
+        "memory_mb_per_1000_entries": round(plain / 1e6 * per_1000, 3),
+        "held_images": held_cache.stats()["held_images"],
+        "memory_mb_per_1000_entries_all_images_held": round(held / 1e6 * per_1000, 3),
     }

@@ -77,7 +77,7 @@ def run(events: int, span_s: int, queries: int, window_s: int = 60) -> dict:
             ctx = json.dumps({"constraints": [{"name": "time", "affinity": "BIGINT", "list": [
                 {"op": 32, "expr": str(lo)}, {"op": 16, "expr": str(lo + window_s)}]}]})
             t = time.perf_counter()
-            resp = client.call("call", registry="table", item="bpf_process_events",
+            resp = client.call("call", registry="table", item="vajra_bpf_process_events",
                                request={"action": "generate", "context": ctx})
             lat.append((time.perf_counter() - t) * 1000)
             assert resp.status.code == 0, resp.status.message

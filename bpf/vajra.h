@@ -243,6 +243,7 @@ struct vajra_file_event {
 #define VAJRA_OFF_TASK_PID offsetof(struct task_struct, pid)
 #define VAJRA_OFF_TASK_FLAGS offsetof(struct task_struct, flags)
 #define VAJRA_OFF_TASK_START_TIME offsetof(struct task_struct, start_time)
+#define VAJRA_OFF_TASK_GROUP_LEADER offsetof(struct task_struct, group_leader)
 #define VAJRA_OFF_TASK_START_BOOTTIME offsetof(struct task_struct, start_boottime)
 #define VAJRA_OFF_TASK_EXIT_CODE offsetof(struct task_struct, exit_code)
 #define VAJRA_OFF_TASK_CRED offsetof(struct task_struct, cred)

@@ -1,9 +1,9 @@
 import os
-import tempfile
+import shutil
 
 import pytest
 
-from harness import Daemon, PrivateBus, can_bpf
+from harness import Daemon, PrivateBus, can_bpf, private_directory
 
 BPF_OK, BPF_WHY = can_bpf()
 needs_bpf = pytest.mark.skipif(not BPF_OK, reason=BPF_WHY)
@@ -12,10 +12,11 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
 @pytest.fixture
 def workdir():
-    # Not tmp_path: unprivileged test clients must be able to reach sockets here.
-    d = tempfile.mkdtemp(prefix="vajra-test-")
-    os.chmod(d, 0o755)
+    # Not tmp_path: unprivileged test clients must reach sockets here by name
+    # (0711: traversable, not listable). Removed after the test's daemons stop.
+    d = private_directory()
     yield d
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
@@ -37,11 +38,11 @@ def bpf_daemon():
     """One BPF-enabled daemon shared by the read-only tests of a module."""
     if not BPF_OK:
         pytest.skip(BPF_WHY)
-    d = tempfile.mkdtemp(prefix="vajra-test-")
-    os.chmod(d, 0o755)
+    d = private_directory()
     daemon = Daemon(d).start()
     yield daemon
     daemon.stop()
+    shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

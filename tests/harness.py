@@ -3,6 +3,7 @@ for systemd, and a private dbus-daemon with the system bus's default policy
 plus ours stands in for the system bus."""
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -24,6 +25,77 @@ from vajrad.osquery import protocol as p
 
 REPO = Path(__file__).resolve().parent.parent
 POLICY = REPO / "dbus" / "org.vajra.Vajra1.conf"
+SERVICE_UNIT = REPO / "systemd" / "vajrad.service"
+
+_runtime_dir: str | None = None
+
+
+def runtime_directory() -> str:
+    """The daemons' RUNTIME_DIRECTORY (where vajrad merges its kernel header
+    tree), one for the whole run so the tree is built once, and never the
+    host's /run/vajra. Removed when the run ends."""
+    global _runtime_dir
+    if _runtime_dir is None:
+        _runtime_dir = tempfile.mkdtemp(prefix="vajra-test-run-")      # 0700
+        atexit.register(shutil.rmtree, _runtime_dir, True)
+    return _runtime_dir
+
+
+def private_directory(prefix: str = "vajra-test-") -> str:
+    """A temp directory others may traverse but not list (0711): unprivileged
+    test clients reach a socket inside by its name, nobody browses it."""
+    d = tempfile.mkdtemp(prefix=prefix)
+    os.chmod(d, 0o711)
+    return d
+
+
+def shipped_watchdog_usec() -> int:
+    """WATCHDOG_USEC as systemd sets it from the shipped unit's WatchdogSec."""
+    for line in SERVICE_UNIT.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() == "WatchdogSec":
+            value = value.strip()
+            units = (("min", 60_000_000), ("ms", 1000), ("us", 1), ("s", 1_000_000))
+            for suffix, scale in units:
+                if value.endswith(suffix):
+                    return int(float(value[:-len(suffix)]) * scale)
+            return int(float(value) * 1_000_000)        # bare seconds
+    raise AssertionError(f"no WatchdogSec in {SERVICE_UNIT}")
+
+
+# Code run as another user (nobody, a vajra member) runs on the system Python
+# from a world-readable copy of the package: the checkout and its venv may
+# sit in /root (mode 0700), where such a user cannot read them.
+SYSTEM_PYTHON = "/usr/bin/python3"
+_shared_copy: str | None = None
+
+
+def world_readable_package() -> str:
+    """A directory any user can put on PYTHONPATH to import this checkout's
+    vajrad; made once per test session, removed at exit."""
+    global _shared_copy
+    if _shared_copy is None:
+        import atexit
+        d = tempfile.mkdtemp(prefix="vajra-pkg-")
+        shutil.copytree(REPO / "vajrad", os.path.join(d, "vajrad"),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        for root, dirs, files in os.walk(d):
+            os.chmod(root, 0o755)
+            for f in files:
+                os.chmod(os.path.join(root, f), 0o644)
+        atexit.register(shutil.rmtree, d, True)
+        _shared_copy = d
+    return _shared_copy
+
+
+def run_as(user: str, argv: list[str], groups: str | None = None, **kw) -> subprocess.CompletedProcess:
+    """argv as `user` (group nogroup, only `groups` as supplementary ones),
+    from /, with this checkout's vajrad importable by the system Python."""
+    prefix = ["setpriv", f"--reuid={user}", "--regid=nogroup"]
+    prefix += [f"--groups={groups}"] if groups else ["--clear-groups"]
+    env = dict(os.environ, PYTHONPATH=world_readable_package())
+    env.pop("VIRTUAL_ENV", None)
+    return subprocess.run([*prefix, *argv], cwd="/", env=env, capture_output=True, text=True, **kw)
 
 
 def can_bpf() -> tuple[bool, str]:
@@ -36,6 +108,9 @@ def can_bpf() -> tuple[bool, str]:
         import bcc  # noqa: F401
     except ImportError:
         return False, "python3-bpfcc is not installed"
+    from vajrad.kernel.environment import bpf_refusal
+    if refusal := bpf_refusal():
+        return False, refusal
     return True, ""
 
 
@@ -43,8 +118,11 @@ class NotifyListener:
     """A datagram socket playing systemd's end of sd_notify, read continuously
     on a thread as systemd would."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, on_message=None):
         self.path = os.path.join(directory, "notify.sock")
+        # Called on the reading thread with each message as it arrives, before
+        # the next is read: what a test does there happens "right at" it.
+        self.on_message = on_message
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(self.path)
         self.sock.settimeout(0.1)
@@ -61,7 +139,10 @@ class NotifyListener:
                 continue
             except OSError:
                 return
-            self.messages.append((time.monotonic(), data.decode()))
+            message = data.decode()
+            if self.on_message is not None:
+                self.on_message(message)
+            self.messages.append((time.monotonic(), message))
 
     def pause(self) -> None:
         """Stops reading, as a wedged receiver would."""
@@ -71,16 +152,28 @@ class NotifyListener:
     def states(self) -> list[str]:
         return [line for _, m in list(self.messages) for line in m.split("\n")]
 
-    def wait_for(self, key: str, timeout: float, proc: subprocess.Popen | None = None) -> str:
+    def mark(self) -> int:
+        """A position in the messages, for wait_for(after=...)."""
+        return len(self.messages)
+
+    def lines_after(self, after: int) -> list[str]:
+        return [line for _, m in list(self.messages)[after:] for line in m.split("\n")]
+
+    def wait_for(self, key: str, timeout: float, proc: subprocess.Popen | None = None,
+                 after: int = 0, count: int = 1) -> str:
+        """The count-th message after position `after` with a line starting with key."""
         deadline = time.monotonic() + timeout
         while True:
-            for _, msg in list(self.messages):
+            seen = 0
+            for _, msg in list(self.messages)[after:]:
                 if any(line.startswith(key) for line in msg.split("\n")):
-                    return msg
+                    seen += 1
+                    if seen == count:
+                        return msg
             if proc is not None and proc.poll() is not None:
                 raise AssertionError(f"vajrad exited with {proc.returncode} before {key}")
             if time.monotonic() > deadline:
-                raise AssertionError(f"no {key} within {timeout} s; got {self.states()}")
+                raise AssertionError(f"no {count} x {key} within {timeout} s; got {self.states()}")
             time.sleep(0.02)
 
     def close(self) -> None:
@@ -103,15 +196,16 @@ class Daemon:
             if not os.path.exists(cfg):
                 Path(cfg).write_text('{"options": {}}')
             self.flags.append(f"--config_path={cfg}")
-        self.env = dict(os.environ, **(env or {}))
+        self.env = dict(os.environ, RUNTIME_DIRECTORY=runtime_directory(), **(env or {}))
         self.prefix = prefix or []
         self.proc: subprocess.Popen | None = None
         self.notify: NotifyListener | None = None
         self.stderr_path = os.path.join(workdir, f"vajrad-{time.monotonic_ns()}.log")
         self.ready_after: float | None = None
+        self.on_notify = None           # NotifyListener.on_message for the next start()
 
     def start(self, wait_ready: bool = True, timeout: float = 30) -> "Daemon":
-        self.notify = NotifyListener(tempfile.mkdtemp(dir=self.workdir))
+        self.notify = NotifyListener(tempfile.mkdtemp(dir=self.workdir), self.on_notify)
         env = dict(self.env, NOTIFY_SOCKET=self.notify.path, PYTHONUNBUFFERED="1")
         self._stderr = open(self.stderr_path, "w")
         t0 = time.monotonic()
@@ -126,6 +220,15 @@ class Daemon:
     @property
     def log(self) -> str:
         return Path(self.stderr_path).read_text()
+
+    def wait_log(self, text: str, timeout: float = 30) -> str:
+        """The log, once it holds text."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log:
+            assert time.monotonic() < deadline, f"no {text!r} in the log within {timeout} s:\n{self.log}"
+            assert self.proc is None or self.proc.poll() is None or text in self.log, self.log
+            time.sleep(0.05)
+        return self.log
 
     def client(self) -> VajraClient:
         return VajraClient(self.socket, timeout=10).connect()
@@ -150,16 +253,24 @@ class Daemon:
         self.proc = None
         return rc
 
-    def wait_events(self, predicate, table: str = "bpf_process_events", timeout: float = 10) -> list[dict]:
+    def wait_events(self, predicate, table: str = "bpf_process_events", timeout: float = 30,
+                    want: int = 1, since_time: int = 0) -> list[dict]:
+        """The rows of `table` matching predicate, once there are `want` of them
+        (or what there is at the timeout). The table is read once from
+        since_time, then only past the last eid seen: a busy table is not
+        rescanned every poll."""
         deadline = time.monotonic() + timeout
         found: list[dict] = []
+        flt: dict = {"start_time": since_time}
         with self.client() as c:
-            while time.monotonic() < deadline:
-                found = [e for e in c.iter_events({"start_time": 0}, table) if predicate(e)]
-                if found:
+            while True:
+                for e in c.iter_events(flt, table):
+                    flt = {"start_eid": e["eid"] + 1}
+                    if predicate(e):
+                        found.append(e)
+                if len(found) >= want or time.monotonic() > deadline:
                     return found
                 time.sleep(0.1)
-        return found
 
 
 def unique_program(directory: str, name: str) -> str:
@@ -197,19 +308,46 @@ SYSTEM_LIKE_BUS = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus C
 
 
 class PrivateBus:
-    def __init__(self):
+    """A private dbus-daemon with the system bus's default policy plus ours.
+
+    dbus-daemon resolves group names when it loads its config: a <policy
+    group="vajra"> block whose group does not exist yet is dropped ("Unknown
+    group") and stays dropped. So a test that creates the group calls
+    ensure_group(), which reloads the bus's config once the group exists."""
+
+    def __init__(self, policy: Path | str = POLICY):
         # World-traversable, so that the tests' unprivileged clients reach it.
         self.dir = tempfile.mkdtemp(prefix="vajra-bus-")
         os.chmod(self.dir, 0o755)
         self.path = os.path.join(self.dir, "bus")
         self.address = f"unix:path={self.path}"
+        self.created_groups: list[str] = []
         conf = os.path.join(self.dir, "bus.conf")
-        Path(conf).write_text(SYSTEM_LIKE_BUS.format(path=self.path, policy=POLICY))
+        Path(conf).write_text(SYSTEM_LIKE_BUS.format(path=self.path, policy=policy))
         self.proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--print-address"],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
         if not line:
             raise RuntimeError("dbus-daemon failed: " + self.proc.stderr.read())
+
+    def reload_config(self) -> None:
+        """ReloadConfig returns once the bus has re-read its config (and
+        re-resolved group names), so the next call sees the new policy."""
+        self.busctl("call", "org.freedesktop.DBus", "/org/freedesktop/DBus", "org.freedesktop.DBus",
+                    "ReloadConfig")
+
+    def ensure_group(self, name: str = "vajra") -> int:
+        """The group's id, creating the group if needed (removed again by
+        close()), with the bus's policy reloaded so that it counts."""
+        import grp
+        try:
+            gid = grp.getgrnam(name).gr_gid
+        except KeyError:
+            subprocess.run(["groupadd", "--system", name], check=True)
+            self.created_groups.append(name)
+            gid = grp.getgrnam(name).gr_gid
+        self.reload_config()
+        return gid
 
     def busctl(self, *args: str, user: str | None = None, groups: str | None = None,
                check: bool = True) -> subprocess.CompletedProcess:
@@ -223,6 +361,8 @@ class PrivateBus:
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(10)
+        for name in self.created_groups:
+            subprocess.run(["groupdel", name], check=False, capture_output=True)
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -248,10 +388,32 @@ def jsonrpc_lines(sock_path: str, payload: bytes, replies: int, timeout: float =
 
 # --- osquery core, played by osquery's official Thrift stubs (PyPI's osquery) ---
 
-class FakeCore:
-    """osquery core's extension manager, as far as an extension can see it."""
+# osquery core's own tables on Linux (osquery 5.x specs/ and specs/linux/;
+# /work/shared/reference/osquery-facts.md), evented ones first: an extension
+# table of one of these names is refused by a real core, and so by this one.
+OSQUERY_LINUX_TABLES = frozenset({
+    "bpf_process_events", "bpf_socket_events", "file_events", "process_events", "process_file_events",
+    "socket_events", "hardware_events", "selinux_events", "seccomp_events", "syslog_events",
+    "user_events", "yara_events", "apparmor_events",
+    "process_open_sockets", "processes", "process_envs", "process_memory_map", "process_namespaces",
+    "process_open_files", "listening_ports", "users", "groups", "file", "hash", "mounts", "time",
+    "uptime", "system_info", "os_version", "kernel_info", "kernel_modules", "deb_packages",
+    "rpm_packages", "apt_sources", "crontab", "etc_hosts", "interface_addresses", "routes",
+    "arp_cache", "iptables", "docker_containers", "logged_in_users", "last", "shadow", "sudoers",
+    "authorized_keys", "memory_info", "cpu_time", "block_devices", "disk_encryption",
+    "dns_resolvers", "shared_memory", "yara", "augeas", "osquery_info", "osquery_extensions",
+    "osquery_flags", "osquery_registry", "osquery_schedule",
+})
+# The process-ancestry build of osquery 5.18.1 (osquery-ancestry-README.txt) adds this one.
+OSQUERY_ANCESTRY_BUILD_TABLES = OSQUERY_LINUX_TABLES | {"process_ancestry_cache_stats"}
 
-    def __init__(self, options=None, core_tables=(), list_tables=True):
+
+class FakeCore:
+    """osquery core's extension manager, as far as an extension can see it:
+    by default with osquery's own Linux tables, which it refuses to let an
+    extension register again."""
+
+    def __init__(self, options=None, core_tables=OSQUERY_LINUX_TABLES, list_tables=True):
         self.opts = {"disable_events": "false", "enable_bpf_events": "true", **(options or {})}
         self.core_tables = set(core_tables)
         self.list_tables = list_tables
@@ -291,7 +453,7 @@ class FakeCore:
 
     def query(self, sql):
         if "osquery_registry" in sql and self.list_tables:
-            rows = [{"name": n} for n in sorted(self.core_tables | {"processes"})]
+            rows = [{"name": n} for n in sorted(self.core_tables)]
             return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=0, message="OK"), response=rows)
         return ttypes.ExtensionResponse(status=ttypes.ExtensionStatus(code=1, message="no such table"), response=[])
 

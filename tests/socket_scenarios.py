@@ -103,6 +103,60 @@ def hold(ready_file: str) -> None:
     srv.close()
 
 
+def peer_first() -> dict:
+    """Two clients whose peer closes first: one then closes in CLOSE_WAIT;
+    the other writes into the closed connection, gets the peer's RST (the
+    kernel then gives its local port back), and closes."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    out = {"pid": os.getpid(), "port": port, "srv": fd(srv)}
+    for name in ("waiting", "reset"):
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        out[name], out[name + "_port"] = fd(cli), cli.getsockname()[1]
+        conn.close()                            # the peer's FIN
+        assert cli.recv(16) == b""
+        if name == "reset":
+            cli.send(b"x")                      # answered by an RST
+            try:
+                while True:
+                    cli.send(b"x")
+            except OSError as e:
+                out["reset_errno"] = e.errno
+        cli.close()
+    srv.close()
+    return out
+
+
+def hold_connecting(ready_file: str, blackhole: str) -> None:
+    """Non-blocking connects left in progress (to an address nobody answers)
+    and one to a listener here, held until stdin gets a line."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    out = {"pid": os.getpid(), "port": srv.getsockname()[1], "srv": fd(srv), "pending": []}
+    for _ in range(2):
+        cli = socket.socket()
+        cli.setblocking(False)
+        out["pending"].append({"fd": fd(cli), "errno": cli.connect_ex((blackhole, 9)),
+                               "local_port": cli.getsockname()[1]})
+        out.setdefault("held", []).append(cli)
+    cli = socket.socket()
+    cli.setblocking(False)
+    out["loop"] = {"fd": fd(cli), "errno": cli.connect_ex(("127.0.0.1", out["port"])),
+                   "local_port": cli.getsockname()[1]}
+    held = out.pop("held") + [cli]
+    with open(ready_file + ".tmp", "w") as f:
+        json.dump(out, f)
+    os.rename(ready_file + ".tmp", ready_file)
+    sys.stdin.readline()
+    for s in held:
+        s.close()
+    srv.close()
+
+
 def file_closes(path: str, count: int) -> dict:
     for _ in range(count):
         os.close(os.open(path, os.O_RDONLY))
@@ -116,10 +170,13 @@ SCENARIOS = {
     "refused": refused, "nonblocking": nonblocking, "udp": udp,
     "unix": lambda: unix(sys.argv[2]),
     "files": lambda: file_closes(sys.argv[2], int(sys.argv[3])),
+    "peer_first": peer_first,
 }
 
 if __name__ == "__main__":
     if sys.argv[1] == "hold":
         hold(sys.argv[2])
+    elif sys.argv[1] == "hold_connecting":
+        hold_connecting(sys.argv[2], sys.argv[3])
     else:
         print(json.dumps(SCENARIOS[sys.argv[1]]()), flush=True)

@@ -6,11 +6,6 @@ import time
 from vajrad.enrich.process_cache import ProcessCache, TICK_NS
 
 
-# Event times are CLOCK_MONOTONIC ns, as the kernel stamps them; images are
-# kept at most a minute behind the clock, so the tests' events are recent.
-T = time.monotonic_ns()
-
-
 def proc_parents(pid):
     out = []
     while pid > 1:
@@ -68,6 +63,9 @@ def test_reconcile_drops_a_running_entry_only_when_proc_shows_it_gone_twice():
 
 
 def test_an_event_before_an_exec_gets_the_image_it_ran_under():
+    # Event times are CLOCK_MONOTONIC ns, as the kernel stamps them, and recent:
+    # replaced images are kept a minute at most behind the clock.
+    T = time.monotonic_ns()
     cache = ProcessCache(size=10, proc="/nonexistent")
     cache.attributed_upto("socket", T)            # a collector whose rows are not attributed yet
     cache.executed(1, TICK_NS, 0, 0, "/sbin/init", "init", exec_id=1)
@@ -90,6 +88,9 @@ def test_an_event_before_an_exec_gets_the_image_it_ran_under():
 
 
 def test_a_seeded_process_image_is_matched_by_time_and_nothing_is_held_without_collectors():
+    # Event times are CLOCK_MONOTONIC ns, as the kernel stamps them, and recent:
+    # replaced images are kept a minute at most behind the clock.
+    T = time.monotonic_ns()
     cache = ProcessCache(size=10, proc="/nonexistent")
     cache.executed(7, 7 * TICK_NS, 0, 0, "/bin/a", "a")               # no exec_id: as from /proc
     cache.executed(7, 7 * TICK_NS, 0, 0, "/bin/b", "b", exec_id=9, ktime_ns=T + 1000)
@@ -107,6 +108,9 @@ def test_a_seeded_process_image_is_matched_by_time_and_nothing_is_held_without_c
 
 
 def test_replaced_images_per_process_are_bounded():
+    # Event times are CLOCK_MONOTONIC ns, as the kernel stamps them, and recent:
+    # replaced images are kept a minute at most behind the clock.
+    T = time.monotonic_ns()
     cache = ProcessCache(size=10, proc="/nonexistent")
     cache.attributed_upto("socket", T)
     for n in range(1, 20):

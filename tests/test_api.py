@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import needs_bpf, needs_root
-from harness import jsonrpc_lines
+from harness import SYSTEM_PYTHON, jsonrpc_lines, run_as
 from vajrad.tables import TABLES
 from vajrad.serve.service import encode_cursor
 from vajrad.serve.wire import RateLimitedLog
@@ -161,9 +161,7 @@ def test_socket_mode_and_group(api):
 
 @needs_root
 def test_vajractl_reports_refusal_and_absence(api, workdir):
-    out = subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups",
-                          sys.executable, "-m", "vajrad.client.ctl", "--socket", api.socket, "status"],
-                         capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    out = run_as("nobody", [SYSTEM_PYTHON, "-m", "vajrad.client.ctl", "--socket", api.socket, "status"])
     assert out.returncode == 1 and "permission denied" in out.stderr and "group vajra" in out.stderr
     out = subprocess.run([sys.executable, "-m", "vajrad.client.ctl", "--socket", f"{workdir}/none.sock", "status"],
                          capture_output=True, text=True)
@@ -232,6 +230,43 @@ def test_slow_subscriber_misses_are_counted_and_told(daemon_factory):
             break
     slow.close()
     assert missed > 0 and got + missed >= 3000 and got < 3000
+    # the total stays when the subscriber that missed them is gone
+    deadline = time.monotonic() + 30
+    while (status := rpc(d, "status"))["api"]["subscribers"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    assert status["api"]["subscriber_missed"] >= missed
+
+
+COLLECTOR_KEYS = {"state", "captured", "dropped", "kernel_lost", "error", "output", "records", "wakeups"}
+
+
+def test_every_collector_has_the_documented_keys_and_inotify_is_not_a_kernel_capture(daemon_factory, workdir):
+    watched = os.path.join(workdir, "w")
+    os.mkdir(watched)
+    cfg = os.path.join(workdir, "fim.conf")
+    with open(cfg, "w") as f:
+        json.dump({"options": {}, "file_paths": {"w": [watched + "/%%"]}}, f)
+    d = daemon_factory("--enable_bpf_events=false", f"--config_path={cfg}")
+    with open(os.path.join(watched, "f"), "w") as f:
+        f.write("x")
+    d.wait_events(lambda e: e["target_path"] == os.path.join(watched, "f"), "file_events")
+    status = rpc(d, "status")
+    fim = status["collectors"]["fim"]
+    assert COLLECTOR_KEYS <= set(fim), COLLECTOR_KEYS - set(fim)
+    assert fim["output"] == "inotify" and fim["records"] >= fim["captured"] >= 1 and fim["kernel_lost"] == 0
+    events = status["events"]
+    assert events["captured_kernel"] == 0 and events["captured_inotify"] == fim["captured"]
+    assert events["captured"] == events["captured_kernel"] + events["captured_inotify"]
+
+
+@needs_bpf
+def test_bpf_collectors_have_the_documented_keys(bpf_daemon):
+    status = rpc(bpf_daemon, "status")
+    for name, c in status["collectors"].items():
+        assert COLLECTOR_KEYS <= set(c), (name, COLLECTOR_KEYS - set(c))
+    kernel = sum(c["captured"] for n, c in status["collectors"].items() if n != "fim")
+    assert status["events"]["captured_kernel"] == kernel > 0
 
 
 @pytest.mark.parametrize("method,params,field", [

@@ -1,6 +1,7 @@
 """The daemon's life: sd_notify sequence, watchdog, reload, restart and crash."""
 import json
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 
 from conftest import BPF_OK, needs_bpf, needs_root
-from harness import Daemon, unique_program
+from harness import Daemon, VajraClient, shipped_watchdog_usec, unique_program
 
 
 def _extra():
@@ -18,21 +19,37 @@ def _extra():
 
 
 @needs_bpf
-def test_notify_sequence(daemon_factory):
-    d = daemon_factory(start=False, env={"WATCHDOG_USEC": "1000000"}).start()
-    ready = d.notify.wait_for("READY=1", 1)
+def test_notify_sequence(daemon_factory, workdir):
+    """READY only once the socket answers and the collectors are attached: an
+    exec started the moment READY arrives is captured; SIGTERM then stores
+    what happened just before it."""
+    at_ready = {}
+    first = unique_program(workdir, f"vajra-at-ready-{uuid.uuid4().hex[:6]}")
+
+    def on_message(message):                # on the listener's thread, as READY arrives
+        if "READY=1" in message.split("\n") and not at_ready:
+            with VajraClient(d.socket, timeout=10).connect() as c:
+                at_ready["status"] = c.call("status")
+            at_ready["rc"] = subprocess.run([first]).returncode
+
+    d = daemon_factory(start=False, env={"WATCHDOG_USEC": "1000000"})
+    d.on_notify = on_message
+    d.start()
+    ready = d.notify.wait_for("READY=1", 30)
     assert "STATUS=captured" in ready and f"MAINPID={d.proc.pid}" in ready
-    # READY came only once the socket answered and the collector was attached
-    status = d.call("status")
-    assert status["collectors"]["process"]["state"] == "running"
-    d.notify.wait_for("WATCHDOG=1", 3, d.proc)
-    time.sleep(2.5)
-    assert d.stop() == 0
+    assert at_ready["status"]["collectors"]["process"]["state"] == "running" and at_ready["rc"] == 0
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc, count=3)      # every WATCHDOG_USEC/2
+    last = unique_program(workdir, f"vajra-before-term-{uuid.uuid4().hex[:6]}")
+    subprocess.run([last], check=True)
+    assert d.stop() == 0                   # at once: the exec is not waited for through the API
     states = d.notify.states()
     assert states.index("READY=1") < states.index("WATCHDOG=1") < states.index("STOPPING=1")
-    assert states.count("WATCHDOG=1") >= 3          # every WATCHDOG_USEC/2
     assert any(s.startswith("STATUS=captured") for s in states[states.index("READY=1") + 1:])
-    assert "event store flushed" in d.log
+    con = sqlite3.connect(d.database)
+    stored = {p for (p,) in con.execute("SELECT path FROM bpf_process_events WHERE syscall = 'exec' "
+                                        "AND path IN (?, ?)", (first, last))}
+    con.close()
+    assert stored == {first, last}
 
 
 @needs_bpf
@@ -45,28 +62,108 @@ def test_threads_carry_their_names(daemon_factory):
 
 
 @needs_bpf
-def test_ready_within_three_seconds(daemon_factory):
+def test_ready_is_reported_with_its_start_up_time(daemon_factory):
+    """How fast READY comes is measured by `python -m bench exec`
+    (time_to_ready_s); here it
+    must come (the harness waits up to 30 s) and the log says how long it took."""
     d = daemon_factory()
-    assert d.ready_after < 3, d.ready_after
+    assert re.search(r"vajrad \S+ ready in [0-9.]+ s", d.wait_log(" ready in "))
 
 
 def test_no_watchdog_without_watchdog_usec(daemon_factory):
-    d = daemon_factory(*_extra())
-    time.sleep(1.5)
+    d = daemon_factory(*_extra(), env={"WATCHDOG_USEC": ""})
+    # STATUS comes every 2 s: two of them span more than any watchdog interval here
+    d.notify.wait_for("STATUS=captured", 30, d.proc, after=d.notify.mark(), count=2)
     d.stop()
     assert "WATCHDOG=1" not in d.notify.states()
 
 
-def test_watchdog_withheld_when_unhealthy(daemon_factory, workdir):
+def test_watchdog_withheld_when_stopped(daemon_factory, workdir):
     d = daemon_factory(*_extra(), env={"WATCHDOG_USEC": "400000"})
-    d.notify.wait_for("WATCHDOG=1", 3, d.proc)
-    os.kill(d.proc.pid, signal.SIGSTOP)     # a wedged loop sends nothing
-    time.sleep(0.5)
-    d.notify.messages.clear()
-    time.sleep(1)
-    assert "WATCHDOG=1" not in d.notify.states()
-    os.kill(d.proc.pid, signal.SIGCONT)
-    d.notify.wait_for("WATCHDOG=1", 3, d.proc)
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc)
+    os.kill(d.proc.pid, signal.SIGSTOP)     # a stopped process sends nothing
+    try:
+        time.sleep(0.5)
+        d.notify.messages.clear()
+        time.sleep(1)
+        assert "WATCHDOG=1" not in d.notify.states()
+    finally:
+        os.kill(d.proc.pid, signal.SIGCONT)
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc)
+
+
+def test_watchdog_pings_under_the_shipped_units_interval(daemon_factory):
+    """WatchdogSec=30s: pings every 15 s, and the 15 s the watchdog sleeps
+    between them are not taken for a lagging loop."""
+    usec = shipped_watchdog_usec()
+    d = daemon_factory(*_extra(), env={"WATCHDOG_USEC": str(usec)})
+    d.notify.wait_for("WATCHDOG=1", 3 * usec / 1e6, d.proc, count=2)
+    assert "withholding" not in d.log and not any(s.startswith("STATUS=unhealthy") for s in d.notify.states())
+
+
+def assert_withheld(d, cause: str) -> None:
+    """The watchdog reports `cause` and sends no ping over three of its
+    intervals (the reports themselves count the intervals)."""
+    first = d.notify.wait_for("STATUS=unhealthy", 60, d.proc)
+    assert cause in first, first
+    mark = next(i for i, (_, m) in enumerate(list(d.notify.messages)) if m == first)
+    d.notify.wait_for("STATUS=unhealthy", 30, d.proc, after=mark + 1, count=3)
+    window = d.notify.lines_after(mark)
+    upto = [i for i, line in enumerate(window) if line.startswith("STATUS=unhealthy")][3]
+    assert "WATCHDOG=1" not in window[:upto], window[:upto]
+    assert "withholding watchdog ping" in d.log and cause in d.log
+
+
+@needs_bpf
+def test_watchdog_withheld_while_the_store_cannot_commit(daemon_factory, workdir):
+    """Another connection holds the database's write lock: the writer's
+    commits fail (after SQLite's busy timeout) until it lets go."""
+    d = daemon_factory(env={"WATCHDOG_USEC": "400000"})
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc)
+    blocker = sqlite3.connect(d.database, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        subprocess.run(["/bin/true"], check=True)
+        assert_withheld(d, "event store writer is not healthy")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    mark = d.notify.mark()
+    prog = unique_program(workdir, f"vajra-after-lock-{uuid.uuid4().hex[:6]}")
+    subprocess.run([prog], check=True)     # the next commit succeeds: healthy again
+    d.wait_events(lambda e: e["path"] == prog)
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc, after=mark)
+    assert d.call("status")["store"]["dropped"] > 0
+
+
+@needs_bpf
+def test_watchdog_withheld_when_a_collector_thread_dies(daemon_factory):
+    d = daemon_factory(env={"WATCHDOG_USEC": "400000", "VAJRAD_TEST_FAULT": "collector-thread:socket"})
+    assert "fault injection is enabled" in d.log
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc)
+    d.proc.send_signal(signal.SIGUSR2)
+    assert_withheld(d, "collector socket is failed")
+    socket_status = d.call("status")["collectors"]["socket"]
+    assert socket_status["state"] == "failed" and "polling thread died" in socket_status["error"]
+    assert "fault injected into the socket collector" in socket_status["error"]
+    assert d.call("status")["collectors"]["process"]["state"] == "running"
+
+
+def test_watchdog_withheld_while_the_loop_is_blocked(daemon_factory):
+    d = daemon_factory("--enable_bpf_events=false",
+                       env={"WATCHDOG_USEC": "400000", "VAJRAD_TEST_FAULT": "loop-block:4"})
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc)
+    d.proc.send_signal(signal.SIGUSR2)
+    assert_withheld(d, "event loop has not turned")
+    mark = d.notify.mark()
+    d.notify.wait_for("WATCHDOG=1", 30, d.proc, after=mark)     # the loop turns again
+    assert d.call("ping") == "pong"
+
+
+def test_fault_hook_is_refused_when_malformed(daemon_factory):
+    d = daemon_factory("--enable_bpf_events=false", env={"VAJRAD_TEST_FAULT": "loop-block:soon"}, start=False)
+    d.start(wait_ready=False)
+    assert d.proc.wait(30) == 2 and "VAJRAD_TEST_FAULT" in d.log
 
 
 @needs_bpf
@@ -131,6 +228,40 @@ def test_sigkill_loses_nothing_committed(daemon_factory, workdir):
     d.start()
     after = {e["eid"] for e in d.wait_events(lambda e: e["path"] in progs and e["syscall"] == "exec")}
     assert before <= after and len(after) == 20
+
+
+@needs_bpf
+def test_sigterm_during_an_exec_burst_stores_every_completed_exec(daemon_factory, workdir):
+    """After the pollers stop, the probes are detached and the ring drained
+    before the store flushes: an exec that completed before SIGTERM (and,
+    as the log claims, before the probes were detached) is stored."""
+    d = daemon_factory()
+    prog = unique_program(workdir, f"vajra-burst-{uuid.uuid4().hex[:6]}")
+    done = Path(workdir, "completed")
+    # each line: an exec that has returned, and the wall-clock time after it
+    burst = subprocess.Popen(["bash", "-c", f'for i in $(seq 1000000); do {prog} "$i"; '
+                              f'echo "$i $EPOCHREALTIME" >> {done}; done'])
+    try:
+        deadline = time.monotonic() + 60
+        while not done.exists() or done.read_text().count("\n") < 300:
+            assert time.monotonic() < deadline and burst.poll() is None
+            time.sleep(0.05)
+        term_sent = time.time()
+        assert d.stop() == 0
+    finally:
+        burst.kill()
+        burst.wait()
+    completed = [(int(i), float(t)) for i, t in (line.split() for line in done.read_text().splitlines()
+                                                  if len(line.split()) == 2)]
+    detached = float(re.search(r"process: probes detached at ([0-9.]+)", d.log).group(1))
+    con = sqlite3.connect(d.database)
+    stored = {int(c.rsplit(" ", 1)[1]) for (c,) in con.execute(
+        "SELECT cmdline FROM bpf_process_events WHERE syscall = 'exec' AND path = ?", (prog,))}
+    con.close()
+    before_term = {i for i, t in completed if t < term_sent}
+    before_detach = {i for i, t in completed if t < detached}
+    assert len(before_term) >= 300 and before_term <= before_detach
+    assert not before_detach - stored, sorted(before_detach - stored)[:20]
 
 
 @needs_root

@@ -12,9 +12,11 @@ import pytest
 from osquery.extensions import Extension, ExtensionManager, ttypes
 
 from conftest import needs_bpf
+from harness import OSQUERY_ANCESTRY_BUILD_TABLES, OSQUERY_LINUX_TABLES
 from harness import OsqueryCore as Core
 from test_api import NOW, seed
 from vajrad.osquery import protocol as p
+from vajrad.osquery.extension import osquery_name
 from vajrad.tables import TABLES
 
 
@@ -62,8 +64,11 @@ def test_registration_columns_and_generate(core, vajrad):
     c.start_shim(vajrad.socket)
     info, registry = next(iter(c.handler.registered.values()))
     assert info.name == "vajra" and info.version == "0.1.0"
-    assert set(registry["table"]) == {n for n in TABLES}
-    routes = registry["table"]["bpf_process_events"]
+    assert set(registry["table"]) == {"vajra_bpf_process_events", "vajra_bpf_socket_events",
+                                      "vajra_bpf_file_events", "vajra_file_events",
+                                      "vajra_process_ancestry_cache_stats", "vajra_open_sockets"}
+    assert set(registry["table"]) == {osquery_name(n) for n in TABLES}
+    routes = registry["table"]["vajra_bpf_process_events"]
     by_name = {r["name"]: r for r in routes}
     assert [r["name"] for r in routes] == list(TABLES["bpf_process_events"].column_names)
     assert by_name["time"]["op"] == "4" and by_name["eid"]["op"] == "16"        # ADDITIONAL, HIDDEN
@@ -71,9 +76,9 @@ def test_registration_columns_and_generate(core, vajrad):
 
     client = c.client()
     assert client.ping().code == 0
-    cols = client.call("table", "bpf_process_events", {"action": "columns"})
+    cols = client.call("table", "vajra_bpf_process_events", {"action": "columns"})
     assert cols.status.code == 0 and [r["name"] for r in cols.response] == [r["name"] for r in routes]
-    resp = generate(client, "bpf_process_events")
+    resp = generate(client, "vajra_bpf_process_events")
     assert resp.status.code == 0 and len(resp.response) == 30
     row = resp.response[10]
     assert row["pid"] == "1010" and row["cmdline"] == "p10 --x" and row["is_open"] == "1"
@@ -90,22 +95,22 @@ def test_time_and_eid_constraints_reduce_what_is_fetched(core, vajrad):
         return vajrad.call("status")["api"]["events_served"]
 
     before = served()
-    assert len(generate(client, "bpf_process_events").response) == 30
+    assert len(generate(client, "vajra_bpf_process_events").response) == 30
     assert served() - before == 30
     before = served()
-    resp = generate(client, "bpf_process_events",
+    resp = generate(client, "vajra_bpf_process_events",
                     [{"name": "time", "list": [{"op": 4, "expr": str(NOW - 30)}], "affinity": "BIGINT"}])
     assert sorted(int(r["time"]) for r in resp.response) == [NOW - 20, NOW - 10]
     assert served() - before == 2            # only the window crossed the socket
     before = served()
-    resp = generate(client, "bpf_process_events", [
+    resp = generate(client, "vajra_bpf_process_events", [
         {"name": "time", "list": [{"op": 32, "expr": str(NOW - 300)}, {"op": 8, "expr": str(NOW - 250)}]},
         {"name": "eid", "list": [{"op": 16, "expr": "5"}]}])
     assert [r["eid"] for r in resp.response] == ["1", "2", "3", "4"]
     assert served() - before == 4
-    resp = generate(client, "bpf_process_events", [{"name": "time", "list": [{"op": 2, "expr": str(NOW - 100)}]}])
+    resp = generate(client, "vajra_bpf_process_events", [{"name": "time", "list": [{"op": 2, "expr": str(NOW - 100)}]}])
     assert [r["time"] for r in resp.response] == [str(NOW - 100)]
-    resp = generate(client, "bpf_process_events",
+    resp = generate(client, "vajra_bpf_process_events",
                     [{"name": "eid", "list": [{"op": 4, "expr": "20"}, {"op": 16, "expr": "5"}]}])
     assert resp.status.code == 0 and resp.response == []
 
@@ -121,15 +126,15 @@ def test_malformed_contexts_get_a_clear_error(core, vajrad, context, needle):
     c = core()
     c.start_shim(vajrad.socket)
     client = c.client()
-    resp = generate(client, "bpf_process_events", context=context)
+    resp = generate(client, "vajra_bpf_process_events", context=context)
     assert resp.status.code == 1 and needle in resp.status.message
-    assert generate(client, "bpf_process_events").status.code == 0      # still serving
+    assert generate(client, "vajra_bpf_process_events").status.code == 0      # still serving
 
 
 def test_events_disabled_means_no_rows_and_a_warning(core, vajrad):
     c = core(options={"disable_events": "true"})
     shim = c.start_shim(vajrad.socket)
-    resp = generate(c.client(), "bpf_process_events")
+    resp = generate(c.client(), "vajra_bpf_process_events")
     assert resp.response == [] and "--disable_events=false" in resp.status.message
     shim.kill()
     assert "--disable_events=false --enable_bpf_events=true" in shim.stderr.read()
@@ -139,13 +144,13 @@ def test_shim_flags_stand_in_for_a_core_without_enable_bpf_events(core, vajrad):
     c = core(options={"disable_events": "false", "enable_bpf_events": ""})
     c.handler.opts.pop("enable_bpf_events")
     c.start_shim(vajrad.socket)
-    resp = generate(c.client(), "bpf_process_events")
+    resp = generate(c.client(), "vajra_bpf_process_events")
     assert resp.response == [] and "enable_bpf_events" in resp.status.message
     c.stop()
     c2 = core(options={"disable_events": "false"})
     c2.handler.opts.pop("enable_bpf_events")
     c2.start_shim(vajrad.socket, "--enable_bpf_events=true")
-    assert len(generate(c2.client(), "bpf_process_events").response) == 30
+    assert len(generate(c2.client(), "vajra_bpf_process_events").response) == 30
 
 
 def test_vajrad_down_then_restarted(core, vajrad):
@@ -153,10 +158,10 @@ def test_vajrad_down_then_restarted(core, vajrad):
     c.start_shim(vajrad.socket)
     client = c.client()
     vajrad.stop()
-    resp = generate(client, "bpf_process_events")
+    resp = generate(client, "vajra_bpf_process_events")
     assert resp.status.code == 1 and "vajrad is not running" in resp.status.message
     vajrad.start()
-    assert len(generate(client, "bpf_process_events").response) == 30
+    assert len(generate(client, "vajra_bpf_process_events").response) == 30
 
 
 def test_shim_exits_when_osquery_goes_away(core, vajrad):
@@ -174,18 +179,35 @@ def test_shutdown_call_stops_the_shim(core, vajrad):
     assert shim.wait(10) == 0
 
 
-@pytest.mark.parametrize("list_tables", [True, False])
-def test_clashing_table_name_leaves_the_others_registered(core, vajrad, list_tables):
-    c = core(core_tables={"bpf_process_events"}, list_tables=list_tables)
+@pytest.mark.parametrize("core_tables", [OSQUERY_LINUX_TABLES, OSQUERY_ANCESTRY_BUILD_TABLES])
+def test_no_table_clashes_with_osquerys_own(core, vajrad, core_tables):
+    """A core with osquery's own Linux tables (file_events, process_events,
+    bpf_process_events, ...) takes every Vajra table, under its vajra_ name."""
+    c = core(core_tables=core_tables)
     shim = c.start_shim(vajrad.socket)
     _, registry = next(iter(c.handler.registered.values()))
-    assert "bpf_process_events" not in registry["table"]
-    assert set(registry["table"]) == set(TABLES) - {"bpf_process_events"}
-    resp = c.client().call("table", "bpf_process_events", {"action": "generate", "context": "{}"})
+    assert set(registry["table"]) == {osquery_name(n) for n in TABLES}
+    assert not set(registry["table"]) & core_tables
+    fim = c.client().call("table", "vajra_file_events", {"action": "columns"})
+    assert [r["name"] for r in fim.response] == list(TABLES["file_events"].column_names)
+    shim.send_signal(signal.SIGTERM)
+    shim.wait(10)
+    assert "clashes" not in shim.stderr.read()
+
+
+@pytest.mark.parametrize("list_tables", [True, False])
+def test_clashing_table_name_leaves_the_others_registered(core, vajrad, list_tables):
+    """Another extension already took one of our names: that table alone is left out."""
+    c = core(core_tables=OSQUERY_LINUX_TABLES | {"vajra_bpf_process_events"}, list_tables=list_tables)
+    shim = c.start_shim(vajrad.socket)
+    _, registry = next(iter(c.handler.registered.values()))
+    assert "vajra_bpf_process_events" not in registry["table"]
+    assert set(registry["table"]) == {osquery_name(n) for n in TABLES} - {"vajra_bpf_process_events"}
+    resp = c.client().call("table", "vajra_bpf_process_events", {"action": "generate", "context": "{}"})
     assert resp.status.code == 1
     shim.send_signal(signal.SIGTERM)
     shim.wait(10)
-    assert "bpf_process_events clashes with a table osquery already has" in shim.stderr.read()
+    assert "vajra_bpf_process_events clashes with a table osquery already has" in shim.stderr.read()
 
 
 def test_refused_registration_exits_non_zero(core, vajrad):
@@ -212,7 +234,7 @@ def test_wire_compatible_with_osquery_python_client(core, vajrad):
     try:
         client = ec.extension_client()
         assert client.ping().code == 0
-        resp = client.call("table", "bpf_process_events", {
+        resp = client.call("table", "vajra_bpf_process_events", {
             "action": "generate", "context": json.dumps({"constraints": [
                 {"name": "time", "list": [{"op": 32, "expr": str(NOW - 20)}], "affinity": "BIGINT"}]})})
         assert [r["pid"] for r in resp.response] == ["1028", "1029"]
@@ -224,8 +246,8 @@ def test_c_codec_and_plain_stubs_agree(core, vajrad):
     c = core()
     c.start_shim(vajrad.socket)
     ctx = json.dumps({"constraints": [{"name": "time", "list": [{"op": 4, "expr": str(NOW - 100)}]}]})
-    plain = c.client().call("table", "bpf_process_events", {"action": "generate", "context": ctx})
-    fast = c.fast_client().call("call", registry="table", item="bpf_process_events",
+    plain = c.client().call("table", "vajra_bpf_process_events", {"action": "generate", "context": ctx})
+    fast = c.fast_client().call("call", registry="table", item="vajra_bpf_process_events",
                                 request={"action": "generate", "context": ctx})
     assert fast.status.code == plain.status.code == 0
     assert fast.response == plain.response and len(fast.response) == 9
@@ -236,7 +258,7 @@ def test_live_table_through_the_shim(core, daemon_factory):
     d = daemon_factory()
     c = core(options={"disable_events": "true"})       # live tables do not depend on events flags
     c.start_shim(d.socket)
-    resp = c.client().call("table", "process_ancestry_cache_stats", {"action": "generate", "context": "{}"})
+    resp = c.client().call("table", "vajra_process_ancestry_cache_stats", {"action": "generate", "context": "{}"})
     assert resp.status.code == 0 and len(resp.response) == 1
     row = resp.response[0]
     assert row["max_size"] == "1000" and int(row["cache_size"]) > 0
@@ -261,7 +283,7 @@ def test_socket_tables_through_the_shim(core, daemon_factory):
         assert (row["fd"], row["family"], row["protocol"], row["local_address"], row["state"]) == \
             (str(listener.fileno()), "2", "6", "127.0.0.1", "LISTEN")
         assert json.loads(row["ancestry"])[0]["pid"] == os.getppid()
-        events = generate(client, "bpf_socket_events")
+        events = generate(client, "vajra_bpf_socket_events")
         assert events.status.code == 0
         mine = [r for r in events.response if r["pid"] == str(os.getpid()) and r["local_port"] == str(port)]
         assert [r["syscall"] for r in mine] == ["bind", "listen"]

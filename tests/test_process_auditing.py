@@ -2,8 +2,11 @@
 credentials, threads, orphans, pid reuse, and ancestry that is complete even
 when every parent has exited before the query."""
 import errno
+import grp
 import json
 import os
+import shutil
+import tempfile
 import subprocess
 import sys
 import textwrap
@@ -28,12 +31,14 @@ def proc_chain_len(pid: int) -> int:
     return n
 
 
-def rows_of(d, pred, want=1, timeout=15):
-    deadline = time.monotonic() + timeout
-    while True:
-        found = d.wait_events(pred, timeout=1)
-        if len(found) >= want or time.monotonic() > deadline:
-            return found
+# Rows of this module's tests are younger than this: the waits read the table from here on.
+SINCE = int(time.time()) - 5
+
+
+def rows_of(d, pred, want=1, timeout=60):
+    """The matching rows once there are `want` of them (or what there is at
+    the timeout, for the assertion to show)."""
+    return d.wait_events(pred, want=want, timeout=timeout, since_time=SINCE)
 
 
 def execs_of(d, prog, want=1):
@@ -44,7 +49,7 @@ def test_chain_ancestry_survives_its_parents(bpf_daemon, workdir):
     prog = unique_program(workdir, f"vajra-chain-{uuid.uuid4().hex[:8]}")
     # "; true" keeps each shell from exec'ing its last command in place
     subprocess.run(["bash", "-c", f"sh -c \"sh -c '{prog}'; true\"; true"], check=True)
-    time.sleep(0.5)                        # every parent has exited now
+    # run() returned: every parent has exited now
     [e] = execs_of(bpf_daemon, prog)
     anc = json.loads(e["ancestry"])
     assert [a["exe_name"] for a in anc[:4]] == ["dash", "dash", "bash",
@@ -69,8 +74,7 @@ def test_a_thousand_chains_are_all_complete(bpf_daemon, workdir):
         f.write(f"for i in $(seq 1000); do bash -c \"sh -c 'sh -c \\\"{prog} $i\\\"; true'; true\"; done\n")
     driver = subprocess.Popen(["bash", script])
     driver.wait()
-    time.sleep(1)
-    rows = execs_of(bpf_daemon, prog, want=1000)
+    rows = rows_of(bpf_daemon, lambda e: e["path"] == prog and e["syscall"] == "exec", want=1000, timeout=300)
     assert len(rows) == 1000
     base = 1 + 1 + proc_chain_len(os.getpid())          # driver bash, then us and ours
     complete = 0
@@ -100,22 +104,38 @@ def test_quotes_newlines_non_utf8_and_200_arguments(bpf_daemon, workdir):
     assert odd == [prog, "\\xff\\xfe-not-utf8"]
 
 
-def test_setuid_exec_has_euid_apart_from_uid(bpf_daemon, workdir):
-    prog = unique_program(workdir, f"vajra-suid-{uuid.uuid4().hex[:8]}")
-    os.chmod(prog, 0o4755)                          # setuid root
-    subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", prog], check=True)
+def test_setuid_exec_has_euid_apart_from_uid(bpf_daemon):
+    # The setuid-root copy lives in a directory only root and group nogroup
+    # (which the test's unprivileged user runs with) may enter, and goes at once.
+    private = tempfile.mkdtemp(prefix="vajra-suid-")
+    try:
+        os.chown(private, 0, grp.getgrnam("nogroup").gr_gid)
+        os.chmod(private, 0o710)
+        prog = unique_program(private, f"vajra-suid-{uuid.uuid4().hex[:8]}")
+        os.chmod(prog, 0o4755)                          # setuid root
+        subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", prog], check=True)
+    finally:
+        shutil.rmtree(private)
     [e] = execs_of(bpf_daemon, prog)
     assert e["uid"] == 65534 and e["euid"] == 0 and e["gid"] == 65534
 
 
+AUID = 4242
+
+
 def test_credentials_session_and_audit_ids(bpf_daemon, workdir):
-    prog = unique_program(workdir, f"vajra-cred-{uuid.uuid4().hex[:8]}")
-    p = subprocess.Popen(["setsid", prog])
-    p.wait()
-    [e] = execs_of(bpf_daemon, prog)
-    assert e["sid"] == e["pid"]                     # setsid made it a session leader
+    """The child sets its own loginuid (as pam_loginuid does at login) before
+    it execs, so auid is a value the kernel could not have made up."""
     with open("/proc/self/loginuid") as f:
-        assert e["auid"] == int(f.read())
+        if int(f.read()) != 4294967295:
+            pytest.skip("this process already has a loginuid: a child may not set another "
+                        "where loginuid is immutable")
+    prog = unique_program(workdir, f"vajra-cred-{uuid.uuid4().hex[:8]}")
+    p = subprocess.Popen(["setsid", "sh", "-c", f"echo {AUID} > /proc/self/loginuid && exec {prog}"])
+    assert p.wait() == 0
+    [e] = execs_of(bpf_daemon, prog)
+    assert e["sid"] == e["pid"] == p.pid            # setsid made it a session leader
+    assert e["auid"] == AUID
 
 
 def failed_exec(path, argv_expr=None):
@@ -184,27 +204,32 @@ def test_exec_from_a_non_leader_thread(bpf_daemon, workdir):
 
 
 def test_leader_exits_before_its_threads(bpf_daemon, workdir):
+    """The exit row's duration is the process's lifetime: the leader lives
+    0.6 s, then starts the worker and exits; the worker, the last thread,
+    lives about 0.1 s. A thread's lifetime would be either far shorter."""
     code = textwrap.dedent("""
         import ctypes, os, threading, time
         libc = ctypes.CDLL(None, use_errno=True)
         def worker():
-            time.sleep(0.5)
+            time.sleep(0.1)
             os._exit(7)                  # the last thread takes the process down
+        time.sleep(0.6)
         threading.Thread(target=worker).start()
         libc.syscall(60, 0)              # SYS_exit: only the leader thread exits
     """)
+    before = time.monotonic_ns()
     p = subprocess.Popen([sys.executable, "-c", code])
     assert p.wait(20) == 7
-    time.sleep(0.3)
+    lifetime_bound = time.monotonic_ns() - before
     exits = rows_of(bpf_daemon, lambda r: r["pid"] == p.pid and r["syscall"] == "exit")
     assert len(exits) == 1
     assert exits[0]["exit_code"] == "7" and exits[0]["tid"] != p.pid
-    assert exits[0]["duration"] >= 400_000_000      # lifetime in ns
+    assert 650_000_000 <= exits[0]["duration"] <= lifetime_bound      # lifetime in ns
 
 
 def test_killed_process_exit_code_is_the_signal(bpf_daemon, workdir):
     p = subprocess.Popen(["sleep", "30"])
-    time.sleep(0.2)
+    rows_of(bpf_daemon, lambda r: r["pid"] == p.pid and r["syscall"] == "exec")    # it is sleep now
     p.kill()
     p.wait()
     [x] = rows_of(bpf_daemon, lambda r: r["pid"] == p.pid and r["syscall"] == "exit")
@@ -233,22 +258,38 @@ def test_orphan_keeps_its_original_parent_in_ancestry(bpf_daemon, workdir):
 def test_reused_pid_does_not_inherit_a_strangers_ancestry(bpf_daemon, workdir):
     """The kernel hands out pid X again (forced through ns_last_pid, the
     interface CRIU uses); the new X must get its own parents, not those of
-    the exited X still in the cache."""
+    the exited X still in the cache.
+
+    This writes the host's ns_last_pid, and cannot be moved into a PID
+    namespace of its own: the probes and the process cache key on the
+    global pid (the one in the initial namespace), and a child namespace's
+    ns_last_pid steers only the number inside it, never the global one. So
+    the test puts ns_last_pid back where it found it (pids are then handed
+    out on from there, as if the test had not rewound them)."""
     prog = unique_program(workdir, f"vajra-reuse-{uuid.uuid4().hex[:8]}")
     first = subprocess.Popen(["sh", "-c", f"{prog} first; true"])
     first.wait()
     [old] = execs_of(bpf_daemon, prog)
     reused = old["pid"]                   # X: prog, child of the first sh
     assert json.loads(old["ancestry"])[0]["pid"] == first.pid
-    for _ in range(50):                   # another fork may take X first; try again
-        with open("/proc/sys/kernel/ns_last_pid", "w") as f:
-            f.write(str(reused - 1))
-        again = subprocess.Popen(["sh", "-c", f"{prog} second; true"])
-        again.wait()
-        if again.pid == reused:
-            break
-    else:
-        pytest.fail(f"could not get pid {reused} again")
+    last_pid = "/proc/sys/kernel/ns_last_pid"
+    with open(last_pid) as f:
+        found = int(f.read())
+    try:
+        for _ in range(50):               # another fork may take X first; try again
+            with open(last_pid, "w") as f:
+                f.write(str(reused - 1))
+            again = subprocess.Popen(["sh", "-c", f"{prog} second; true"])
+            again.wait()
+            if again.pid == reused:
+                break
+        else:
+            pytest.fail(f"could not get pid {reused} again")
+    finally:
+        with open(last_pid) as f:
+            now = int(f.read())
+        with open(last_pid, "w") as f:
+            f.write(str(max(found, now)))
     # (subprocess's PATH search makes failed execs of "sh" first: those are rows too)
     [new_sh] = rows_of(bpf_daemon, lambda r: r["pid"] == reused and r["syscall"] == "exec"
                        and r["exit_code"] == "0" and r["cmdline"] == f"sh -c {prog} second; true")
@@ -338,9 +379,10 @@ def test_vajractl_tree_by_pid_and_eid(bpf_daemon, workdir):
     # has) must not split that ancestor over two lines of the tree.
     sleeper = subprocess.Popen(["bash", "-c", "sh -c 'sleep 30; true'\n\x1b[31mtrue"])
     try:
-        time.sleep(0.5)
-        sleep_pid = int(subprocess.check_output(["pgrep", "-P", str(int(subprocess.check_output(
-            ["pgrep", "-P", str(sleeper.pid)]).split()[0])), "sleep"]).split()[0])
+        [sleep_exec] = rows_of(bpf_daemon, lambda r: r["syscall"] == "exec" and r["cmdline"] == "sleep 30"
+                               and json.loads(r["ancestry"])[1:2] and json.loads(r["ancestry"])[1]["pid"]
+                               == sleeper.pid)
+        sleep_pid = sleep_exec["pid"]
         ctl = [sys.executable, "-m", "vajrad.client.ctl", "--socket", bpf_daemon.socket, "tree"]
         out = subprocess.run(ctl + [str(sleep_pid)], capture_output=True, text=True, check=True).stdout
         lines = out.splitlines()

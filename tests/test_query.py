@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from test_api import seed
+from test_api import NOW, seed
 
 
 @pytest.fixture
@@ -71,14 +71,52 @@ def test_bad_sql_and_missing_store(store, workdir):
     assert r.returncode == 1 and "no event store" in r.stderr
 
 
-def test_example_pack_queries_run(store):
+PACK_ROWS = [   # (path, uid, probe_error)
+    ("/tmp/dropper", 1000, 0), ("/dev/shm/x", 1000, 0), ("/var/tmp/y", 0, 0),
+    ("/usr/bin/bash", 33, 0), ("/usr/bin/dash", 0, 0), ("/usr/bin/sh", 1000, 0),
+    ("/home/eve/tool", 0, 0), ("/usr/bin/ls", 0, 0), ("/opt/app/run", 0, 0),
+    ("/usr/bin/curl", 1000, 0), ("/usr/bin/wget", 1000, 0), ("/usr/bin/curly", 1000, 0),
+    ("/usr/bin/cat", 1000, 1), ("/usr/bin/nc", 1000, 2),
+]
+# What each of the pack's queries must find in PACK_ROWS, by path.
+PACK_EXPECTED = {
+    "vajra_exec_from_tmp": {"/tmp/dropper", "/dev/shm/x", "/var/tmp/y"},
+    "vajra_shells_by_services": {"/usr/bin/bash"},
+    "vajra_root_execs_outside_system_paths": {"/var/tmp/y", "/home/eve/tool"},
+    "vajra_download_tools": {"/usr/bin/curl", "/usr/bin/wget", "/usr/bin/nc"},
+    "vajra_truncated_probes": {"/usr/bin/cat", "/usr/bin/nc"},
+}
+
+
+def test_example_pack_queries_find_what_they_should(workdir):
+    """The pack is written for osquery (tables by their vajra_ names there);
+    over the local store the same SQL runs with vajrad's table names."""
     from pathlib import Path
     from vajrad.client.sql import ReadOnlySql
+    from vajrad.osquery.extension import osquery_name
+    from vajrad.store.event_store import EventStore
+    from vajrad.tables import TABLES
+    db_path = os.path.join(workdir, "pack.db")
+    store = EventStore(db_path, TABLES, expiry=0, max_rows=0)
+    store.open()
+    store.start()
+    store.submit("bpf_process_events", [
+        {"pid": 2000 + i, "tid": 2000 + i, "parent": 1, "uid": uid, "syscall": "exec", "path": path,
+         "cmdline": path, "cwd": "/", "time": NOW, "host_identifier": "h", "exit_code": "0",
+         "probe_error": probe_error, "ntime": str(i)}
+        for i, (path, uid, probe_error) in enumerate(PACK_ROWS)])
+    store.stop()
     pack = json.loads((Path(__file__).resolve().parent.parent / "docs/examples/vajra-pack.json").read_text())
-    db = ReadOnlySql(store)
+    assert set(pack["queries"]) == set(PACK_EXPECTED)
+    db = ReadOnlySql(db_path)
     try:
         for name, q in pack["queries"].items():
-            columns, _ = db.run(q["query"])
-            assert columns, name
+            sql = q["query"]
+            for table in TABLES:
+                assert f" {table} " not in sql, (name, "osquery knows the table as " + osquery_name(table))
+                sql = sql.replace(f" {osquery_name(table)} ", f" {table} ")
+            columns, rows = db.run(sql)
+            found = {dict(zip(columns, r))["path"] for r in rows}
+            assert found == PACK_EXPECTED[name], name
     finally:
         db.close()

@@ -108,7 +108,7 @@ CORE_OPTIONS: tuple[Option, ...] = (
            minimum=0, reloadable=True),
     Option("events_max", int, 50000, "Rows to keep per table; 0 means no limit.",
            minimum=0, reloadable=True),
-    Option("store_max_pending_ms", int, 200,
+    Option("store_max_pending_ms", int, 100,
            "Longest a captured event waits in the store's queue for its commit (one fsync per interval "
            "under load): with what the collectors hold, the bound on what a crash loses (docs/storage.md).",
            minimum=10, maximum=10_000),
@@ -239,7 +239,6 @@ def load(argv: list[str], catalogue: Catalogue, previous_flags: dict[str, Any] |
     path = flags.get("config_path", DEFAULT_CONFIG_PATH)
     if "config_path" not in flags and not os.path.exists(path):
         file_opts, sections = validate_document(EMBEDDED_CONFIG, "embedded config", catalogue)
-        path = "embedded config"
     else:
         file_opts, sections = read_config_file(path, catalogue)
     values = {o.name: o.default for o in catalogue.options}

@@ -65,6 +65,9 @@ class Vajrad:
         self._stop = asyncio.Event()
         self.watchdog: Watchdog | None = None
         self._background: set[asyncio.Task] = set()
+        # SIGHUPs handled so far and how the last one ended, for a reloader
+        # (vajrad.client.reload, the unit's ExecReload) that waits for it.
+        self.reloads = {"count": 0, "result": "none"}
 
     # --- status -------------------------------------------------------------
     def counters(self) -> tuple[int, int]:
@@ -94,6 +97,7 @@ class Vajrad:
                     "subscriber_missed": self.hub.missed_total,
                     "events_served": self.service.served if self.service else 0},
             "dbus": self.dbus.state if self.dbus else "stopped",
+            "reload": dict(self.reloads),
             "events": {
                 "captured": sum(c.captured for c in self.collectors),
                 "captured_kernel": sum(c.captured for c in self.collectors if c.source == "kernel"),
@@ -245,7 +249,7 @@ class Vajrad:
             new = config.load([], self.catalogue, self.flags)
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s", e)
-            self.notifier.ready(self.status_line())
+            self._reloaded(f"failed: {e}")
             return
         changed = self.config.changed(new)
         for name in sorted(changed):
@@ -270,8 +274,15 @@ class Vajrad:
             except VajraError as e:
                 log.error("collector could not start: %s", e)
         self.config = new
-        log.info("configuration reloaded from %s (%s)", new.config_path,
-                 ", ".join(sorted(changed)) or "no changes")
+        # Without a file at the default path the embedded defaults apply:
+        # say so rather than name a file that was never read.
+        source = new.config_path if os.path.exists(new.config_path) else \
+            f"the embedded defaults ({new.config_path} does not exist)"
+        log.info("configuration reloaded from %s (%s)", source, ", ".join(sorted(changed)) or "no changes")
+        self._reloaded("ok")
+
+    def _reloaded(self, result: str) -> None:
+        self.reloads = {"count": self.reloads["count"] + 1, "result": result}
         self.notifier.ready(self.status_line())
 
     async def _shutdown(self) -> None:

@@ -215,7 +215,12 @@ class AttributedCollector(BpfCollector):
         # older than that exec are attributed (see _after_poll).
         with self.cache.lock:
             self.cache.attributed_upto(self.name, time.monotonic_ns() - SUBMIT_SLACK_NS)
-        await super().start()
+        try:
+            await super().start()
+        except BaseException:
+            with self.cache.lock:
+                self.cache.attributed_upto(self.name, None)
+            raise
 
     async def stop(self) -> None:
         await super().stop()

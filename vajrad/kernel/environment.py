@@ -48,6 +48,7 @@ KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "TASK_PID": ("task_struct", "pid"),
     "TASK_FLAGS": ("task_struct", "flags"),
     "TASK_START_TIME": ("task_struct", "start_time"),
+    "TASK_GROUP_LEADER": ("task_struct", "group_leader"),
     "TASK_START_BOOTTIME": ("task_struct", "start_boottime"),
     "TASK_EXIT_CODE": ("task_struct", "exit_code"),
     "TASK_CRED": ("task_struct", "cred"),
@@ -210,8 +211,42 @@ def _arch_suffix(machine: str) -> str:
     return {"x86_64": "-amd64", "aarch64": "-arm64"}.get(machine, "-" + machine)
 
 
+# bpf(2)'s number per architecture (Python has no wrapper); BPF_MAP_CREATE = 0.
+BPF_SYSCALL = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351,
+               "armv7l": 386, "i686": 357}
+BPF_MAP_CREATE, BPF_MAP_TYPE_ARRAY = 0, 2
+
+
+def bpf_refusal() -> str | None:
+    """Why the kernel refuses bpf() to this process, or None when it accepts
+    it: creates and closes a one-entry array map. A container's seccomp filter
+    or missing CAP_BPF shows up here as EPERM, which BCC would otherwise
+    report as a compile failure."""
+    import ctypes
+    import errno
+    import struct
+    number = BPF_SYSCALL.get(os.uname().machine)
+    if number is None:
+        return None                 # unknown architecture: let BCC find out
+    libc = ctypes.CDLL(None, use_errno=True)
+    # union bpf_attr for BPF_MAP_CREATE: map_type, key_size, value_size, max_entries, map_flags
+    attr = ctypes.create_string_buffer(struct.pack("=5I", BPF_MAP_TYPE_ARRAY, 4, 4, 1, 0), 128)
+    fd = libc.syscall(number, BPF_MAP_CREATE, attr, ctypes.sizeof(attr))
+    if fd >= 0:
+        os.close(fd)
+        return None
+    err = ctypes.get_errno()
+    why = {errno.EPERM: "a seccomp filter (as in a container) or missing CAP_BPF/CAP_SYS_ADMIN",
+           errno.ENOSYS: "the kernel is built without CONFIG_BPF_SYSCALL"}.get(err, "")
+    return f"the kernel refused bpf() ({errno.errorcode.get(err, err)}: {os.strerror(err)})" + \
+        (f": {why}" if why else "")
+
+
 def probe(runtime_dir: str, btf_path: str = BTF_PATH, headers_root: str = HEADERS_ROOT) -> KernelEnv:
     uname = os.uname()
+    if refusal := bpf_refusal():
+        raise KernelSupportError(f"{refusal}; the eBPF collectors cannot load "
+                                 f"(--enable_bpf_events=false runs without them)")
     env = KernelEnv(release=uname.release)
     env.has_ringbuf = _release_tuple(uname.release) >= (5, 8)
     build = f"/lib/modules/{uname.release}/build"

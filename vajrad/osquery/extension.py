@@ -1,6 +1,7 @@
 """vajra-osquery-extension (also installed as vajra.ext for autoloading).
 
-Registers every Vajra table with osquery's extension manager and answers
+Registers every Vajra table with osquery's extension manager, each under
+`vajra_` + its name (see osquery_name), and answers
 osquery's table calls from vajrad's socket, never from the database file.
 osquery starts it as `vajra.ext --socket PATH --timeout N --interval N
 [--verbose]`; it exits when osquery goes away, and reconnects to vajrad per
@@ -31,6 +32,23 @@ SDK_VERSION = "5.23.1"            # the osquery release whose protocol we speak
 MIN_SDK_VERSION = "0.0.0"
 PAGE = 10000
 OP_EQUALS, OP_GT, OP_LE, OP_LT, OP_GE = 2, 4, 8, 16, 32
+# osquery core has (or had, or has in a build our users run) tables named
+# file_events, bpf_process_events, bpf_socket_events and
+# process_ancestry_cache_stats, and refuses an extension table of the same
+# name. Under one prefix no Vajra table can clash with any of them, nor with
+# a table osquery adds later; the columns stay osquery's.
+OSQUERY_PREFIX = "vajra_"
+
+
+def osquery_name(table: str) -> str:
+    """The name a Vajra table has in osquery."""
+    return table if table.startswith(OSQUERY_PREFIX) else OSQUERY_PREFIX + table
+
+
+def osquery_tables(tables: dict[str, Table]) -> dict[str, Table]:
+    return {osquery_name(name): t for name, t in tables.items()}
+
+
 EVENTS_HINT = ("events are disabled: start osquery with --disable_events=false --enable_bpf_events=true, "
                "or pass those flags to vajra-osquery-extension")
 
@@ -153,6 +171,7 @@ class VajraTables:
     """Answers osquery's `table` registry calls."""
 
     def __init__(self, vajra_socket: str | None, tables: dict[str, Table]):
+        """tables: by their names in osquery."""
         self.vajra_socket = vajra_socket
         self.tables = tables
         self.events_on, self.events_why = False, EVENTS_HINT
@@ -245,7 +264,10 @@ def core_tables(manager: p.Client) -> set[str]:
 
 
 def register(manager: p.Client, tables: dict[str, Table]) -> tuple[p.ExtensionStatus, list[str]]:
-    """Registers what does not clash; returns the status and the tables left out."""
+    """Registers what does not clash (tables by their names in osquery);
+    returns the status and the tables left out. With the vajra_ prefix
+    nothing should clash: this is for an extension of another vendor that
+    took one of our names."""
     clashing = sorted(set(tables) & core_tables(manager))
     while True:
         offered = {n: column_routes(t) for n, t in tables.items() if n not in clashing}
@@ -273,15 +295,16 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         log.error("cannot reach osquery at %s: %s", args.socket, e)
         return 1
-    tables = VajraTables(args.vajra_socket, TABLES)
+    offered = osquery_tables(TABLES)
+    tables = VajraTables(args.vajra_socket, offered)
     tables.events_on, tables.events_why = events_enabled(options, args)
     if not tables.events_on:
         log.warning("%s", tables.events_why)
-    status, clashing = register(manager, TABLES)
+    status, clashing = register(manager, offered)
     if status.code != p.EXT_SUCCESS:
         log.error("osquery refused the extension: %s", status.message)
         return 1
-    tables.tables = {n: t for n, t in TABLES.items() if n not in clashing}
+    tables.tables = {n: t for n, t in offered.items() if n not in clashing}
     stop = threading.Event()
     ext_path = f"{args.socket}.{status.uuid}"
     if os.path.exists(ext_path):

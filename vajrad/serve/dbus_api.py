@@ -6,8 +6,11 @@ is_open as b. A column with no value is left out of its event dict.
 """
 from __future__ import annotations
 
+import array
 import asyncio
 import logging
+import socket
+import time
 from typing import Any, Callable
 
 from dbus_next import BusType, Message, MessageType, Variant
@@ -21,6 +24,7 @@ from vajrad.errors import RequestError, VajraError
 from vajrad.schema import Table
 from vajrad.protocol import event_list_params
 from vajrad.serve.service import VajraService
+from vajrad.serve.wire import RateLimitedLog, shown
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +33,12 @@ OBJECT_PATH = "/org/vajra/Vajra1"
 INTERFACE = "org.vajra.Vajra1"
 ERR_INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
 ERR_FAILED = "org.vajra.Vajra1.Error.Failed"
+ERR_UNKNOWN_METHOD = "org.freedesktop.DBus.Error.UnknownMethod"
+ERR_UNKNOWN_INTERFACE = "org.freedesktop.DBus.Error.UnknownInterface"
+ERR_UNKNOWN_PROPERTY = "org.freedesktop.DBus.Error.UnknownProperty"
+ERR_PROPERTY_READ_ONLY = "org.freedesktop.DBus.Error.PropertyReadOnly"
+PROPERTIES = "org.freedesktop.DBus.Properties"
+PROPERTY_NAMES = ("Version", "EventsCaptured", "EventsLost")
 PROPERTIES_INTERVAL = 1.0     # PropertiesChanged at most once per this many seconds
 
 
@@ -76,6 +86,82 @@ def event_to_dbus(row: dict, tables: dict[str, Table]) -> dict[str, Variant]:
     return out
 
 
+class _LibraryErrorLimit(logging.Filter):
+    """dbus-next logs each error a handler raises, traceback included, on the
+    root logger; a client can provoke those at will. At most `burst` such
+    records per minute get through, then one that says how many did not."""
+
+    PREFIXES = ("got unexpected error processing a message", "A message handler raised an exception")
+
+    def __init__(self, burst: int = 5, period: float = 60.0):
+        super().__init__()
+        self.burst, self.period = burst, period
+        self.window_start, self.in_window, self.suppressed = -period, 0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(self.PREFIXES):
+            return True
+        now = time.monotonic()
+        if now - self.window_start >= self.period:
+            self.window_start, self.in_window = now, 0
+        if self.in_window >= self.burst:
+            self.suppressed += 1
+            return False
+        self.in_window += 1
+        if self.suppressed:
+            record.msg += f" ({self.suppressed} similar records not logged)"
+            self.suppressed = 0
+        return True
+
+
+_library_error_limit = _LibraryErrorLimit()
+
+
+def tolerate_full_socket(bus: MessageBus) -> MessageBus:
+    """Makes dbus-next 0.2's writer wait when the bus socket is full.
+
+    Its write callback sends message after message until the queue is empty;
+    when send() meets a full socket buffer (EAGAIN: large replies, or a bus
+    slow to read) it takes the BlockingIOError for a broken connection and
+    disconnects, and vajrad is silently gone from the bus. Found by
+    tests/test_fuzz.py. This is that callback with EAGAIN meaning "wait until
+    writable", which the loop's writer registration already does."""
+    writer = getattr(bus, "_writer", None)
+    if writer is None or not all(hasattr(writer, a) for a in ("buf", "messages", "sock", "offset", "fut")):
+        return bus        # another dbus-next: leave it as it is
+    from dbus_next.aio import message_bus as impl
+
+    def write_callback() -> None:
+        try:
+            while True:
+                if writer.buf is None:
+                    if writer.messages.qsize() == 0:
+                        writer.loop.remove_writer(writer.fd)
+                        return
+                    buf, unix_fds, fut = writer.messages.get_nowait()
+                    writer.unix_fds, writer.buf, writer.offset, writer.fut = unix_fds, memoryview(buf), 0, fut
+                try:
+                    if writer.unix_fds and writer.negotiate_unix_fd:
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", writer.unix_fds))]
+                        writer.offset += writer.sock.sendmsg([writer.buf[writer.offset:]], ancdata)
+                        writer.unix_fds = None
+                    else:
+                        writer.offset += writer.sock.send(writer.buf[writer.offset:])
+                except BlockingIOError:
+                    return            # called again once the socket is writable
+                if writer.offset >= len(writer.buf):
+                    writer.buf = None
+                    impl._future_set_result(writer.fut, None)
+                else:
+                    return
+        except Exception as e:
+            impl._future_set_exception(writer.fut, e)
+            writer.bus._finalize(e)
+
+    writer.write_callback = write_callback
+    return bus
+
+
 class VajraInterface(ServiceInterface):
     def __init__(self, service: VajraService, counters: Callable[[], tuple[int, int]]):
         super().__init__(INTERFACE)
@@ -90,16 +176,13 @@ class VajraInterface(ServiceInterface):
     def GetStatus(self) -> "a{sv}":
         return to_vardict(self.service.status())
 
+    # ReadTable and ListEvents are declared for introspection; DbusService._dispatch
+    # answers them (ListEvents asynchronously, since dbus-next 0.2 runs @method
+    # bodies on the loop; both so that a bad call is an error reply, not a logged traceback).
     @method()
     def ReadTable(self, table: "s") -> "aa{sv}":
-        try:
-            rows = self.service.read_table({"table": table})["rows"]
-        except RequestError as e:
-            raise DBusError(ERR_INVALID_ARGS, str(e)) from None
-        return [to_vardict(r) for r in rows]
+        raise DBusError(ERR_FAILED, "ReadTable is dispatched by DbusService")
 
-    # Declared for introspection; calls are answered asynchronously by
-    # DbusService._dispatch, since dbus-next 0.2 runs @method bodies on the loop.
     @method()
     def ListEvents(self, filter: "a{sv}", table: "s", limit: "u", cursor: "s") -> "aa{sv}s":
         raise DBusError(ERR_FAILED, "ListEvents is dispatched asynchronously")
@@ -128,10 +211,13 @@ class DbusService:
         self.state = "disabled" if bus_setting == "none" else "stopped"
         self._task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.internal_errors = RateLimitedLog(log)
 
     async def start(self) -> None:
         if self.bus_setting == "none":
             return
+        if _library_error_limit not in logging.getLogger().filters:
+            logging.getLogger().addFilter(_library_error_limit)
         try:
             if self.bus_setting == "system":
                 bus = MessageBus(bus_type=BusType.SYSTEM)
@@ -139,7 +225,7 @@ class DbusService:
                 bus = MessageBus(bus_type=BusType.SESSION)
             else:
                 bus = MessageBus(bus_address=self.bus_setting)
-            self.bus = await asyncio.wait_for(bus.connect(), 5)
+            self.bus = await asyncio.wait_for(tolerate_full_socket(bus).connect(), 5)
             self.bus.add_message_handler(self._dispatch)
             self.bus.export(OBJECT_PATH, self.iface)
             reply = await self.bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
@@ -164,13 +250,54 @@ class DbusService:
         self.state = "stopped"
 
     def _dispatch(self, msg: Message):
-        if (msg.message_type != MessageType.METHOD_CALL or msg.interface != INTERFACE
-                or msg.path != OBJECT_PATH or msg.member != "ListEvents"):
+        """Calls answered here rather than by dbus-next's handlers: ListEvents
+        (asynchronously), ReadTable, and Properties calls that are wrong.
+        dbus-next 0.2 replies to an error raised in a handler and then logs it
+        with a traceback as unexpected, so a client's mistake there would put
+        a traceback in our log per call; these return the error instead."""
+        if msg.message_type != MessageType.METHOD_CALL or msg.path != OBJECT_PATH:
+            return None
+        if msg.interface == PROPERTIES:
+            problem = self._property_problem(msg)
+            return Message.new_error(msg, problem[0], problem[1]) if problem else None
+        if msg.interface != INTERFACE:
+            return None
+        if msg.member == "ReadTable":
+            return self._read_table(msg)
+        if msg.member != "ListEvents":
             return None
         task = asyncio.create_task(self._list_events(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
+
+    @staticmethod
+    def _property_problem(msg: Message) -> tuple[str, str] | None:
+        signatures = {"Get": "ss", "Set": "ssv", "GetAll": "s"}
+        if signatures.get(msg.member) != msg.signature:
+            return ERR_UNKNOWN_METHOD, (f"{PROPERTIES}.{msg.member} with signature {msg.signature!r} "
+                                        f"does not exist (Get: ss, GetAll: s, Set: ssv)")
+        if msg.body[0] != INTERFACE:
+            return ERR_UNKNOWN_INTERFACE, f"no interface {shown(msg.body[0])} at {OBJECT_PATH}"
+        if msg.member in ("Get", "Set") and msg.body[1] not in PROPERTY_NAMES:
+            return ERR_UNKNOWN_PROPERTY, (f"no property {shown(msg.body[1])} "
+                                          f"(known: {', '.join(PROPERTY_NAMES)})")
+        if msg.member == "Set":
+            return ERR_PROPERTY_READ_ONLY, f"property {msg.body[1]} is read-only"
+        return None
+
+    def _read_table(self, msg: Message) -> Message:
+        if msg.signature != "s":
+            return Message.new_error(msg, ERR_INVALID_ARGS,
+                                     f"ReadTable takes (s table), got signature {msg.signature!r}")
+        try:
+            rows = self.service.read_table({"table": msg.body[0]})["rows"]
+            return Message.new_method_return(msg, "aa{sv}", [[to_vardict(r) for r in rows]])
+        except RequestError as e:
+            return Message.new_error(msg, ERR_INVALID_ARGS, str(e))
+        except Exception as e:
+            self.internal_errors.exception("D-Bus ReadTable failed")
+            return Message.new_error(msg, ERR_FAILED, f"internal error: {type(e).__name__}")
 
     async def _list_events(self, msg: Message) -> None:
         try:
@@ -185,8 +312,8 @@ class DbusService:
         except RequestError as e:
             reply = Message.new_error(msg, ERR_INVALID_ARGS, str(e))
         except Exception as e:
-            log.exception("D-Bus ListEvents failed")
-            reply = Message.new_error(msg, ERR_FAILED, str(e))
+            self.internal_errors.exception("D-Bus ListEvents failed")
+            reply = Message.new_error(msg, ERR_FAILED, f"internal error: {type(e).__name__}")
         if self.bus:
             self.bus.send(reply)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from vajrad.errors import RequestError
 from vajrad.schema import Table
-from vajrad.serve.wire import ParseError, decode, shown, shown_key
+from vajrad.serve.wire import ParseError, decode, has_lone_surrogate, shown, shown_key
 from vajrad.store.event_store import EventStore, Filter
 
 DEFAULT_LIMIT = 1000
@@ -44,6 +44,16 @@ def parse_int(value: Any, field: str, minimum: int | None = None, maximum: int |
     return n
 
 
+def parse_text(value: Any, field: str) -> str:
+    """A string SQLite can bind: one with a lone surrogate (sent as a "\\ud800"
+    escape) cannot be UTF-8, and could not match anything stored anyway."""
+    if not isinstance(value, str):
+        raise RequestError(f"{field} must be a string, got {shown(value)}", field)
+    if has_lone_surrogate(value):
+        raise RequestError(f"{field} must be valid Unicode text (it holds a lone surrogate)", field)
+    return value
+
+
 def parse_filter(obj: Any, field: str = "filter") -> Filter:
     if not isinstance(obj, dict):
         raise RequestError(f"{field} must be an object", field)
@@ -56,9 +66,7 @@ def parse_filter(obj: Any, field: str = "filter") -> Filter:
         raise RequestError(f"{field} must hold at least one of {', '.join(FILTER_KEYS)}", field)
     flt = Filter()
     if "host_identifier" in obj:
-        if not isinstance(obj["host_identifier"], str):
-            raise RequestError(f"{field}.host_identifier must be a string", f"{field}.host_identifier")
-        flt.host_identifier = obj["host_identifier"]
+        flt.host_identifier = parse_text(obj["host_identifier"], f"{field}.host_identifier")
     if "is_open" in obj:
         flt.is_open = parse_bool(obj["is_open"], f"{field}.is_open")
     for key in ("start_time", "end_time", "start_eid", "end_eid"):

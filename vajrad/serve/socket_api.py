@@ -280,3 +280,5 @@ class _Connection:
                                  "params": {"subscription": sub_id, "event": event}})
         except (ConnectionError, asyncio.CancelledError):
             pass
+        except Exception:        # seen now, not as "Task exception was never retrieved" at exit
+            self.server.internal_errors.exception("api: subscription %d failed", sub_id)

@@ -25,6 +25,10 @@ SHOWN_CHARS = 80             # an echoed value in an error message is cut to abo
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")   # a pair is one code point once decoded
 
 
+def has_lone_surrogate(text: str) -> bool:
+    return _LONE_SURROGATE.search(text) is not None
+
+
 class ParseError(ValueError):
     pass
 
