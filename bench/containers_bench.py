@@ -79,7 +79,8 @@ def run(args) -> dict:
     try:
         rt.build_image()
         rt.start_service()
-        d = Daemon(workdir, f"--podman_socket={rt.socket}", "--docker_socket=").start()
+        # Each podman run makes ~100 process rows: keep them all for the count.
+        d = Daemon(workdir, f"--podman_socket={rt.socket}", "--docker_socket=", "--events_max=0").start()
         tc.wait_connected(d)
         tag = uuid.uuid4().hex[:6]
         idle_cpu, _ = _window(d, seconds, lambda: time.sleep(seconds))
@@ -103,6 +104,7 @@ def run(args) -> dict:
         resolved = sum(1 for n, r in rows.items() if r["container_id"] == expected.get(n))
         filled = sum(1 for n, r in rows.items() if r["container_name"] == n and r["container_image"] == tc.IMAGE)
         status = d.call("status")["collectors"]["containers"]
+        process = d.call("status")["collectors"]["process"]
         return {
             "asked_rate": rate, "achieved_rate": round(achieved, 1), "seconds": seconds,
             "containers_run": len(expected), "podman_failures": len(failed),
@@ -110,7 +112,8 @@ def run(args) -> dict:
             "resolved_pct": round(100 * resolved / max(len(rows), 1), 2),
             "name_image_filled_pct": round(100 * filled / max(len(rows), 1), 2),
             "rows_filled_late": status["rows_filled_late"], "fill_timeouts": status["fill_timeouts"],
-            "fill_p99_ms": status["fill_p99_ms"],
+            "fill_p99_ms": status["fill_p99_ms"], "unresolved_cgroups": status["unresolved_cgroups"],
+            "process_rows": process["captured"], "kernel_lost": process["kernel_lost"],
             "vajrad_cpu_pct": {"idle": idle_cpu, "host_true_same_rate": host_cpu, "containers": load_cpu},
         }
     finally:
