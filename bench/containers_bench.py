@@ -112,7 +112,7 @@ def run(args) -> dict:
             "resolved_pct": round(100 * resolved / max(len(rows), 1), 2),
             "name_image_filled_pct": round(100 * filled / max(len(rows), 1), 2),
             "rows_filled_late": status["rows_filled_late"], "fill_timeouts": status["fill_timeouts"],
-            "fill_p99_ms": status["fill_p99_ms"], "unresolved_cgroups": status["unresolved_cgroups"],
+            "fill_p99_ms": status["fill_p99_ms"], "metadata_lag_p99_ms": status["metadata_lag_p99_ms"], "unresolved_cgroups": status["unresolved_cgroups"],
             "process_rows": process["captured"], "kernel_lost": process["kernel_lost"],
             "vajrad_cpu_pct": {"idle": idle_cpu, "host_true_same_rate": host_cpu, "containers": load_cpu},
         }

@@ -115,6 +115,8 @@ def test_resolver_and_late_fill():
     assert dict_row["container_name"] == "web" and dict_row["pod_uid"] == UID
     assert host_row[1:8] == list(HOST)
     assert resolver.filled_late == 2 and resolver.fill_timeouts == 0
+    stats = resolver.stats()
+    assert stats["fill_p99_ms"] >= 0 and stats["metadata_lag_p99_ms"] > 0      # looked up before it was known
     assert resolver.lookup(77) == ((ID, "web", "localhost/img:1", "podman", "p", "ns", UID), True)
 
 

@@ -207,11 +207,12 @@ class ContainerInfo:
     cgroup_path: str = ""
     first_seen: int = 0
     complete: bool = False      # name and image known (from an inspect, a list or an event)
+    asked_at: float = 0.0       # monotonic time a row first needed it
 
     def merge(self, other: "ContainerInfo") -> None:
         """What `other` knows, over what we knew; empty values never erase."""
         for k, v in other.__dict__.items():
-            if k in ("id", "first_seen", "labels"):
+            if k in ("id", "first_seen", "labels", "asked_at"):
                 continue
             if v not in ("", 0, None, False):
                 setattr(self, k, v)
@@ -251,6 +252,9 @@ class ContainerResolver:
         self.fill_timeouts = 0
         self.unresolved_cgroups = 0
         self.fill_delays_ms: deque[float] = deque(maxlen=4096)
+        # per container, from its first row's lookup to its name and image
+        # being known (0 when they were known already)
+        self.metadata_lags_ms: deque[float] = deque(maxlen=4096)
 
     # --- per event (polling threads) -------------------------------------
     def lookup(self, cgroup_id: int, pid: int = 0) -> tuple[tuple, bool]:
@@ -284,12 +288,16 @@ class ContainerResolver:
                 if info is None:
                     info = self.containers[found.container_id] = ContainerInfo(
                         found.container_id, found.runtime, pod_uid=found.pod_uid, cgroup_id=cgroup_id,
-                        cgroup_path=path, first_seen=int(time.time()))
+                        cgroup_path=path, first_seen=int(time.time()), asked_at=time.monotonic())
                     ask = True
                 else:
                     ask = False
                     if not info.cgroup_id:
                         info.cgroup_id, info.cgroup_path = cgroup_id, path
+                    if not info.asked_at:
+                        info.asked_at = time.monotonic()
+                        if info.complete:
+                            self.metadata_lags_ms.append(0.0)
                 answer = self._values(info)
             if ask and self.wanted is not None:
                 self.wanted(found.container_id, found.runtime)
@@ -338,7 +346,10 @@ class ContainerResolver:
                 else:
                     self.deleted[info.id] = info
             else:
+                was_complete = known.complete
                 known.merge(info)
+                if known.complete and not was_complete and known.asked_at:
+                    self.metadata_lags_ms.append((time.monotonic() - known.asked_at) * 1000)
             if known.deleted and info.id in self.containers:
                 self.deleted[info.id] = self.containers.pop(info.id)
             if known.cgroup_id:
@@ -355,12 +366,16 @@ class ContainerResolver:
             return list(self.containers.values()) + list(self.deleted.values())
 
     def stats(self) -> dict:
-        delays = sorted(self.fill_delays_ms)
-        p99 = delays[min(len(delays) - 1, int(len(delays) * 0.99))] if delays else 0.0
         return {**self.cgroups.stats(), "containers_known": len(self.containers),
                 "containers_deleted": len(self.deleted), "rows_filled_late": self.filled_late,
-                "fill_timeouts": self.fill_timeouts, "fill_p99_ms": round(p99, 1),
+                "fill_timeouts": self.fill_timeouts, "fill_p99_ms": _p99(self.fill_delays_ms),
+                "metadata_lag_p99_ms": _p99(self.metadata_lags_ms),
                 "unresolved_cgroups": self.unresolved_cgroups}
+
+
+def _p99(values) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))], 1) if ordered else 0.0
 
 
 class ContainerFill:
