@@ -1,4 +1,4 @@
-"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|products|all]`: each bench prints JSON
+"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|products|containers|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import ancestry_bench  # noqa: E402
 import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
+import containers_bench  # noqa: E402
 import crash_bench  # noqa: E402
 import logs_bench  # noqa: E402
 import products_bench  # noqa: E402
@@ -22,7 +23,9 @@ import products_bench  # noqa: E402
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "products", "all"))
+    p.add_argument("which", nargs="?", default="all",
+                   choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "products", "containers",
+                            "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -39,6 +42,8 @@ def main() -> int:
                    help="fim: iterations of exec, read, write and rename in the watched dir")
     p.add_argument("--fim-opens", type=int, default=1_000_000, help="fim: opens of unwatched files")
     p.add_argument("--fim-rounds", type=int, default=3, help="fim: runs per configuration (median)")
+    p.add_argument("--container-rate", type=int, default=20, help="containers: podman runs per second")
+    p.add_argument("--container-duration", type=float, default=30, help="containers: seconds of each window")
     p.add_argument("--kills", type=int, default=10, help="crash: SIGKILLs, one per storm")
     p.add_argument("--crash-storm-min", type=float, default=2.0, help="crash: shortest storm before a kill, s")
     p.add_argument("--crash-storm-max", type=float, default=4.0, help="crash: longest storm before a kill, s")
@@ -63,6 +68,8 @@ def main() -> int:
         results["socket"] = socket_bench.run(args)
     if args.which in ("fim", "all"):
         results["fim"] = fim_bench.run(args)
+    if args.which in ("containers", "all"):
+        results["containers"] = containers_bench.run(args)
     if args.which in ("crash", "all"):
         results["crash"] = crash_bench.run(args)
     if args.which in ("logs", "all"):

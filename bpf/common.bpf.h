@@ -202,6 +202,28 @@ static __always_inline u32 path_before(char *data, u32 end, u32 *pos, void *vfsm
     return *pos;
 }
 
+/* The task's pid, mount and network namespace inodes, which with the cgroup
+ * id place it in a container. The pid namespace is the one the task's pid
+ * lives in (task_active_pid_ns), not nsproxy's pid_ns_for_children. */
+static __always_inline void fill_namespaces(struct vajra_proc_hdr *h, void *task)
+{
+    void *nsproxy = read_ptr(task, VAJRA_OFF_TASK_NSPROXY);
+    void *pid = read_ptr(task, VAJRA_OFF_TASK_THREAD_PID);
+    u32 level = read_u32(pid, VAJRA_OFF_PID_LEVEL);
+    void *pid_ns = pid ? read_ptr(pid, VAJRA_OFF_PID_NUMBERS + (u64)(level & 31) * VAJRA_SIZEOF_UPID
+                                       + VAJRA_OFF_UPID_NS) : 0;
+    void *mnt_ns = nsproxy ? read_ptr(nsproxy, VAJRA_OFF_NSPROXY_MNT_NS) : 0;
+    void *net_ns = nsproxy ? read_ptr(nsproxy, VAJRA_OFF_NSPROXY_NET_NS) : 0;
+    h->pid_ns = pid_ns ? read_u32(pid_ns, VAJRA_OFF_PIDNS_INUM) : 0;
+#ifdef VAJRA_HAVE_MOUNT_LAYOUT
+    h->mnt_ns = mnt_ns ? read_u32(mnt_ns, VAJRA_OFF_MNTNS_INUM) : 0;
+#else
+    h->mnt_ns = 0;      /* struct mnt_namespace is known only from BTF */
+#endif
+    h->net_ns = net_ns ? read_u32(net_ns, VAJRA_OFF_NET_NS_INUM) : 0;
+    h->_ns_pad = 0;
+}
+
 /* Everything about who: from the task itself, so that a fork event
  * describes the child and not the parent that runs the probe.
  *
@@ -240,6 +262,7 @@ static __always_inline void fill_hdr(struct vajra_proc_hdr *h, void *task, u32 t
      * and threads are cloned from it. */
     h->exec_id = (u32)read_u64(task, VAJRA_OFF_TASK_SELF_EXEC_ID);
     h->cgroup_id = bpf_get_current_cgroup_id();
+    fill_namespaces(h, task);
     h->tty[0] = 0;
     void *tty = read_ptr(signal, VAJRA_OFF_SIGNAL_TTY);
     if (tty)

@@ -64,6 +64,12 @@ struct vajra_proc_hdr {
                           * increments and fork and clone copy (low 32 bits) */
     u64 cgroup_id;
     char tty[VAJRA_TTY_MAX];
+    /* Namespace inodes, as /proc/PID/ns/ names them; 0 when unreadable (a
+     * task past exit_task_namespaces). pid: the task's own (active) one. */
+    u32 pid_ns;
+    u32 mnt_ns;
+    u32 net_ns;
+    u32 _ns_pad;
 };
 
 struct vajra_task_event {
@@ -284,6 +290,16 @@ struct vajra_file_event {
 #define VAJRA_OFF_UNIX_ADDRESS_LEN offsetof(struct unix_address, len)
 #define VAJRA_OFF_UNIX_ADDRESS_NAME offsetof(struct unix_address, name)
 #define VAJRA_OFF_NET_NS_INUM (offsetof(struct net, ns) + offsetof(struct ns_common, inum))
+#include <linux/nsproxy.h>
+#include <linux/pid_namespace.h>
+#define VAJRA_OFF_TASK_NSPROXY offsetof(struct task_struct, nsproxy)
+#define VAJRA_OFF_TASK_THREAD_PID offsetof(struct task_struct, thread_pid)
+#define VAJRA_OFF_NSPROXY_MNT_NS offsetof(struct nsproxy, mnt_ns)
+#define VAJRA_OFF_NSPROXY_NET_NS offsetof(struct nsproxy, net_ns)
+#define VAJRA_OFF_PID_LEVEL offsetof(struct pid, level)
+#define VAJRA_OFF_UPID_NS offsetof(struct upid, ns)
+#define VAJRA_SIZEOF_UPID sizeof(struct upid)
+#define VAJRA_OFF_PIDNS_INUM (offsetof(struct pid_namespace, ns) + offsetof(struct ns_common, inum))
 #endif
 
 #define VAJRA_PF_KTHREAD 0x00200000  /* task->flags of a kernel thread */

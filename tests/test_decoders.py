@@ -35,6 +35,9 @@ from vajrad.kernel.environment import KernelEnv
 GOLDEN = os.path.join(os.path.dirname(__file__), "data", "decoder_records.json")
 SEC = 1_000_000_000
 AF_UNIX, AF_INET, AF_INET6 = socket.AF_UNIX, socket.AF_INET, socket.AF_INET6
+PID_NS, MNT_NS, NET_NS = 4026532201, 4026532202, 4026532203     # a container's, say
+NO_CONTAINER = {"container_id": "", "container_name": "", "container_image": "", "container_runtime": "",
+                "pod_name": "", "pod_namespace": "", "pod_uid": ""}
 
 
 # --- building records from the ABI mirror --------------------------------------------
@@ -49,10 +52,11 @@ def put(record: ctypes.Structure, field: str, raw: bytes) -> None:
 def header(kind: int, *, pid: int, start_ns: int, ppid: int = 1, parent_start_ns: int = 0, tid: int = 0,
            ktime_ns: int = 5_000 * SEC, flags: int = 0, uid: int = 1000, gid: int = 1000, euid: int = 1000,
            egid: int = 1000, auid: int = 1000, sid: int = 700, cgroup_id: int = 4242,
-           tty: bytes = b"") -> abi.ProcHeader:
+           tty: bytes = b"", pid_ns: int = PID_NS, mnt_ns: int = MNT_NS, net_ns: int = NET_NS) -> abi.ProcHeader:
     h = abi.ProcHeader(type=kind, flags=flags, ktime_ns=ktime_ns, start_ns=start_ns,
                        parent_start_ns=parent_start_ns, pid=pid, tid=tid or pid, ppid=ppid, uid=uid, gid=gid,
-                       euid=euid, egid=egid, auid=auid, sid=sid, cgroup_id=cgroup_id)
+                       euid=euid, egid=egid, auid=auid, sid=sid, cgroup_id=cgroup_id, pid_ns=pid_ns,
+                       mnt_ns=mnt_ns, net_ns=net_ns)
     put(h, "tty", tty)
     return h
 
@@ -203,7 +207,8 @@ def test_exec_row_field_by_field_with_ancestry(decoder, cache, clock):
         "cmdline": "grep two words line\nbreak tab\there", "duration": 48_000,
         "json_cmdline": '["grep", "two words", "line\\nbreak", "tab\\there"]',
         "ancestry": row["ancestry"], "ntime": str(ktime), "host_identifier": None, "is_open": 0,
-        "time": (ktime + clock.offset_ns) // SEC, "eid": None}
+        "time": (ktime + clock.offset_ns) // SEC, "eid": None, **NO_CONTAINER, "pid_namespace": PID_NS,
+        "mnt_namespace": MNT_NS, "net_namespace": NET_NS}
     assert json.loads(row["json_cmdline"]) == ["grep", "two words", "line\nbreak", "tab\there"]
     assert json.loads(row["ancestry"]) == [entry(cache, path="/usr/bin/bash", cmdline="bash -l", **SHELL)]
 
@@ -338,7 +343,8 @@ def test_exit_row_has_the_lifetime_and_the_image_it_ran(decoder, cache, clock):
         "auid": 1000, "sid": 700, "tty": "", "cid": 4242, "exit_code": "0", "probe_error": 0, "partial": 0,
         "syscall": "exit", "path": "/usr/bin/sleep", "cwd": "", "cmdline": "sleep 3",
         "duration": 3 * SEC + 17, "json_cmdline": None, "ancestry": row["ancestry"], "ntime": str(ktime),
-        "host_identifier": None, "is_open": 0, "time": (ktime + clock.offset_ns) // SEC, "eid": None}
+        "host_identifier": None, "is_open": 0, "time": (ktime + clock.offset_ns) // SEC, "eid": None,
+        **NO_CONTAINER, "pid_namespace": PID_NS, "mnt_namespace": MNT_NS, "net_namespace": NET_NS}
     assert json.loads(row["ancestry"]) == [entry(cache, path="/usr/bin/bash", cmdline="bash -l", **SHELL)]
     assert cache.get(CHILD["pid"], CHILD["start_ns"]).exited_at > 0    # kept for its children's rows
 
@@ -387,7 +393,8 @@ def test_connect_ipv4_row_field_by_field(sockets, open_sockets, clock):
         "protocol": 6, "local_address": "10.0.0.5", "remote_address": "93.184.216.34", "local_port": 40000,
         "remote_port": 443, "duration": 31_000, "status": "succeeded", "socket": "",
         "net_namespace": 4026531840, "ancestry": "[]", "ntime": str(ktime),
-        "time": (ktime + clock.offset_ns) // SEC}
+        "time": (ktime + clock.offset_ns) // SEC, **NO_CONTAINER, "pid_namespace": PID_NS,
+        "mnt_namespace": MNT_NS}
     assert who == (3001, 101 * SEC, 3000, 100 * SEC, ktime, 0)     # exec_id: the record's, 0 here
     tracked = open_sockets.by_inode[1001]
     assert tracked["owners"] == {(3001, 7)} and tracked["state"] == "ESTABLISHED"
@@ -534,7 +541,8 @@ def test_open_for_write_row_field_by_field(files):
         "path": "", "cmdline": "", "file_path": "/etc/ssh/sshd_config", "dest_path": "",
         "flags": "O_WRONLY|O_CREAT|O_TRUNC|O_CLOEXEC", "mode": "0644", "owner_uid": None, "owner_gid": None,
         "category": "etc", "exit_code": "3", "probe_error": 0, "duration": 4200, "ancestry": "[]",
-        "ntime": str(ktime), "time": (ktime + files.clock.offset_ns) // SEC}
+        "ntime": str(ktime), "time": (ktime + files.clock.offset_ns) // SEC, **NO_CONTAINER,
+        "pid_namespace": PID_NS, "mnt_namespace": MNT_NS, "net_namespace": NET_NS}
     assert who == (3001, 101 * SEC, 3000, 100 * SEC, ktime, 0)     # exec_id: the record's, 0 here
 
 

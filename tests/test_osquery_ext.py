@@ -66,7 +66,10 @@ def test_registration_columns_and_generate(core, vajrad):
     assert info.name == "vajra" and info.version == "0.1.0"
     assert set(registry["table"]) == {"vajra_bpf_process_events", "vajra_bpf_socket_events",
                                       "vajra_bpf_file_events", "vajra_file_events",
-                                      "vajra_process_ancestry_cache_stats", "vajra_open_sockets"}
+                                      "vajra_process_ancestry_cache_stats", "vajra_open_sockets",
+                                      "vajra_containers", "vajra_container_events",
+                                      "vajra_log_events", "vajra_log_files",
+                                      "vajra_security_products", "vajra_security_product_events"}
     assert set(registry["table"]) == {osquery_name(n) for n in TABLES}
     routes = registry["table"]["vajra_bpf_process_events"]
     by_name = {r["name"]: r for r in routes}

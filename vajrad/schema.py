@@ -78,6 +78,26 @@ CALLER_COLUMNS = (
     Column("cid", INTEGER, "Cgroup ID of the caller"),
 )
 
+# The container (and Kubernetes pod) a row's process runs in, empty for the
+# host's own processes (vajrad/enrich/containers.py); in this order.
+CONTAINER_COLUMNS = (
+    Column("container_id", TEXT, "Container ID (full, 64 hex), from the process's cgroup; empty on the host",
+           index=True),
+    Column("container_name", TEXT, "Container name, from the runtime; empty when the runtime did not answer "
+                                   "in time (status: fill_timeouts)"),
+    Column("container_image", TEXT, "Image the container runs, as the runtime names it"),
+    Column("container_runtime", TEXT, "podman, docker, containerd, cri-o, or cri (a kubelet pod whose "
+                                      "runtime the cgroup path does not name)"),
+    Column("pod_name", TEXT, "Kubernetes pod name (label io.kubernetes.pod.name), or the podman pod's name"),
+    Column("pod_namespace", TEXT, "Kubernetes namespace (label io.kubernetes.pod.namespace)"),
+    Column("pod_uid", TEXT, "Kubernetes pod UID (label, or the kubepods cgroup path), or the podman pod's ID"),
+)
+PID_MNT_NAMESPACE_COLUMNS = (
+    Column("pid_namespace", BIGINT, "Inode of the process's pid namespace (as /proc/PID/ns/pid)"),
+    Column("mnt_namespace", BIGINT, "Inode of the process's mount namespace; 0 where the kernel has no BTF"),
+)
+NET_NAMESPACE_COLUMN = Column("net_namespace", BIGINT, "Inode of the process's network namespace")
+
 
 @dataclass(frozen=True)
 class Table:

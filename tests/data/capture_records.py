@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 sys.path.insert(0, ROOT)
 
 from vajrad.kernel import abi  # noqa: E402
+from vajrad.enrich.containers import CONTAINER_FIELDS  # noqa: E402
 from vajrad.kernel.environment import ensure_tracefs, probe  # noqa: E402
 from vajrad.collectors.process.bpf_process_events import ProcessCollector  # noqa: E402
 from vajrad.collectors.socket.bpf_socket_events import SocketCollector  # noqa: E402
@@ -273,7 +274,11 @@ def capture(work: str) -> None:
         ktime, duration = kernel_times(record, struct_type)
         return ktime, duration, {"tid": pid, "pid": pid, "parent": me, **{k: facts["ids"][k] for k in ("uid", "gid")},
                                  "cid": facts["cgroup_id"], "ntime": str(ktime),
-                                 "time": (ktime + clock.offset_ns) // 1_000_000_000}
+                                 "time": (ktime + clock.offset_ns) // 1_000_000_000,
+                                 # the host's own processes: no container; our namespaces
+                                 **{k: "" for k in CONTAINER_FIELDS},
+                                 **{f"{ns}_namespace": os.stat(f"/proc/self/ns/{ns}").st_ino
+                                    for ns in ("pid", "mnt", "net")}}
 
     def process_row(pid, record, struct_type, **fields):
         ktime, duration, row = common(pid, record, struct_type)

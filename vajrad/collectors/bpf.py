@@ -7,6 +7,7 @@ import logging
 import time
 from collections import deque
 
+from vajrad.enrich.containers import HOST
 from vajrad.enrich.process_cache import ProcessCache
 from vajrad.kernel.program import BpfProgram
 from vajrad.collectors.base import Collector, PollingThread
@@ -39,12 +40,28 @@ class MonotonicClock:
         self.stamp = time.monotonic()
 
 
+def _host_process(cgroup_id: int, pid: int = 0) -> tuple[tuple, bool]:
+    return HOST, True
+
+
 class BpfCollector(Collector):
     """Subclasses set `table` and `program`, and decode records in row()."""
 
     table: str = ""
     source = "kernel"
     poll_ms = POLL_MS
+    # With the containers unit: (cgroup_id, pid) -> (container column values,
+    # complete), and the hold of rows whose metadata is still due.
+    resolve_container = staticmethod(_host_process)
+    container_fill = None
+
+    def use_containers(self, resolver) -> None:
+        """Rows get container columns from `resolver` (a ContainerResolver, or None)."""
+        if resolver is not None:
+            from vajrad.enrich.containers import ContainerFill
+            from vajrad.tables import TABLES
+            self.resolve_container = resolver.lookup
+            self.container_fill = ContainerFill(resolver, TABLES[self.table].column_names)
 
     def __init__(self, program: BpfProgram):
         super().__init__()
@@ -92,8 +109,12 @@ class BpfCollector(Collector):
             if len(self._pending) >= MAX_BATCH:
                 self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, final: bool = False) -> None:
         batch, self._pending = self._pending, []
+        if self.container_fill is not None:
+            batch = self.container_fill.hold(batch, final)
+            if not batch:
+                return
         self.captured += len(batch)
         self._deliver((self.table, batch))
 
@@ -104,7 +125,7 @@ class BpfCollector(Collector):
         self._drain_started_ns = time.monotonic_ns()
         self.program.poll(self.poll_ms)
         self._after_poll()
-        if self._pending:
+        if self._pending or (self.container_fill is not None and self.container_fill.held):
             self._flush()
         if time.monotonic() - self.clock.stamp > 1.0:
             self.clock.refresh()
@@ -132,8 +153,8 @@ class BpfCollector(Collector):
         before = self.program.records
         self.program.poll(0)
         self._after_poll(final=True)
-        if self._pending:
-            self._flush()
+        if self._pending or (self.container_fill is not None and self.container_fill.held):
+            self._flush(final=True)
         log.info("%s: probes detached at %.6f; the final drain handed over %d records",
                  self.name, detached_at, self.program.records - before)
 

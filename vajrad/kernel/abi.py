@@ -60,6 +60,7 @@ class ProcHeader(ctypes.Structure):
         ("uid", c_uint32), ("gid", c_uint32), ("euid", c_uint32), ("egid", c_uint32),
         ("auid", c_uint32), ("sid", c_uint32), ("exec_id", c_uint32),
         ("cgroup_id", c_uint64), ("tty", c_char * TTY_MAX),
+        ("pid_ns", c_uint32), ("mnt_ns", c_uint32), ("net_ns", c_uint32), ("_ns_pad", c_uint32),
     ]
 
 
@@ -114,7 +115,7 @@ FILE_DATA_OFFSET = FileEvent.data.offset
 
 # The same layouts as struct formats, for decoding in place with one call per
 # record; checked against the ctypes mirror when this module loads.
-_HEADER_FORMAT = "<IIQQQ10IQ32s"
+_HEADER_FORMAT = "<IIQQQ10IQ32s3I4x"   # ... tty, pid_ns, mnt_ns, net_ns, pad
 TASK_EVENT = struct.Struct(_HEADER_FORMAT + "QiI")       # + duration_ns, exit_code, fork_kind
 EXEC_EVENT = struct.Struct(_HEADER_FORMAT + "QiIIIII")   # + duration_ns, exit_code, old_tid, lens, pos
 # + duration_ns .. remote_path: addresses stay bytes, formatted by family

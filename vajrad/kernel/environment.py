@@ -95,6 +95,16 @@ KERNEL_FIELDS: dict[str, tuple[str, str]] = {
     "UNIX_ADDRESS_LEN": ("unix_address", "len"),
     "UNIX_ADDRESS_NAME": ("unix_address", "name"),
     "NET_NS_INUM": ("net", "ns.inum"),
+    # namespaces of the task, for every record's header (containers)
+    "TASK_NSPROXY": ("task_struct", "nsproxy"),
+    "TASK_THREAD_PID": ("task_struct", "thread_pid"),
+    "NSPROXY_MNT_NS": ("nsproxy", "mnt_ns"),
+    "NSPROXY_NET_NS": ("nsproxy", "net_ns"),
+    "PID_LEVEL": ("pid", "level"),
+    "UPID_NS": ("upid", "ns"),
+    "PIDNS_INUM": ("pid_namespace", "ns.inum"),
+    # struct mnt_namespace is private to fs/, like struct mount
+    "MNTNS_INUM": ("mnt_namespace", "ns.inum"),
 }
 
 # struct file's reference count was f_count (1 for one reference) until 6.13
@@ -247,6 +257,7 @@ def probe(runtime_dir: str, btf_path: str = BTF_PATH, headers_root: str = HEADER
         btf = Btf.from_file(btf_path)
         env.offsets = {k: btf.offsetof(s, m) for k, (s, m) in KERNEL_FIELDS.items()}
         env.offsets["FILE_REFS"], env.defines["VAJRA_FILE_ONE_REF"] = file_ref_layout(btf)
+        env.defines["VAJRA_SIZEOF_UPID"] = btf.size(btf.struct_id("upid"))
         env.offsets_source = "btf"
     elif env.headers_match:
         # No -D values: vajra.h computes offsetof() from the matching headers.

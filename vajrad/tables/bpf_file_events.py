@@ -1,5 +1,6 @@
 """One module per table; each defines TABLE (see vajrad/schema.py)."""
-from vajrad.schema import BIGINT, CALLER_COLUMNS, INTEGER, TEXT, Column, Table
+from vajrad.schema import (BIGINT, CALLER_COLUMNS, CONTAINER_COLUMNS, INTEGER, NET_NAMESPACE_COLUMN,
+                           PID_MNT_NAMESPACE_COLUMNS, TEXT, Column, Table)
 
 TABLE = Table.events(
     "bpf_file_events",
@@ -32,6 +33,9 @@ TABLE = Table.events(
         Column("ancestry", TEXT, "JSON array of the caller's ancestors, [0] the immediate parent "
                                  "(as in bpf_process_events)", shared=True),
         Column("ntime", TEXT, "Event timestamp in ns, from the kernel's monotonic clock"),
+        *CONTAINER_COLUMNS,
+        *PID_MNT_NAMESPACE_COLUMNS,
+        NET_NAMESPACE_COLUMN,
     ),
     notes={
         "open, openat, openat2, creat": "at the exit, when opened for writing (O_WRONLY, O_RDWR, "

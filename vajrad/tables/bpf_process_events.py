@@ -1,4 +1,5 @@
-from vajrad.schema import BIGINT, INTEGER, TEXT, Column, Table
+from vajrad.schema import (BIGINT, CONTAINER_COLUMNS, INTEGER, NET_NAMESPACE_COLUMN, PID_MNT_NAMESPACE_COLUMNS, TEXT,
+                           Column, Table)
 
 TABLE = Table.events(
     "bpf_process_events",
@@ -36,6 +37,9 @@ TABLE = Table.events(
                                  "ppid, path, cmdline, proc_time, proc_time_hr, pproc_time_hr",
                shared=True),
         Column("ntime", TEXT, "Event timestamp in ns, from the kernel's monotonic clock"),
+        *CONTAINER_COLUMNS,
+        *PID_MNT_NAMESPACE_COLUMNS,
+        NET_NAMESPACE_COLUMN,
     ),
     notes={
         "exec": "a successful execve/execveat, at sched_process_exec. A failed one is a row too, "

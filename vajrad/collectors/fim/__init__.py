@@ -24,7 +24,8 @@ def _build_watcher(ctx: UnitContext):
 
 def _build_bpf(ctx: UnitContext):
     from vajrad.collectors.fim.bpf_file_events import FileCollector
-    return FileCollector(ctx.need("kernel"), ctx.config.bpf_output, ctx.need("process_cache"), ctx.config.fim)
+    return FileCollector(ctx.need("kernel"), ctx.config.bpf_output, ctx.need("process_cache"), ctx.config.fim,
+                         ctx.services.find("container_resolver"))
 
 
 FILE_EVENTS = Unit(

@@ -15,6 +15,7 @@ import posixpath
 from vajrad.kernel import abi as bpf_abi
 
 from vajrad.collectors.fim import rules as fim
+from vajrad.enrich.containers import CONTAINER_FIELDS
 from vajrad.enrich.process_cache import ProcessCache
 from vajrad.kernel.program import BpfProgram
 from vajrad.kernel.environment import KernelEnv
@@ -88,10 +89,11 @@ class FileCollector(AttributedCollector):
     table = TABLE
 
     def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None,
-                 rules: fim.FimRules | None = None):
+                 rules: fim.FimRules | None = None, containers=None):
         program = BpfProgram("file.bpf.c", kenv, output, available_syscalls(),
                              tail_calls={"file_progs": ("file_decide",)})
         super().__init__(program, cache)
+        self.use_containers(containers)
         self.rules = rules or fim.FimRules()
         self._installed: dict[bytes, bpf_abi.FimKey] = {}
         self.filtered_in_userspace = 0
@@ -137,7 +139,7 @@ class FileCollector(AttributedCollector):
     # --- records ------------------------------------------------------------------
     def decode(self, buf, off: int, size: int) -> tuple[dict, tuple] | None:
         (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, _euid, _egid, _auid, _sid, exec_id,
-         cgroup, _tty, duration, ret, syscall, oflags, mode, ouid, ogid, _fd, cflags, matched,
+         cgroup, _tty, pid_ns, mnt_ns, net_ns, duration, ret, syscall, oflags, mode, ouid, ogid, _fd, cflags, matched,
          ps, pe, ds, de, _pos, _pad2) = bpf_abi.FILE_EVENT.unpack_from(buf, off)
         data = off + bpf_abi.FILE_DATA_OFFSET
         file_path = normalise(bytes(buf[data + ps:data + pe]))
@@ -164,6 +166,8 @@ class FileCollector(AttributedCollector):
             "category": category, "exit_code": str(ret), "probe_error": flags & 0xF,
             "duration": duration, "ancestry": "[]", "ntime": str(ktime),
             "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
+            **dict(zip(CONTAINER_FIELDS, self.resolve_container(cgroup, pid)[0])),
+            "pid_namespace": pid_ns, "mnt_namespace": mnt_ns, "net_namespace": net_ns,
         }
         return row, (pid, start, ppid, pstart, ktime, exec_id)
 

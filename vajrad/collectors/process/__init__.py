@@ -11,7 +11,8 @@ def _build(ctx: UnitContext):
     cfg = ctx.config
     cache = ProcessCache(cfg.process_ancestry_cache_size, cfg.process_ancestry_max_depth,
                          cfg.process_ancestry_cache_ttl)
-    collector = ProcessCollector(ctx.need("kernel"), cfg.bpf_output, cache, cfg.process_cmdline_max_bytes)
+    collector = ProcessCollector(ctx.need("kernel"), cfg.bpf_output, cache, cfg.process_cmdline_max_bytes,
+                                 ctx.services.find("container_resolver"))
     ctx.provide("process_cache", cache)
     ctx.provide("describe_process", cache.describe)
     return collector

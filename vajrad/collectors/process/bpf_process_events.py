@@ -9,6 +9,7 @@ import os
 import time
 
 from vajrad.kernel import abi as bpf_abi
+from vajrad.enrich.containers import HOST
 from vajrad.enrich.process_cache import ProcessCache
 from vajrad.kernel.program import BpfProgram
 from vajrad.kernel.environment import KernelEnv
@@ -37,7 +38,8 @@ def decode_args(raw: bytes) -> list[str]:
 # (checked below): rows are lists, the store's fast path.
 ROW = ("tid", "pid", "parent", "uid", "gid", "euid", "egid", "auid", "sid", "tty", "cid", "exit_code",
        "probe_error", "partial", "syscall", "path", "cwd", "cmdline", "duration", "json_cmdline",
-       "ancestry", "ntime", "host_identifier", "is_open", "time", "eid")
+       "ancestry", "ntime", "container_id", "container_name", "container_image", "container_runtime",
+       "pod_name", "pod_namespace", "pod_uid", "pid_namespace", "mnt_namespace", "net_namespace", "host_identifier", "is_open", "time", "eid")
 if TABLES[TABLE].column_names != ROW:
     raise ImportError(f"collectors/process.py: ROW does not follow the columns of {TABLE}: "
                       f"{TABLES[TABLE].column_names}")
@@ -50,8 +52,9 @@ class EventDecoder:
     This runs once per event, so it decodes each record with one struct call
     and builds each row as one list display."""
 
-    def __init__(self, cache: ProcessCache, clock: MonotonicClock):
+    def __init__(self, cache: ProcessCache, clock: MonotonicClock, resolve_container=None):
         self.cache, self.clock = cache, clock
+        self.resolve_container = resolve_container or (lambda cgroup_id, pid=0: (HOST, True))
         self._ttys: dict[bytes, str] = {}
 
     def row(self, buf, off: int, size: int) -> list:
@@ -78,7 +81,7 @@ class EventDecoder:
 
     def exec_row(self, buf, off: int) -> list:
         (kind, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, exec_id, cgroup, tty,
-         duration, code, _old_tid, a, c, x, _pos) = bpf_abi.EXEC_EVENT.unpack_from(buf, off)
+         pid_ns, mnt_ns, net_ns, duration, code, _old_tid, a, c, x, _pos) = bpf_abi.EXEC_EVENT.unpack_from(buf, off)
         if kind != bpf_abi.EV_EXEC:
             raise ValueError(f"unknown event type {kind}")
         data = off + bpf_abi.EXEC_DATA_OFFSET
@@ -99,11 +102,12 @@ class EventDecoder:
         return [tid, pid, ppid, uid, gid, euid, egid, auid, sid, self._tty(tty), cgroup, str(code),
                 flags & 0xF, 0, "exec", path, cwd, cmdline, duration,
                 "[" + ", ".join([_quote(a) for a in argv]) + "]",
-                ancestry, str(ktime), None, 0, (ktime + self.clock.offset_ns) // 1_000_000_000, None]
+                ancestry, str(ktime), *self.resolve_container(cgroup, pid)[0], pid_ns, mnt_ns, net_ns,
+                None, 0, (ktime + self.clock.offset_ns) // 1_000_000_000, None]
 
     def task_row(self, buf, off: int) -> list:
         (kind, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, euid, egid, auid, sid, exec_id, cgroup, tty,
-         duration, code, fork_kind) = bpf_abi.TASK_EVENT.unpack_from(buf, off)
+         pid_ns, mnt_ns, net_ns, duration, code, fork_kind) = bpf_abi.TASK_EVENT.unpack_from(buf, off)
         cache = self.cache
         with cache.lock:
             if kind == bpf_abi.EV_FORK:
@@ -123,7 +127,8 @@ class EventDecoder:
             path, cmdline, partial = "", "", 1
         return [tid, pid, ppid, uid, gid, euid, egid, auid, sid, self._tty(tty), cgroup, exit_code,
                 flags & 0xF, partial, syscall, path, "", cmdline, duration, None,
-                ancestry, str(ktime), None, 0, (ktime + self.clock.offset_ns) // 1_000_000_000, None]
+                ancestry, str(ktime), *self.resolve_container(cgroup, pid)[0], pid_ns, mnt_ns, net_ns,
+                None, 0, (ktime + self.clock.offset_ns) // 1_000_000_000, None]
 
 
 class ProcessCollector(BpfCollector):
@@ -136,10 +141,11 @@ class ProcessCollector(BpfCollector):
     poll_ms = 400
 
     def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None,
-                 cmdline_max_bytes: int = 4096):
+                 cmdline_max_bytes: int = 4096, containers=None):
         super().__init__(BpfProgram("process.bpf.c", kenv, output, {"VAJRA_ARGS_LIMIT": cmdline_max_bytes}))
         self.cache = cache or ProcessCache()
-        self.decoder = EventDecoder(self.cache, self.clock)
+        self.use_containers(containers)
+        self.decoder = EventDecoder(self.cache, self.clock, self.resolve_container)
         self.row = self.decoder.row
         self.cache.request_sync = self.program.nudge
         self._reconciled = time.monotonic()

@@ -7,7 +7,8 @@ from vajrad.units import Unit, UnitContext
 
 def _build(ctx: UnitContext):
     from vajrad.collectors.socket.bpf_socket_events import SocketCollector
-    return SocketCollector(ctx.need("kernel"), ctx.config.bpf_output, ctx.need("process_cache"))
+    return SocketCollector(ctx.need("kernel"), ctx.config.bpf_output, ctx.need("process_cache"),
+                           ctx.services.find("container_resolver"))
 
 
 UNIT = Unit(

@@ -14,6 +14,7 @@ import time
 from vajrad.kernel import abi as bpf_abi
 
 from vajrad.collectors.socket import sockdiag
+from vajrad.enrich.containers import CONTAINER_FIELDS, HOST
 from vajrad.enrich.process_cache import ProcessCache
 from vajrad.kernel.program import BpfProgram
 from vajrad.kernel.environment import KernelEnv
@@ -158,13 +159,14 @@ class OpenSockets:
 
 
 class SocketDecoder:
-    def __init__(self, clock: MonotonicClock, open_sockets: OpenSockets):
+    def __init__(self, clock: MonotonicClock, open_sockets: OpenSockets, resolve_container=None):
         self.clock, self.open = clock, open_sockets
+        self.resolve_container = resolve_container or (lambda cgroup_id, pid=0: (HOST, True))
 
     def row(self, buf, off: int, size: int) -> tuple[dict, tuple]:
         """The row, but for who (path, ancestry): that waits for attribute()."""
         (_, flags, ktime, start, pstart, pid, tid, ppid, uid, gid, _euid, _egid, _auid, _sid, exec_id, cgroup,
-         _tty, duration, inode, ret, fd, syscall, net_ns, family, stype, protocol, state, lport, rport,
+         _tty, pid_ns, mnt_ns, _task_net_ns, duration, inode, ret, fd, syscall, net_ns, family, stype, protocol, state, lport, rport,
          laddr, raddr, ualen, lplen, rplen, uaddr, lpath, rpath) = bpf_abi.SOCK_EVENT.unpack_from(buf, off)
         name = bpf_abi.SOCK_SYSCALLS[syscall]
         u_family, u_address, u_port = user_sockaddr(uaddr, ualen) if ualen else (0, "", 0)
@@ -200,6 +202,8 @@ class SocketDecoder:
             (local if family == AF_UNIX else ""),
             "net_namespace": net_ns, "ancestry": "[]", "ntime": str(ktime),
             "time": (ktime + self.clock.offset_ns) // 1_000_000_000,
+            **dict(zip(CONTAINER_FIELDS, self.resolve_container(cgroup, pid)[0])),
+            "pid_namespace": pid_ns, "mnt_namespace": mnt_ns,
         }
         if inode:
             track = self.open
@@ -219,10 +223,12 @@ class SocketCollector(AttributedCollector):
     tables = (TABLE,)
     table = TABLE
 
-    def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None):
+    def __init__(self, kenv: KernelEnv, output: str = "auto", cache: ProcessCache | None = None,
+                 containers=None):
         super().__init__(BpfProgram("socket.bpf.c", kenv, output), cache)
         self.open_sockets = OpenSockets()
-        self.decoder = SocketDecoder(self.clock, self.open_sockets)
+        self.use_containers(containers)
+        self.decoder = SocketDecoder(self.clock, self.open_sockets, self.resolve_container)
         self._pruned = time.monotonic()
 
     def decode(self, buf, off: int, size: int) -> tuple[dict, tuple]:
