@@ -14,6 +14,7 @@ from vajrad.collectors.base import Collector
 from vajrad.collectors.registry import CATALOGUE, UNITS
 from vajrad.errors import ConfigError, VajraError
 from vajrad.kernel import environment as kernel
+from vajrad.kernel.compiler_memory import release_compiler_pages
 from vajrad.notify import Notifier
 from vajrad.serve.dbus_api import DbusService
 from vajrad.serve.hub import EventHub
@@ -33,12 +34,17 @@ DAEMON_SERVICES = ("kernel",)      # what the daemon itself offers units (see Va
 
 def release_compiler_memory() -> None:
     """BCC compiles each program with LLVM in-process; glibc keeps the freed
-    heap afterwards. Handing it back costs one call at start-up."""
+    heap afterwards, and the compiler's code stays resident. Handing both back
+    costs one call after the collectors load (see kernel/compiler_memory.py)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):    # not glibc
         pass
+    dropped = release_compiler_pages()
+    if dropped:
+        log.info("released %d MiB of compiler pages (LLVM, clang) now that the BPF programs are loaded",
+                 dropped >> 20)
 
 
 class Vajrad:
