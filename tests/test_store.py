@@ -450,3 +450,50 @@ def test_an_open_directory_is_reported_and_a_writable_one_refused(tmp_path):
     with pytest.raises(StoreError, match="writable by every user"):
         EventStore(str(writable / "e.db"), TABLES, expiry=0, max_rows=0).open()
     assert not (writable / "e.db").exists()
+
+
+def test_retention_deletes_in_short_eid_ranges(tmp_path, monkeypatch):
+    """Issue 20, item 3: retention deletes oldest eids first, a bounded range
+    per transaction, so a reader (and the writer, waiting for the write lock)
+    sees it advance chunk by chunk rather than behind one long DELETE."""
+    import vajrad.store.event_store as store_mod
+    monkeypatch.setattr(store_mod, "RETENTION_CHUNK_EIDS", 500, raising=False)
+    db = tmp_path / "e.db"
+    now = int(time.time())
+    s = open_store(db, batch_rows=100_000, max_pending_rows=100_000)
+    s.submit(T, rows(20_000, t=now - 600) + rows(3, t=now + 600))
+    s.stop()
+    s = open_store(db, expiry=60, retention_interval=3600)
+    seen, done = set(), threading.Event()
+
+    def watch():
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+        while not done.is_set():
+            seen.add(con.execute(f'SELECT COUNT(*) FROM "{T}"').fetchone()[0])
+        con.close()
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        removed = s.apply_retention(now)
+    finally:
+        done.set()
+        watcher.join()
+        s.stop()
+    assert removed == 20_000 and count_rows(db) == 3
+    partial = sorted(n for n in seen if 3 < n < 20_003)
+    assert partial and all((20_003 - n) % 500 == 0 for n in partial), partial      # whole chunks only
+
+
+def test_expiry_keeps_a_row_newer_than_later_ones(tmp_path):
+    """Rows arrive about in time order, not exactly: expiry by eid range keeps
+    its time test, so a fresh row among expired eids stays."""
+    db = tmp_path / "e.db"
+    now = int(time.time())
+    s = open_store(db)
+    s.submit(T, rows(2, t=now - 600) + rows(1, t=now, start=50) + rows(2, t=now - 600, start=60))
+    s.stop()
+    s = open_store(db, expiry=60)
+    assert s.apply_retention(now) == 4
+    assert [r["pid"] for r in s.query(T, Filter(start_time=0), 10)] == [50]
+    s.stop()
