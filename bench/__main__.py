@@ -1,5 +1,5 @@
-"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|all]`: each bench prints JSON
-and leaves it in bench/results/."""
+"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|compare|all]`: each bench
+prints JSON and leaves it in bench/results/. `all` leaves out `compare`, which runs auditd."""
 from __future__ import annotations
 
 import argparse
@@ -16,11 +16,12 @@ import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
 import crash_bench  # noqa: E402
+import compare  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "compare", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -42,6 +43,10 @@ def main() -> int:
     p.add_argument("--crash-storm-max", type=float, default=4.0, help="crash: longest storm before a kill, s")
     p.add_argument("--crash-seed", type=int, default=17, help="crash: seed of the storms' lengths")
     p.add_argument("--store-max-pending-ms", type=int, default=100, help="crash: vajrad's --store_max_pending_ms")
+    p.add_argument("--compare-rounds", type=int, default=3,
+                   help="compare: rounds of vajrad, auditd (execve), auditd (coverage), no monitor")
+    p.add_argument("--compare-seconds", type=float, default=10,
+                   help="compare: seconds of each exec and socket workload")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -57,6 +62,8 @@ def main() -> int:
         results["fim"] = fim_bench.run(args)
     if args.which in ("crash", "all"):
         results["crash"] = crash_bench.run(args)
+    if args.which == "compare":
+        results["compare"] = compare.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"
