@@ -121,6 +121,7 @@ class Vajrad:
         kernel.ensure_tracefs()
         runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/vajra").split(":")[0]
         self.kenv = kernel.probe(runtime)
+        self.kenv.defines["VAJRA_WAKEUP_AGE_MS"] = self.config.bpf_wakeup_ms     # every program's submit()
         return self.kenv
 
     def _wanted_units(self, cfg: config.Config) -> list[units.Unit]:
