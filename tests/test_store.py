@@ -361,10 +361,13 @@ def test_a_full_batch_is_committed_without_waiting_for_its_age(tmp_path):
     done = threading.Event()
     s.on_commit = lambda batches: done.set()
     try:
+        s.submit(T, rows(1))
+        wait_stored(s, 1)                     # the first row after a quiet spell goes at once
+        done.clear()
         s.submit(T, rows(30))
         s.submit(T, rows(30))
         assert done.wait(30)                  # not 60 s: by size, not by age
-        assert s.stored == 60
+        assert s.stored == 61
     finally:
         s.stop()
 
@@ -497,3 +500,27 @@ def test_expiry_keeps_a_row_newer_than_later_ones(tmp_path):
     assert s.apply_retention(now) == 4
     assert [r["pid"] for r in s.query(T, Filter(start_time=0), 10)] == [50]
     s.stop()
+
+
+def test_a_row_after_a_quiet_spell_is_committed_at_once_and_commits_stay_spaced(tmp_path):
+    """Issue 20, item 2: a row waited max_pending_ms in the queue even when
+    nothing had been committed for minutes; now only rows arriving within
+    max_pending_ms of the last commit wait, for what is left of it."""
+    s = open_store(tmp_path / "e.db", max_pending_ms=60_000)
+    commits = []
+    s.on_commit = lambda batches: commits.append(time.monotonic())
+    try:
+        s.submit(T, rows(2))
+        wait_stored(s, 2)                     # not 60 s
+    finally:
+        s.stop()
+    s = open_store(tmp_path / "e.db", max_pending_ms=400)
+    s.on_commit = lambda batches: commits.append(time.monotonic())
+    try:
+        s.submit(T, rows(1))
+        wait_stored(s, 1)
+        s.submit(T, rows(1))                  # within 400 ms of that commit: waits for the rest of it
+        wait_stored(s, 2)
+        assert commits[-1] - commits[-2] >= 0.4 - 0.01
+    finally:
+        s.stop()

@@ -6,7 +6,8 @@ sqlite_sequence, which keeps them monotonic across restarts and retention.
 With synchronous=FULL a crash of the process or the machine loses at most
 the rows queued and not yet committed, and never the file. That queue is
 bounded in time (the oldest queued row is committed within max_pending_ms
-while the writer keeps up: the writer commits by age as well as by size)
+while the writer keeps up: the writer commits by age as well as by size, and
+a row that finds the last commit max_pending_ms old is committed at once)
 and in rows (beyond max_pending_rows, rows are dropped and counted rather
 than queued). Retention runs on its own thread and connection, whether or not
 rows arrive: it deletes by eid ranges, a bounded chunk per transaction, so the
@@ -380,13 +381,17 @@ class EventStore:
             self.apply_retention()
 
     def _collect_and_write(self, item) -> bool:
-        """Gathers one batch from `item` on and commits it: when its oldest row
-        has waited max_pending_s (flush by age), when it holds batch_rows
-        rows (by size), or at stop. Returns whether stop was asked."""
+        """Gathers one batch from `item` on and commits it: once max_pending_s
+        has passed since the last commit (by age: so a row that arrives after
+        a quiet spell goes at once, and under load commits come at most every
+        max_pending_s, with no row waiting longer than that), when it holds
+        batch_rows rows (by size), or at stop. Returns whether stop was asked."""
         batch: list = []
         rows = 0
         stopping = False
-        deadline = time.monotonic() if item is _STOP else item[3] + self.max_pending_s
+        # A row queued while the last commit ran keeps its own bound.
+        deadline = time.monotonic() if item is _STOP else \
+            min(item[3] + self.max_pending_s, max(item[3], self._last_commit + self.max_pending_s))
         while True:
             if item is _STOP:
                 stopping = True
