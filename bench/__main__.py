@@ -1,5 +1,6 @@
-"""`make bench [NAME]` / `python -m bench [exec|ancestry|socket|fim|osquery|crash|logs|products|containers|all]`: each bench prints JSON
-and leaves it in bench/results/."""
+"""`make bench [NAME]` / `python -m bench
+[exec|ancestry|socket|fim|osquery|crash|logs|products|containers|compare|all]`: each bench prints JSON and
+leaves it in bench/results/. `all` leaves out `compare`, which runs auditd."""
 from __future__ import annotations
 
 import argparse
@@ -19,13 +20,14 @@ import containers_bench  # noqa: E402
 import crash_bench  # noqa: E402
 import logs_bench  # noqa: E402
 import products_bench  # noqa: E402
+import compare  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
     p.add_argument("which", nargs="?", default="all",
                    choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "products", "containers",
-                            "all"))
+                            "compare", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -55,6 +57,10 @@ def main() -> int:
     p.add_argument("--log-rotate-every", type=float, default=5, help="logs: seconds between rename rotations")
     p.add_argument("--products-idle", type=float, default=20, help="products: seconds of idle per configuration")
     p.add_argument("--products-tampers", type=int, default=20, help="products: kill -9 tampers timed")
+    p.add_argument("--compare-rounds", type=int, default=3,
+                   help="compare: rounds of vajrad, auditd (execve), auditd (coverage), no monitor")
+    p.add_argument("--compare-seconds", type=float, default=10,
+                   help="compare: seconds of each exec and socket workload")
     args = p.parse_args()
     if os.geteuid() != 0:
         print("bench: needs root", file=sys.stderr)
@@ -76,6 +82,8 @@ def main() -> int:
         results["logs"] = logs_bench.run(args)
     if args.which in ("products", "all"):
         results["products"] = products_bench.run(args)
+    if args.which == "compare":
+        results["compare"] = compare.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

@@ -30,10 +30,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 def memory_kib(pid: int) -> dict:
+    """VmRSS and VmHWM (peak) from status; Rss, Pss (shared pages divided among
+    their users: what this process costs the host), Pss_Anon and Anonymous from
+    smaps_rollup. RSS is what `ps` and `top` show; a memory cgroup (systemctl
+    status) charges anonymous memory plus the page cache the daemon brought in."""
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         key, _, value = line.partition(":")
         if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0])
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, _, value = line.partition(":")
+        if key in ("Rss", "Pss", "Pss_Anon", "Anonymous"):
             out[key] = int(value.split()[0])
     return out
 
@@ -211,6 +219,8 @@ def run(args) -> dict:
             "vajrad_cpu_seconds": w["cpu_seconds"],
             "vajrad_rss_kib": mem.get("VmRSS"),
             "vajrad_peak_rss_kib": mem.get("VmHWM"),
+            "vajrad_pss_kib": mem.get("Pss"),
+            "vajrad_anonymous_kib": mem.get("Anonymous"),
             "latency_exec_to_event_list": latency,
             "time_to_ready_s": round(d.ready_after, 3),
             "max_rate": ramp,

@@ -15,6 +15,7 @@ BPF_PERF_OUTPUT(events);  /* kernels before 5.8 have no ring buffer */
 
 BPF_PERCPU_ARRAY(lost, u64, 1);
 BPF_PERCPU_ARRAY(since_wakeup, u64, 1);
+BPF_PERCPU_ARRAY(first_since_wakeup, u64, 1);    /* bpf_ktime_get_ns() of the oldest record not announced */
 
 static __always_inline void *read_ptr(void *base, u64 off)
 {
@@ -24,18 +25,31 @@ static __always_inline void *read_ptr(void *base, u64 off)
 }
 
 /* A full buffer drops the event; the drop is counted for `status`.
- * The consumer is woken only every VAJRA_WAKEUP_BYTES bytes per CPU and
- * otherwise drains on its own timer: a wakeup per event costs userspace far
- * more than the event itself. */
+ * The consumer is woken only every VAJRA_WAKEUP_BYTES bytes per CPU, or by
+ * the first record to find the oldest unannounced one VAJRA_WAKEUP_AGE_MS
+ * old, and otherwise drains on its own timer: a wakeup per event costs
+ * userspace far more than the event itself, and the age bound keeps a busy
+ * host's events from waiting for the timer (a quiet one's wait for it). */
 static __always_inline void submit(void *ctx, void *ev, u64 size)
 {
 #ifdef VAJRA_RINGBUF
     int zero = 0;
     u64 flags = BPF_RB_NO_WAKEUP;
     u64 *pending = since_wakeup.lookup(&zero);
-    if (pending && (*pending += size) >= VAJRA_WAKEUP_BYTES) {
-        *pending = 0;
-        flags = BPF_RB_FORCE_WAKEUP;
+    u64 *first = first_since_wakeup.lookup(&zero);
+    if (pending && first) {
+        u64 now = bpf_ktime_get_ns();
+        if (*pending == 0)
+            *first = now;
+        *pending += size;
+        if (*pending >= VAJRA_WAKEUP_BYTES
+#if VAJRA_WAKEUP_AGE_MS > 0
+            || now - *first >= VAJRA_WAKEUP_AGE_MS * 1000000ULL
+#endif
+            ) {
+            *pending = 0;
+            flags = BPF_RB_FORCE_WAKEUP;
+        }
     }
     int err = events.ringbuf_output(ev, size, flags);
 #else

@@ -15,6 +15,11 @@ _Static_assert(VAJRA_ARGS_LIMIT >= 256 && VAJRA_ARGS_LIMIT <= VAJRA_ARGS_MAX - 2
 #define VAJRA_PATH_DEPTH 64      /* path components walked, mounts included */
 #define VAJRA_DATA_SIZE 16384    /* args | cwd | exe, packed (power of two) */
 #define VAJRA_WAKEUP_BYTES (128 * 1024)  /* ring buffer bytes per CPU between consumer wakeups */
+#ifndef VAJRA_WAKEUP_AGE_MS
+/* or sooner: the record that finds the oldest unannounced one this old wakes
+ * the consumer; 0: only bytes and the consumer's timer (--bpf_wakeup_ms) */
+#define VAJRA_WAKEUP_AGE_MS 100
+#endif
 #define VAJRA_ARGV_MAX 64        /* arguments read from a failed exec's argv */
 
 enum vajra_event_type {

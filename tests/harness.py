@@ -406,6 +406,29 @@ OSQUERY_LINUX_TABLES = frozenset({
 })
 # The process-ancestry build of osquery 5.18.1 (osquery-ancestry-README.txt) adds this one.
 OSQUERY_ANCESTRY_BUILD_TABLES = OSQUERY_LINUX_TABLES | {"process_ancestry_cache_stats"}
+def osquery_context(table: str, constraints=(), select=None) -> str:
+    """The query context osquery core sends with `generate`, as osquery 5.x
+    builds it (TablePlugin::setRequestFromContext): constraints, colsUsed (the
+    names of the columns SQLite marks used in xBestIndex's colUsed, which counts
+    WHERE columns too) and colsUsedBitset (colUsed itself: bit i for column i
+    of the registered routes, bit 63 for any column from the 64th on).
+    `select` None is `SELECT *`, which leaves out HIDDEN columns; [] is
+    `SELECT count(*)`, which uses none."""
+    from vajrad.tables import TABLES
+    columns = TABLES[table].columns
+    if select is None:
+        select = [c.name for c in columns if not c.hidden]
+    used = set(select) | {c["name"] for c in constraints}
+    bits = 0
+    for i, c in enumerate(columns):
+        if c.name in used:
+            bits |= 1 << min(i, 63)
+    names = [c.name for i, c in enumerate(columns) if bits >> min(i, 63) & 1]
+    return json.dumps({"constraints": list(constraints), "colsUsed": names, "colsUsedBitset": bits})
+
+
+class FakeCore:
+    """osquery core's extension manager, as far as an extension can see it."""
 
 
 class FakeCore:

@@ -21,6 +21,7 @@ from vajrad.serve.wire import RateLimitedLog
 from vajrad.store.event_store import EventStore
 
 NOW = int(time.time())
+ANCESTRY_MARK = "/ancestry-of-the-seed"      # found in a stream only if ancestry was sent
 
 
 def seed(path):
@@ -33,7 +34,8 @@ def seed(path):
         rows.append(TABLES["bpf_process_events"].row(
             pid=1000 + i, tid=1000 + i, parent=1, syscall="exec", path=f"/usr/bin/p{i}", cmdline=f"p{i} --x",
             time=NOW - 300 + 10 * i, host_identifier="host-a" if i % 2 else "host-b",
-            is_open=1 if i % 5 == 0 else 0, exit_code="0", probe_error=0, ntime=str(i)))
+            is_open=1 if i % 5 == 0 else 0, exit_code="0", probe_error=0, ntime=str(i),
+            ancestry=json.dumps([{"pid": 1, "path": f"{ANCESTRY_MARK}/init-{i % 3}"}])))
     store.submit("bpf_process_events", rows)
     store.stop()
 
@@ -278,8 +280,50 @@ def test_bpf_collectors_have_the_documented_keys(bpf_daemon):
     status = rpc(bpf_daemon, "status")
     for name, c in status["collectors"].items():
         assert COLLECTOR_KEYS <= set(c), (name, COLLECTOR_KEYS - set(c))
-    kernel = sum(c["captured"] for n, c in status["collectors"].items() if n != "fim")
+    kernel = sum(c["captured"] for c in status["collectors"].values() if c["source"] == "kernel")
     assert status["events"]["captured_kernel"] == kernel > 0
+
+
+def test_event_list_columns_returns_only_those(api):
+    page = rpc(api, "event/list", {"filter": {"start_time": 0}, "table": "bpf_process_events",
+                                   "columns": ["pid", "cmdline", "pid"], "limit": 5})
+    assert [sorted(e) for e in page["events"]] == [["cmdline", "eid", "pid", "table"]] * 5
+    assert [e["pid"] for e in page["events"]] == [1000, 1001, 1002, 1003, 1004]
+    more = rpc(api, "event/list", {"filter": {"start_time": 0}, "table": "bpf_process_events",
+                                   "columns": ["is_open", "ancestry"], "cursor": page["cursor"], "limit": 1})
+    [e] = more["events"]
+    assert (e["eid"], e["is_open"], json.loads(e["ancestry"])[0]["pid"]) == (6, True, 1)
+    # Every table at once: merged by time, which is fetched for that and not returned.
+    merged = rpc(api, "event/list", {"filter": {"start_time": 0}, "columns": ["eid", "host_identifier"]})
+    assert len(merged["events"]) == 30
+    assert all(sorted(e) == ["eid", "host_identifier", "table"] for e in merged["events"])
+    full = rpc(api, "event/list", {"filter": {"start_time": 0}, "limit": 1})["events"][0]
+    assert set(full) == set(TABLES["bpf_process_events"].column_names) | {"table"}
+
+
+@pytest.mark.parametrize("columns,field,needle", [
+    (["pid", "nope"], "columns[1]", "'nope' is not a column of bpf_process_events"),
+    ([], "columns", "non-empty list"),
+    ("pid", "columns", "non-empty list"),
+    ([7], "columns[0]", "must be a string"),
+])
+def test_event_list_bad_columns_are_named(api, columns, field, needle):
+    [reply] = jsonrpc_lines(api.socket, json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "event/list",
+         "params": {"filter": {"start_time": 0}, "table": "bpf_process_events", "columns": columns}}).encode()
+        + b"\n", 1)
+    assert reply["error"]["code"] == -32602 and reply["error"]["data"]["field"] == field
+    assert needle in reply["error"]["message"]
+    assert rpc(api, "ping") == "pong"
+
+
+def test_event_list_columns_of_every_table_when_no_table_is_named(api):
+    """Without `table`, each column must be one every event table has."""
+    [reply] = jsonrpc_lines(api.socket, json.dumps(
+        {"jsonrpc": "2.0", "id": 1, "method": "event/list",
+         "params": {"filter": {"start_time": 0}, "columns": ["host_identifier", "cmdline"]}}).encode() + b"\n", 1)
+    assert reply["error"]["code"] == -32602 and reply["error"]["data"]["field"] == "columns[1]"
+    assert "is not a column of" in reply["error"]["message"]
 
 
 @pytest.mark.parametrize("method,params,field", [

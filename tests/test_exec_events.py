@@ -121,3 +121,22 @@ def test_follow_prints_new_events(bpf_daemon, workdir):
     finally:
         follow.terminate()
         follow.wait(10)
+
+
+def test_records_older_than_bpf_wakeup_ms_wake_the_collector(daemon_factory, workdir):
+    """Issue 20, item 2: the kernel side wakes the process collector once the
+    oldest unread record is --bpf_wakeup_ms old, instead of leaving it to the
+    collector's 400 ms timer (or 128 KiB per CPU, which a few execs never fill)."""
+    d = daemon_factory("--bpf_output=ringbuf", "--bpf_wakeup_ms=1")
+    before = d.call("status")["collectors"]["process"]["wakeups"]
+    for _ in range(10):
+        name, prog, pid, cwd = run_probe(workdir)
+        assert d.wait_events(by_path(prog))
+    woken = d.call("status")["collectors"]["process"]["wakeups"] - before
+    assert woken >= 5, woken
+
+
+def test_bpf_wakeup_ms_zero_leaves_wakeups_to_bytes_and_the_timer(daemon_factory, workdir):
+    d = daemon_factory("--bpf_output=ringbuf", "--bpf_wakeup_ms=0")
+    name, prog, pid, cwd = run_probe(workdir)
+    assert d.wait_events(by_path(prog))

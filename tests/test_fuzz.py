@@ -83,7 +83,7 @@ def random_params(rng: random.Random, method: str):
     if roll < 0.15:
         return None                                   # "params" left out or null
     params = {}
-    wanted = {"event/list": ["filter", "table", "limit", "cursor"], "subscribe": ["table"],
+    wanted = {"event/list": ["filter", "table", "limit", "cursor", "columns"], "subscribe": ["table"],
               "unsubscribe": ["subscription"], "process/tree": ["pid"], "table/read": ["table"]}.get(method, [])
     names = [n for n in wanted if rng.random() < 0.8]
     if rng.random() < 0.2:

@@ -7,14 +7,15 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 from osquery.extensions import Extension, ExtensionManager, ttypes
 
 from conftest import needs_bpf
-from harness import OSQUERY_ANCESTRY_BUILD_TABLES, OSQUERY_LINUX_TABLES
+from harness import OSQUERY_ANCESTRY_BUILD_TABLES, OSQUERY_LINUX_TABLES, osquery_context
 from harness import OsqueryCore as Core
-from test_api import NOW, seed
+from test_api import ANCESTRY_MARK, NOW, seed
 from vajrad.osquery import protocol as p
 from vajrad.osquery.extension import osquery_name
 from vajrad.tables import TABLES
@@ -41,9 +42,18 @@ def core(workdir):
         c.stop()
 
 
-def generate(client, table, constraints=None, context=None):
-    ctx = context if context is not None else json.dumps({"constraints": constraints or [], "colsUsed": []})
-    return client.call("table", table, {"action": "generate", "context": ctx})
+EVERY_COLUMN = object()
+
+
+def generate(client, table, constraints=None, context=None, select=EVERY_COLUMN):
+    """`SELECT <select> FROM table WHERE <constraints>` as osquery sends it;
+    by default every column, hidden ones too (None: `SELECT *`). table: by
+    vajrad's name or osquery's (vajra_...)."""
+    name = table.removeprefix("vajra_") if table.removeprefix("vajra_") in TABLES else table
+    if select is EVERY_COLUMN:
+        select = list(TABLES[name].column_names)
+    ctx = context if context is not None else osquery_context(name, constraints or [], select)
+    return client.call("table", osquery_name(name), {"action": "generate", "context": ctx})
 
 
 def test_wire_declarations_match_osquery_stubs():
@@ -116,6 +126,98 @@ def test_time_and_eid_constraints_reduce_what_is_fetched(core, vajrad):
     resp = generate(client, "vajra_bpf_process_events",
                     [{"name": "eid", "list": [{"op": 4, "expr": "20"}, {"op": 16, "expr": "5"}]}])
     assert resp.status.code == 0 and resp.response == []
+
+
+class RecordingProxy:
+    """A Unix socket between the shim and vajrad that keeps what vajrad
+    answers, so a test sees what crossed the socket, not what the shim kept."""
+
+    def __init__(self, directory, upstream):
+        self.path, self.upstream = os.path.join(directory, "proxy.sock"), upstream
+        self.received = bytearray()
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(self.path)
+        self.listener.listen()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socket.socket(socket.AF_UNIX)
+            up.connect(self.upstream)
+            threading.Thread(target=self._pump, args=(down, up, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, True), daemon=True).start()
+
+    def _pump(self, src, dst, record):
+        try:
+            while data := src.recv(65536):
+                if record:
+                    self.received += data
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (src, dst):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_cols_used_keeps_ancestry_at_home(core, vajrad, workdir):
+    """A query that does not select ancestry gets rows without it, and vajrad
+    never sends it: osquery's colsUsed reaches event/list as `columns`."""
+    proxy = RecordingProxy(workdir, vajrad.socket)
+    c = core()
+    c.start_shim(proxy.path)
+    client = c.client()
+    try:
+        where = [{"name": "time", "list": [{"op": 32, "expr": str(NOW - 300)}], "affinity": "BIGINT"}]
+        resp = generate(client, "bpf_process_events", where, select=["pid", "cmdline"])
+        assert resp.status.code == 0 and len(resp.response) == 30
+        assert all(set(r) == {"pid", "cmdline", "time"} for r in resp.response)     # time: the WHERE column
+        assert resp.response[3] == {"pid": "1003", "cmdline": "p3 --x", "time": str(NOW - 270)}
+        assert len(proxy.received) > 0 and ANCESTRY_MARK.encode() not in proxy.received
+        # SELECT *: ancestry is a visible column, so it is shipped; eid is hidden, so it is not.
+        resp = generate(client, "bpf_process_events", select=None)
+        assert all(set(r) == {c.name for c in TABLES["bpf_process_events"].columns if not c.hidden}
+                   for r in resp.response)
+        assert json.loads(resp.response[0]["ancestry"])[0]["path"] == f"{ANCESTRY_MARK}/init-0"
+        assert ANCESTRY_MARK.encode() in proxy.received
+        # SELECT count(*): no column, still one row per event.
+        resp = generate(client, "bpf_process_events", select=[])
+        assert len(resp.response) == 30 and set(resp.response[0]) == {"eid"}
+        # Only the bitset (as osquery's own getContextFromRequest accepts): bit i is column i.
+        names = list(TABLES["bpf_process_events"].column_names)
+        bits = (1 << names.index("path")) | (1 << names.index("eid"))
+        resp = generate(client, "bpf_process_events", context=json.dumps({"constraints": [], "colsUsedBitset": bits}))
+        assert resp.response[0] == {"path": "/usr/bin/p0", "eid": "1"}
+        # A core that sends neither (before osquery 4) gets every column.
+        resp = generate(client, "bpf_process_events", context=json.dumps({"constraints": []}))
+        assert set(resp.response[0]) == set(names)
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("context,needle", [
+    ('{"colsUsed": "pid"}', "colsUsed must be a list"),
+    ('{"colsUsed": ["pid", "nope"]}', "colsUsed[1]: 'nope' is not a column of bpf_process_events"),
+    ('{"colsUsedBitset": -1}', "colsUsedBitset must be an unsigned 64-bit integer"),
+    ('{"colsUsedBitset": "7"}', "colsUsedBitset must be an unsigned 64-bit integer"),
+])
+def test_malformed_cols_used_get_a_clear_error(core, vajrad, context, needle):
+    c = core()
+    c.start_shim(vajrad.socket)
+    client = c.client()
+    resp = generate(client, "bpf_process_events", context=context)
+    assert resp.status.code == 1 and needle in resp.status.message, resp.status.message
+    assert generate(client, "bpf_process_events").status.code == 0      # still serving
 
 
 @pytest.mark.parametrize("context,needle", [

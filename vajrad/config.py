@@ -119,6 +119,11 @@ CORE_OPTIONS: tuple[Option, ...] = (
     Option("bpf_output", str, "auto",
            "Kernel-to-user channel: ringbuf (5.8+), perf (older kernels), or auto.",
            choices=("auto", "ringbuf", "perf")),
+    Option("bpf_wakeup_ms", int, 100,
+           "Ring buffer: a record that finds the oldest one not yet read this many ms old wakes its "
+           "collector, which otherwise drains on its timer (400 ms for processes): lower is fresher "
+           "events for more CPU; 0 wakes only every 128 KiB per CPU (least CPU).",
+           minimum=0, maximum=10_000),
     Option("subscriber_queue_events", int, 10000,
            "Events queued per live subscriber; beyond that a slow subscriber misses events (and is told).",
            minimum=1),

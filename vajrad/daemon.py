@@ -14,6 +14,7 @@ from vajrad.collectors.base import Collector
 from vajrad.collectors.registry import CATALOGUE, UNITS
 from vajrad.errors import ConfigError, VajraError
 from vajrad.kernel import environment as kernel
+from vajrad.kernel.compiler_memory import release_compiler_pages
 from vajrad.notify import Notifier
 from vajrad.serve.dbus_api import DbusService
 from vajrad.serve.hub import EventHub
@@ -33,12 +34,17 @@ DAEMON_SERVICES = ("kernel", "store")     # what the daemon itself offers units 
 
 def release_compiler_memory() -> None:
     """BCC compiles each program with LLVM in-process; glibc keeps the freed
-    heap afterwards. Handing it back costs one call at start-up."""
+    heap afterwards, and the compiler's code stays resident. Handing both back
+    costs one call after the collectors load (see kernel/compiler_memory.py)."""
     try:
         import ctypes
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):    # not glibc
         pass
+    dropped = release_compiler_pages()
+    if dropped:
+        log.info("released %d MiB of compiler pages (LLVM, clang) now that the BPF programs are loaded",
+                 dropped >> 20)
 
 
 class Vajrad:
@@ -102,6 +108,8 @@ class Vajrad:
                 "captured": sum(c.captured for c in self.collectors),
                 "captured_kernel": sum(c.captured for c in self.collectors if c.source == "kernel"),
                 "captured_inotify": sum(c.captured for c in self.collectors if c.source == "inotify"),
+                "captured_other": sum(c.captured for c in self.collectors
+                                      if c.source not in ("kernel", "inotify")),
                 "stored": store.get("stored", 0),
                 "lost": kernel_lost + collector_dropped + store_dropped,
                 "lost_kernel": kernel_lost,
@@ -119,6 +127,7 @@ class Vajrad:
         kernel.ensure_tracefs()
         runtime = os.environ.get("RUNTIME_DIRECTORY", "/run/vajra").split(":")[0]
         self.kenv = kernel.probe(runtime)
+        self.kenv.defines["VAJRA_WAKEUP_AGE_MS"] = self.config.bpf_wakeup_ms     # every program's submit()
         return self.kenv
 
     def _wanted_units(self, cfg: config.Config) -> list[units.Unit]:

@@ -10,10 +10,10 @@ from typing import Any
 
 
 def event_list_params(flt: dict, table: str | None = None, limit: int | None = None,
-                      cursor: str | None = None) -> dict:
+                      cursor: str | None = None, columns: list[str] | None = None) -> dict:
     """event/list params, leaving out what is unset (empty or zero means default)."""
     params: dict[str, Any] = {"filter": flt}
-    for key, value in (("table", table), ("limit", limit), ("cursor", cursor)):
+    for key, value in (("table", table), ("limit", limit), ("cursor", cursor), ("columns", columns)):
         if value:
             params[key] = value
     return params

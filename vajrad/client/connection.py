@@ -104,14 +104,16 @@ class VajraClient:
             return reply["result"]
 
     def list_events(self, flt: dict, table: str | None = None, limit: int | None = None,
-                    cursor: str | None = None) -> dict:
-        return self.call("event/list", event_list_params(flt, table, limit, cursor))
+                    cursor: str | None = None, columns: list[str] | None = None) -> dict:
+        return self.call("event/list", event_list_params(flt, table, limit, cursor, columns))
 
-    def iter_events(self, flt: dict, table: str | None = None, page: int = 1000) -> Iterator[dict]:
-        """Every matching event, page by page through the cursor."""
+    def iter_events(self, flt: dict, table: str | None = None, page: int = 1000,
+                    columns: list[str] | None = None) -> Iterator[dict]:
+        """Every matching event, page by page through the cursor; `columns`
+        limits what each carries (plus table and eid)."""
         cursor = None
         while True:
-            result = self.list_events(flt, table, page, cursor)
+            result = self.list_events(flt, table, page, cursor, columns)
             yield from result["events"]
             if len(result["events"]) < page:
                 return

@@ -49,8 +49,12 @@ class Collector(abc.ABC):
         """Detaches; events() then ends."""
 
     def stats(self) -> dict:
-        return {"state": self.state, "captured": self.captured, "dropped": self.dropped,
-                "error": self.error}
+        """Every collector's keys (docs/api.md); a collector that reads the
+        kernel or inotify gives its real output, records, wakeups and
+        kernel_lost, others these defaults."""
+        return {"state": self.state, "source": self.source, "captured": self.captured, "dropped": self.dropped,
+                "error": self.error, "output": self.source, "records": self.captured, "wakeups": None,
+                "kernel_lost": 0}
 
     def snapshots(self) -> dict:
         """Live (not evented) tables this collector answers: {name: rows()}."""

@@ -107,17 +107,49 @@ def column_routes(table: Table) -> list[dict]:
     return [{"id": "column", "name": c.name, "type": c.type, "op": str(c.options)} for c in table.columns]
 
 
-def pushdown(context: str | None) -> dict | None:
-    """event/list filter from osquery's constraints on time and eid; None when
-    they cannot match anything."""
+def read_context(context: str | None) -> dict:
+    """osquery's query context (a JSON string) as an object; {} when absent."""
     if not context:
-        return {"start_time": 0}
+        return {}
     try:
         ctx = json.loads(context)
     except ValueError as e:
         raise ContextError(f"context is not JSON: {e}") from None
     if not isinstance(ctx, dict):
         raise ContextError("context must be a JSON object")
+    return ctx
+
+
+def used_columns(ctx: dict, table: Table) -> list[str] | None:
+    """The columns the query reads, from the context's colsUsed (names) or,
+    failing that, colsUsedBitset (SQLite's colUsed: bit i for column i of the
+    registered routes, bit 63 for every column from the 64th on); None when
+    osquery sent neither (cores older than 4.x), which means all of them.
+    Columns named only in WHERE are included, as SQLite counts them as used.
+    An empty set (`SELECT count(*)`) still needs one row per event: eid, the
+    cheapest column, stands in."""
+    names = table.column_names
+    if "colsUsed" in ctx:
+        used = ctx["colsUsed"]
+        if not isinstance(used, list):
+            raise ContextError("context.colsUsed must be a list of column names")
+        for i, name in enumerate(used):
+            if not isinstance(name, str) or name not in names:
+                raise ContextError(f"context.colsUsed[{i}]: {name!r} is not a column of {table.name}")
+        wanted = set(used)
+    elif "colsUsedBitset" in ctx:
+        bits = ctx["colsUsedBitset"]
+        if isinstance(bits, bool) or not isinstance(bits, int) or not 0 <= bits < 1 << 64:
+            raise ContextError(f"context.colsUsedBitset must be an unsigned 64-bit integer, got {bits!r}")
+        wanted = {n for i, n in enumerate(names) if bits >> min(i, 63) & 1}
+    else:
+        return None
+    return [n for n in names if n in wanted] or ["eid"]
+
+
+def pushdown(ctx: dict) -> dict | None:
+    """event/list filter from osquery's constraints on time and eid; None when
+    they cannot match anything."""
     constraints = ctx.get("constraints", [])
     if not isinstance(constraints, list):
         raise ContextError("context.constraints must be a list")
@@ -158,11 +190,13 @@ def pushdown(context: str | None) -> dict | None:
     return flt
 
 
-def to_osquery_row(event: dict, table: Table) -> dict[str, str]:
+def to_osquery_row(event: dict, names) -> dict[str, str]:
+    """osquery's row: strings, NULL as "". Only `names` are shipped; osquery
+    reads a column a row lacks as NULL, and the query did not ask for it."""
     row = {}
-    for c in table.columns:
-        v = event.get(c.name)
-        row[c.name] = "" if v is None else str(int(v)) if isinstance(v, bool) else str(v)
+    for name in names:
+        v = event.get(name)
+        row[name] = "" if v is None else str(int(v)) if isinstance(v, bool) else str(v)
     return row
 
 
@@ -192,11 +226,13 @@ class VajraTables:
                 self._warned = True
             return p.ExtensionResponse(status=p.ExtensionStatus(code=0, message=self.events_why), response=[])
         try:
+            ctx = read_context(request.get("context"))
+            columns = used_columns(ctx, table)
             if not table.evented:
-                rows = self.read_live(table)
+                rows = self.read_live(table, columns)
             else:
-                flt = pushdown(request.get("context"))
-                rows = [] if flt is None else self.fetch(table, flt)
+                flt = pushdown(ctx)
+                rows = [] if flt is None else self.fetch(table, flt, columns)
         except ContextError as e:
             return _status(p.EXT_FAILED, f"{item}: {e}")
         except (ClientError, RemoteError) as e:
@@ -204,14 +240,18 @@ class VajraTables:
             return _status(p.EXT_FAILED, f"{item}: {e}")
         return p.ExtensionResponse(status=p.ExtensionStatus(code=0, message="OK"), response=rows)
 
-    def read_live(self, table: Table) -> list[dict[str, str]]:
+    def read_live(self, table: Table, columns: list[str] | None) -> list[dict[str, str]]:
+        names = columns or table.column_names
         with VajraClient(self.vajra_socket) as client:
-            return [to_osquery_row(r, table) for r in client.call("table/read", {"table": table.name})["rows"]]
+            return [to_osquery_row(r, names) for r in client.call("table/read", {"table": table.name})["rows"]]
 
-    def fetch(self, table: Table, flt: dict) -> list[dict[str, str]]:
+    def fetch(self, table: Table, flt: dict, columns: list[str] | None) -> list[dict[str, str]]:
+        # Only the columns the query reads cross vajrad's socket: ancestry,
+        # most of a row's bytes, stays home unless selected.
+        names = columns or table.column_names
         # A fresh connection per query: after a vajrad restart the next query just works.
         with VajraClient(self.vajra_socket) as client:
-            return [to_osquery_row(e, table) for e in client.iter_events(flt, table.name, PAGE)]
+            return [to_osquery_row(e, names) for e in client.iter_events(flt, table.name, PAGE, columns)]
 
 
 def _status(code: int, message: str) -> p.ExtensionResponse:

@@ -151,11 +151,29 @@ class VajraService:
                                + ("" if self.describe_process else " (process auditing is not running)"), "pid")
         return found
 
+    def check_columns(self, value: Any, names: list[str]) -> list[str] | None:
+        """event/list's `columns`: names every listed table has, in the order
+        given, without repeats; None (all columns) when absent."""
+        if value is None:
+            return None
+        if not isinstance(value, list) or not value:
+            raise RequestError(f"columns must be a non-empty list of column names, got {shown(value)}", "columns")
+        columns: list[str] = []
+        for i, name in enumerate(value):
+            if not isinstance(name, str):
+                raise RequestError(f"columns[{i}] must be a string, got {shown(name)}", f"columns[{i}]")
+            for table in names:
+                if name not in self.event_tables[table].column_names:
+                    raise RequestError(f"columns[{i}]: {shown(name)} is not a column of {table}", f"columns[{i}]")
+            if name not in columns:
+                columns.append(name)
+        return columns
+
     async def list_events(self, params: Any) -> dict:
-        """Vajra's event/list: {"filter": {...}, "table"?, "limit"?, "cursor"?}."""
+        """Vajra's event/list: {"filter": {...}, "table"?, "limit"?, "cursor"?, "columns"?}."""
         if not isinstance(params, dict):
             raise RequestError("params must be an object", "params")
-        unknown = [k for k in params if k not in ("filter", "table", "limit", "cursor")]
+        unknown = [k for k in params if k not in ("filter", "table", "limit", "cursor", "columns")]
         if unknown:
             raise RequestError(f"unknown parameter {shown_key(unknown[0])}", shown_key(unknown[0]))
         if "filter" not in params:
@@ -165,20 +183,31 @@ class VajraService:
         limit = parse_int(params.get("limit", DEFAULT_LIMIT), "limit", 1, MAX_LIMIT)
         position = decode_cursor(params.get("cursor"), self.event_tables)
         names = [table] if table else list(self.event_tables)
-        return await asyncio.to_thread(self._list, names, flt, limit, position)
+        columns = self.check_columns(params.get("columns"), names)
+        return await asyncio.to_thread(self._list, names, flt, limit, position, columns)
 
-    def _list(self, names: list[str], flt: Filter, limit: int, position: dict[str, int]) -> dict:
+    def _list(self, names: list[str], flt: Filter, limit: int, position: dict[str, int],
+              columns: list[str] | None = None) -> dict:
+        # eid always comes back (the cursor is made of it); time too while
+        # several tables' rows are merged by it, and is dropped after if not asked.
+        merged = len(names) > 1
+        fetched = None if columns is None else \
+            columns + [c for c in ("eid", "time") if c not in columns and (c == "eid" or merged)]
         candidates = []
         for name in names:
-            for row in self.store.query(name, flt, limit, position.get(name, 0)):
+            for row in self.store.query(name, flt, limit, position.get(name, 0), fetched):
                 row["table"] = name
                 candidates.append(row)
-        if len(names) > 1:
+        if merged:
             candidates.sort(key=lambda r: (r["time"] or 0, r["table"], r["eid"]))
         events = candidates[:limit]
         self.served += len(events)
         position = dict(position)
+        drop_time = columns is not None and merged and "time" not in columns
         for row in events:
-            row["is_open"] = bool(row["is_open"])
+            if "is_open" in row:
+                row["is_open"] = bool(row["is_open"])
+            if drop_time:
+                del row["time"]
             position[row["table"]] = max(position.get(row["table"], 0), row["eid"])
         return {"events": events, "cursor": encode_cursor(position)}

@@ -6,9 +6,13 @@ sqlite_sequence, which keeps them monotonic across restarts and retention.
 With synchronous=FULL a crash of the process or the machine loses at most
 the rows queued and not yet committed, and never the file. That queue is
 bounded in time (the oldest queued row is committed within max_pending_ms
-while the writer keeps up: the writer commits by age as well as by size)
+while the writer keeps up: the writer commits by age as well as by size, and
+a row that finds the last commit max_pending_ms old is committed at once)
 and in rows (beyond max_pending_rows, rows are dropped and counted rather
-than queued). Retention runs on its own schedule, whether or not rows arrive.
+than queued). Retention runs on its own thread and connection, whether or not
+rows arrive: it deletes by eid ranges, a bounded chunk per transaction, so the
+writer waits at most one chunk for SQLite's write lock. See docs/storage.md for
+the synchronous setting and its loss bound.
 
 The store and its side files (-wal, -shm) are 0640, root:vajra where that
 group exists (members read them with `vajractl query`), whatever the umask;
@@ -56,6 +60,7 @@ SHARED_TEXTS_KEPT = 1024         # shared-column texts a reading thread keeps by
 MAX_PENDING_MS = 100             # the oldest queued row waits at most this long for its commit
 MAX_PENDING_ROWS = 50_000        # rows queued beyond this are dropped and counted
 BATCH_ROWS = 5_000               # a batch this large is committed at once, whatever its age
+RETENTION_CHUNK_EIDS = 2_000     # eids per retention transaction: what the writer may wait behind
 FILE_MODE = 0o640                # the store and its side files; group vajra reads them
 DIR_MODE = 0o750
 STORE_GROUP = "vajra"
@@ -147,6 +152,13 @@ class EventStore:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._conn: sqlite3.Connection | None = None
+        # Retention: its own thread and connection. _shared_lock keeps it out of
+        # the shared columns' bookkeeping while the writer uses it.
+        self._retention_thread: threading.Thread | None = None
+        self._retention_conn: sqlite3.Connection | None = None
+        self._retention_lock = threading.Lock()
+        self._retention_stop = threading.Event()
+        self._shared_lock = threading.Lock()
         self._seq: dict[str, int] = {}
         self._insert_sql: dict[str, dict[int, str]] = {}     # table -> rows per statement -> SQL
         self._row_values: dict[str, Callable[[dict], tuple]] = {}
@@ -288,13 +300,24 @@ class EventStore:
     def start(self) -> None:
         self._thread = threading.Thread(target=self._writer, name="vajra-store", daemon=True)
         self._thread.start()
+        self._retention_stop.clear()
+        self._retention_thread = threading.Thread(target=self._retainer, name="vajra-retention", daemon=True)
+        self._retention_thread.start()
 
     def stop(self) -> None:
         """Commits everything queued, then closes."""
+        if self._retention_thread:
+            self._retention_stop.set()
+            self._retention_thread.join()
+            self._retention_thread = None
         if self._thread:
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
+        with self._retention_lock:
+            if self._retention_conn:
+                self._retention_conn.close()
+                self._retention_conn = None
         if self._conn:
             self._conn.close()
             self._conn = None
@@ -381,29 +404,29 @@ class EventStore:
 
     def _writer(self) -> None:
         name_native_thread("vajra-store")
-        next_retention = time.monotonic() + self.retention_interval
         stopping = False
         while not stopping:
-            # Waits no longer than the next retention, so that expired rows
-            # go on a quiet host too, not only after the next write.
-            try:
-                item = self._queue.get(timeout=max(0.0, next_retention - time.monotonic()))
-            except queue.Empty:
-                item = None
-            if item is not None:
-                stopping = self._collect_and_write(item)
-            if time.monotonic() >= next_retention:
-                self.apply_retention()
-                next_retention = time.monotonic() + self.retention_interval
+            stopping = self._collect_and_write(self._queue.get())
+
+    def _retainer(self) -> None:
+        """Applies retention every retention_interval, rows arriving or not,
+        so that expired rows go on a quiet host too."""
+        name_native_thread("vajra-retention")
+        while not self._retention_stop.wait(self.retention_interval):
+            self.apply_retention()
 
     def _collect_and_write(self, item) -> bool:
-        """Gathers one batch from `item` on and commits it: when its oldest row
-        has waited max_pending_s (flush by age), when it holds batch_rows
-        rows (by size), or at stop. Returns whether stop was asked."""
+        """Gathers one batch from `item` on and commits it: once max_pending_s
+        has passed since the last commit (by age: so a row that arrives after
+        a quiet spell goes at once, and under load commits come at most every
+        max_pending_s, with no row waiting longer than that), when it holds
+        batch_rows rows (by size), or at stop. Returns whether stop was asked."""
         batch: list = []
         rows = 0
         stopping = False
-        deadline = time.monotonic() if item is _STOP else item[3] + self.max_pending_s
+        # A row queued while the last commit ran keeps its own bound.
+        deadline = time.monotonic() if item is _STOP else \
+            min(item[3] + self.max_pending_s, max(item[3], self._last_commit + self.max_pending_s))
         while True:
             if item is _STOP:
                 stopping = True
@@ -432,6 +455,11 @@ class EventStore:
         committed: dict[str, list] = {}
         count = sum(len(item[1]) for item in batch)
         seq = dict(self._seq)
+        with self._shared_lock:
+            self._write_locked(conn, batch, committed, count, seq)
+
+    def _write_locked(self, conn: sqlite3.Connection, batch: list, committed: dict, count: int,
+                      seq: dict) -> None:
         try:
             conn.execute("BEGIN IMMEDIATE")
             for table, rows, host, _, state in batch:
@@ -521,33 +549,73 @@ class EventStore:
                 at += step
                 done += rows
 
+    def _retention_connection(self) -> sqlite3.Connection:
+        """Retention's own connection. synchronous=NORMAL: a delete that a
+        power loss rolls back only brings back rows the next pass deletes
+        again, and the writer's FULL commits make it durable anyway (they sync
+        the WAL up to their own frames, which follow it)."""
+        if self._retention_conn is None:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            self._retention_conn = conn
+        return self._retention_conn
+
     def apply_retention(self, now: float | None = None) -> int:
-        """Deletes rows older than expiry and beyond max_rows per table."""
-        conn = self._conn
-        if conn is None:
+        """Deletes rows older than expiry and beyond max_rows per table. Both
+        become an eid bound, found through an index without holding the write
+        lock; rows up to it go oldest first, RETENTION_CHUNK_EIDS eids per
+        transaction, so the writer never waits behind a large delete. Expiry
+        keeps its time test inside each range: a row whose time is newer than
+        rows committed after it is never deleted early (it may outlive expiry
+        until the bound passes its eid). Returns the rows deleted."""
+        if self._conn is None:
             return 0
         now = time.time() if now is None else now
         removed = 0
-        try:
-            for table in self.tables:
-                t = _quote(table)
-                if self.expiry > 0:
-                    removed += conn.execute(f"DELETE FROM {t} WHERE time < ?",
-                                            (int(now) - self.expiry,)).rowcount
-                if self.max_rows > 0:
-                    removed += conn.execute(
-                        f"DELETE FROM {t} WHERE eid <= (SELECT eid FROM {t} ORDER BY eid DESC "
-                        f"LIMIT 1 OFFSET ?)", (self.max_rows,)).rowcount
-                self._collect_shared(conn, table)
-        except sqlite3.Error as e:
-            log.error("event store %s: retention failed: %s", self.path, e)
-            return 0
+        with self._retention_lock:
+            try:
+                conn = self._retention_connection()
+                for table in self.tables:
+                    t = _quote(table)
+                    if self.max_rows > 0:
+                        bound = conn.execute(f"SELECT eid FROM {t} ORDER BY eid DESC LIMIT 1 OFFSET ?",
+                                             (self.max_rows,)).fetchone()
+                        if bound is not None:
+                            removed += self._delete_through(conn, t, bound[0], "", ())
+                    if self.expiry > 0:
+                        cut = int(now) - self.expiry
+                        # The index's last entry before the cut: ties on time
+                        # sort by eid, so this is the highest eid at that time.
+                        bound = conn.execute(f"SELECT eid FROM {t} WHERE time < ? ORDER BY time DESC LIMIT 1",
+                                             (cut,)).fetchone()
+                        if bound is not None:
+                            removed += self._delete_through(conn, t, bound[0], " AND time < ?", (cut,))
+                    with self._shared_lock:
+                        self._collect_shared(conn, table)
+            except sqlite3.Error as e:
+                log.error("event store %s: retention failed: %s", self.path, e)
+                self.expired += removed
+                return removed
         self.expired += removed
+        return removed
+
+    def _delete_through(self, conn: sqlite3.Connection, t: str, bound: int, also: str, params: tuple) -> int:
+        """Deletes rows with eid <= bound (and `also`), in eid ranges, one
+        short transaction each, skipping the gaps earlier passes left."""
+        removed = 0
+        low = conn.execute(f"SELECT MIN(eid) FROM {t}").fetchone()[0]
+        while low is not None and low <= bound and not self._retention_stop.is_set():
+            high = min(bound, low + RETENTION_CHUNK_EIDS - 1)
+            removed += conn.execute(f"DELETE FROM {t} WHERE eid BETWEEN ? AND ?{also}",
+                                    (low, high, *params)).rowcount
+            low = conn.execute(f"SELECT MIN(eid) FROM {t} WHERE eid > ?", (high,)).fetchone()[0]
         return removed
 
     def _collect_shared(self, conn: sqlite3.Connection, table: str) -> None:
         """Starts a new generation of shared values when the current one is old
-        enough, and deletes each closed generation none of whose rows is left."""
+        enough, and deletes each closed generation none of whose rows is left.
+        Called with _shared_lock held: the writer's bookkeeping stays still."""
         shared = self._shared[table]
         if not shared:
             return
