@@ -273,6 +273,16 @@ class Daemon:
                 time.sleep(0.1)
 
 
+def proc_ancestors(pid: int) -> list[int]:
+    """pid's ancestors as /proc has them, parent first, up to pid 1."""
+    out = []
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as f:
+            pid = int(f.read().rsplit(")", 1)[1].split()[1])
+        out.append(pid)
+    return out
+
+
 def unique_program(directory: str, name: str) -> str:
     """A copy of /bin/true under a name nobody else executes."""
     path = os.path.join(directory, name)

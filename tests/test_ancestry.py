@@ -3,23 +3,15 @@ import json
 import os
 import time
 
+from harness import proc_ancestors
 from vajrad.enrich.process_cache import ProcessCache, TICK_NS
-
-
-def proc_parents(pid):
-    out = []
-    while pid > 1:
-        with open(f"/proc/{pid}/stat") as f:
-            pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        out.append(pid)
-    return out
 
 
 def test_describe_reads_an_unknown_process_from_proc():
     cache = ProcessCache(size=1000)          # not seeded: everything comes from /proc
     found = cache.describe(os.getpid())
     assert found["process"]["pid"] == os.getpid()
-    assert [a["pid"] for a in found["ancestry"]] == proc_parents(os.getpid())
+    assert [a["pid"] for a in found["ancestry"]] == proc_ancestors(os.getpid())
     assert cache.describe(4_000_000) is None
 
 

@@ -18,23 +18,13 @@ from pathlib import Path
 import pytest
 
 from conftest import BPF_OK, BPF_WHY, needs_bpf
-from harness import Daemon, unique_program
+from harness import Daemon, proc_ancestors, unique_program
 
 pytestmark = needs_bpf
 HERE = Path(__file__).resolve().parent
 EXE = os.path.realpath(sys.executable)
 DASH = os.path.realpath("/bin/sh")
 AF_INET, STREAM, TCP = 2, 1, 6
-
-
-def proc_chain(pid: int) -> list[int]:
-    """pid's ancestors as /proc has them, parent first, up to pid 1."""
-    out = []
-    while pid > 1:
-        with open(f"/proc/{pid}/stat") as f:
-            pid = int(f.read().rsplit(")", 1)[1].split()[1])
-        out.append(pid)
-    return out
 
 
 class Host:
@@ -107,7 +97,7 @@ def lineage(row) -> list[tuple[int, str]]:
 
 def check_our_line(ancestry: list[dict]):
     """The part of an ancestry that is this test process and its ancestors: whole, and linked."""
-    assert [a["pid"] for a in ancestry] == [os.getpid(), *proc_chain(os.getpid())]
+    assert [a["pid"] for a in ancestry] == [os.getpid(), *proc_ancestors(os.getpid())]
     for child, parent in zip(ancestry, ancestry[1:]):
         assert child["ppid"] == parent["pid"] and child["pproc_time_hr"] == parent["proc_time_hr"]
 
