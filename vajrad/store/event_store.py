@@ -30,8 +30,9 @@ import sqlite3
 import stat
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from vajrad.errors import VajraError
 from vajrad.schema import Table
@@ -58,6 +59,9 @@ SIDE_FILES = ("-wal", "-shm", "-journal")
 # row and hands it to the collector's thread each time.
 INSERT_CHUNKS = (256, 64, 16, 4, 1)
 STORE_FILLED = frozenset({"eid", "host_identifier", "is_open"})    # set by the writer when absent
+
+
+UNIT_STATE = "unit_state"        # units' own small state, written with their rows (see transact)
 
 
 class StoreError(VajraError):
@@ -113,6 +117,61 @@ _FILTER_CLAUSES = (
 )
 
 
+class StoreTransaction:
+    """What a unit's transaction (EventStore.transact) may do, on the writer
+    thread, inside one SQLite transaction: insert rows of event tables (eids
+    assigned, committed rows handed to on_commit like any others), keep
+    key/value state, and run its own statements on `conn`."""
+
+    def __init__(self, store: "EventStore", conn: sqlite3.Connection, seq: dict[str, int]):
+        self.store, self.conn, self._seq = store, conn, seq
+        self.inserted: dict[str, list[dict]] = {}
+
+    def insert(self, table: str, rows: list[dict], host_identifier: str | None = None) -> list[dict]:
+        """Inserts rows (dicts of exactly the table's columns, less those the
+        store fills); returns them with their eids set."""
+        store = self.store
+        if table not in store.tables:
+            raise StoreError(store.path, f"transaction: {table} is not an event table")
+        if store._shared[table]:
+            raise StoreError(store.path, f"transaction: {table} has shared columns, which only batches write")
+        known, required = store._columns[table]
+        names = store.tables[table].column_names
+        n = self._seq[table]
+        params: list = []
+        for row in rows:
+            keys = row.keys()
+            if not (keys <= known and required <= keys):
+                raise StoreError(store.path, f"transaction: {table} row keys {sorted(keys ^ known)} "
+                                             f"do not fit its columns")
+            n += 1
+            row["eid"] = n
+            if host_identifier is not None or "host_identifier" not in row:
+                row["host_identifier"] = host_identifier
+            if row.get("is_open") is None:
+                row["is_open"] = 0
+            params += [row[c] for c in names]
+        store._insert(self.conn, table, params, len(rows))
+        self._seq[table] = n
+        self.inserted.setdefault(table, []).extend(rows)
+        return rows
+
+    def set_state(self, unit: str, key: str, value: str | None) -> None:
+        """unit_state[unit, key] = value (None deletes it), committed with the rest."""
+        if value is None:
+            self.conn.execute(f"DELETE FROM {UNIT_STATE} WHERE unit = ? AND key = ?", (unit, key))
+        else:
+            self.conn.execute(f"INSERT OR REPLACE INTO {UNIT_STATE} (unit, key, value) VALUES (?, ?, ?)",
+                              (unit, key, value))
+
+
+@dataclass
+class _Transaction:
+    apply: Callable[[StoreTransaction], Any]
+    future: Future
+    queued: float
+
+
 class EventStore:
     def __init__(self, path: str, tables: dict[str, Table], *, expiry: int, max_rows: int,
                  max_pending_rows: int = MAX_PENDING_ROWS, max_pending_ms: int = MAX_PENDING_MS,
@@ -166,6 +225,8 @@ class EventStore:
             for table in self.tables.values():
                 self._create(conn, table)
                 self._create_read_view(conn, table)
+            conn.execute(f"CREATE TABLE IF NOT EXISTS {UNIT_STATE} (unit TEXT NOT NULL, key TEXT NOT NULL, "
+                         f"value TEXT, PRIMARY KEY (unit, key)) WITHOUT ROWID")
             for table in self.tables:
                 self._seq[table] = self._high_water(conn, table)
                 for shared in self._shared[table]:
@@ -315,6 +376,25 @@ class EventStore:
         self._queue.put((table, rows, host_identifier, time.monotonic()))
         return len(rows)
 
+    def transact(self, apply: Callable[[StoreTransaction], Any]) -> Future:
+        """Runs apply(StoreTransaction) on the writer thread, in a transaction
+        of its own (after the rows queued before it), and commits it: the
+        returned future holds apply's result once committed, or its exception
+        once rolled back. For units whose rows must be committed together
+        with their own state (a detection's alerts and its watermark), and
+        for updates of stored rows: every write goes through this one writer.
+        Never dropped by the queue bound (they are few and small)."""
+        future: Future = Future()
+        self._queue.put(_Transaction(apply, future, time.monotonic()))
+        return future
+
+    def read_state(self, unit: str) -> dict[str, str]:
+        """unit_state of one unit, as committed. Blocking: call it off the loop."""
+        try:
+            return dict(self._reader().execute(f"SELECT key, value FROM {UNIT_STATE} WHERE unit = ?", (unit,)))
+        except sqlite3.Error as e:
+            raise StoreError(self.path, f"reading {unit}'s state failed: {e}") from e
+
     def _conforming(self, table: str, rows: list[dict]) -> list[dict]:
         """The rows whose keys are exactly their table's columns (less those the
         writer fills). A misspelt key would otherwise be stored as NULL and an
@@ -340,7 +420,7 @@ class EventStore:
         since = self._batch_since
         with self._queue.mutex:
             head = self._queue.queue[0] if self._queue.queue else None
-        if head is not None and head is not _STOP and (since is None or head[3] < since):
+        if isinstance(head, tuple) and (since is None or head[3] < since):
             since = head[3]
         return 0 if since is None else int((time.monotonic() - since) * 1000)
 
@@ -368,10 +448,15 @@ class EventStore:
         batch: list = []
         rows = 0
         stopping = False
-        deadline = time.monotonic() if item is _STOP else item[3] + self.max_pending_s
+        transaction: _Transaction | None = None
+        deadline = item.queued if isinstance(item, _Transaction) else \
+            time.monotonic() if item is _STOP else item[3] + self.max_pending_s
         while True:
             if item is _STOP:
                 stopping = True
+            elif isinstance(item, _Transaction):
+                transaction = item        # after the rows queued before it
+                break
             else:
                 if not batch:
                     self._batch_since = item[3]
@@ -390,7 +475,37 @@ class EventStore:
             self._write(batch)
             self._last_commit = time.monotonic()
         self._batch_since = None
+        if transaction is not None:
+            self._write_transaction(transaction)
         return stopping
+
+    def _write_transaction(self, item: _Transaction) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
+        conn = self._conn
+        tx = StoreTransaction(self, conn, dict(self._seq))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = item.apply(tx)
+            conn.execute("COMMIT")
+        except Exception as e:      # the unit's statements too: its rows and state are not kept
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(e, sqlite3.Error):
+                e = StoreError(self.path, f"transaction failed: {e}")
+            item.future.set_exception(e)
+            return
+        self._seq = tx._seq
+        count = sum(len(rows) for rows in tx.inserted.values())
+        if count:
+            self.commits += 1
+            with self._lock:
+                self.stored += count
+        item.future.set_result(result)
+        if count and self.on_commit:
+            self.on_commit(list(tx.inserted.items()))
 
     def _write(self, batch: list[tuple[str, list, str | None, float]]) -> None:
         conn = self._conn
@@ -474,7 +589,9 @@ class EventStore:
                 done += rows
 
     def apply_retention(self, now: float | None = None) -> int:
-        """Deletes rows older than expiry and beyond max_rows per table."""
+        """Deletes rows older than expiry and beyond max_rows per table, except
+        rows awaiting triage (is_open: an open alert and the events behind
+        it), which stay until triaged."""
         conn = self._conn
         if conn is None:
             return 0
@@ -484,12 +601,12 @@ class EventStore:
             for table in self.tables:
                 t = _quote(table)
                 if self.expiry > 0:
-                    removed += conn.execute(f"DELETE FROM {t} WHERE time < ?",
+                    removed += conn.execute(f"DELETE FROM {t} WHERE time < ? AND is_open = 0",
                                             (int(now) - self.expiry,)).rowcount
                 if self.max_rows > 0:
                     removed += conn.execute(
                         f"DELETE FROM {t} WHERE eid <= (SELECT eid FROM {t} ORDER BY eid DESC "
-                        f"LIMIT 1 OFFSET ?)", (self.max_rows,)).rowcount
+                        f"LIMIT 1 OFFSET ?) AND is_open = 0", (self.max_rows,)).rowcount
                 self._collect_shared(conn, table)
         except sqlite3.Error as e:
             log.error("event store %s: retention failed: %s", self.path, e)
