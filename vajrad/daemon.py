@@ -28,7 +28,7 @@ log = logging.getLogger("vajrad")
 STATUS_INTERVAL = 2.0
 GC_THRESHOLDS = (50_000, 20, 20)
 EXIT_CONFIG, EXIT_STARTUP = 2, 1
-DAEMON_SERVICES = ("kernel",)      # what the daemon itself offers units (see Vajrad.services)
+DAEMON_SERVICES = ("kernel", "store", "host_identifier")   # what the daemon itself offers units (see Vajrad.services)
 
 
 def release_compiler_memory() -> None:
@@ -51,9 +51,12 @@ class Vajrad:
         self.notifier = Notifier()
         self.started = time.time()
         self.kenv: kernel.KernelEnv | None = None
-        # What units share: the kernel environment (probed on first use) and
-        # what each unit provides as it is built.
-        self.services = units.Services({"kernel": self._probe_kernel})
+        # What units share: the kernel environment (probed on first use), the
+        # store (for units that write with transactions), the current host
+        # identifier (a callable: it may change on reload), and what each unit
+        # provides as it is built.
+        self.services = units.Services({"kernel": self._probe_kernel, "store": lambda: self.store,
+                                        "host_identifier": lambda: (lambda: self.host_id)})
         self.collectors: list[Collector] = []
         self.units: dict[str, Collector] = {}
         self.store: EventStore | None = None
@@ -152,7 +155,7 @@ class Vajrad:
             release_compiler_memory()
         snapshots = {name: rows for c in self.collectors for name, rows in c.snapshots().items()}
         self.service = VajraService(self.store, TABLES, self.status, snapshots,
-                                    self.services.find("describe_process"))
+                                    self.services.find("describe_process"), self.services.find("alert_triage"))
         self.api = ApiServer(cfg.api_socket, self.service, self.hub)
         await self.api.start()
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)

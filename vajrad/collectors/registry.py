@@ -1,6 +1,6 @@
 """Every collector unit vajrad can run, in start-up order. Adding a unit is
 one line here (its declaration lives in its own package)."""
-from vajrad.collectors import fim, process, socket
+from vajrad.collectors import alerts, fim, process, socket
 from vajrad.config import Catalogue
 from vajrad.units import Unit
 
@@ -9,6 +9,7 @@ UNITS: tuple[Unit, ...] = (
     socket.UNIT,
     fim.BPF_FILE_EVENTS,
     fim.FILE_EVENTS,
+    alerts.UNIT,
 )
 
 # Every option and config section: the daemon's own and the units'.
