@@ -118,10 +118,15 @@ class VajraClient:
             cursor = result["cursor"]
 
     def subscribe(self, table: str | None = None) -> Iterator[dict]:
-        """Yields notifications ({"method": "event"|"missed", "params": ...}) forever."""
+        """Subscribes now (not at the first next(): callers list what is stored
+        after this returns, and nothing may fall between), then yields
+        notifications ({"method": "event"|"missed", "params": ...}) forever."""
         params = {"table": table} if table else {}
         self.call("subscribe", params)
         self._sock.settimeout(None)      # a quiet host sends nothing for a long time
+        return self._notifications()
+
+    def _notifications(self) -> Iterator[dict]:
         while True:
             msg = self.read_message()
             if "method" in msg:
