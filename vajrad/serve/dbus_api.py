@@ -104,6 +104,10 @@ class VajraInterface(ServiceInterface):
     def ListEvents(self, filter: "a{sv}", table: "s", limit: "u", cursor: "s") -> "aa{sv}s":
         raise DBusError(ERR_FAILED, "ListEvents is dispatched asynchronously")
 
+    @method()
+    def UpdateAlert(self, eid: "t", status: "s", close_reason: "s", comment: "s") -> "a{sv}":
+        raise DBusError(ERR_FAILED, "UpdateAlert is dispatched asynchronously")
+
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":
         return __version__
@@ -165,9 +169,10 @@ class DbusService:
 
     def _dispatch(self, msg: Message):
         if (msg.message_type != MessageType.METHOD_CALL or msg.interface != INTERFACE
-                or msg.path != OBJECT_PATH or msg.member != "ListEvents"):
+                or msg.path != OBJECT_PATH or msg.member not in ("ListEvents", "UpdateAlert")):
             return None
-        task = asyncio.create_task(self._list_events(msg))
+        handler = self._list_events if msg.member == "ListEvents" else self._update_alert
+        task = asyncio.create_task(handler(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -186,6 +191,37 @@ class DbusService:
             reply = Message.new_error(msg, ERR_INVALID_ARGS, str(e))
         except Exception as e:
             log.exception("D-Bus ListEvents failed")
+            reply = Message.new_error(msg, ERR_FAILED, str(e))
+        if self.bus:
+            self.bus.send(reply)
+
+    async def _sender_uid(self, sender: str) -> int:
+        """The caller's uid, as the bus daemon knows it (never from the call)."""
+        reply = await asyncio.wait_for(self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+            member="GetConnectionUnixUser", signature="s", body=[sender])), 5)
+        if reply.message_type != MessageType.METHOD_RETURN:
+            raise VajraError(f"the bus did not tell the caller's uid: {reply.body}")
+        return int(reply.body[0])
+
+    async def _update_alert(self, msg: Message) -> None:
+        try:
+            if msg.signature != "tsss":
+                raise RequestError(f"UpdateAlert takes (t eid, s status, s close_reason, s comment), "
+                                   f"got signature {msg.signature!r}", "signature")
+            eid, status, reason, comment = msg.body
+            params = {"eid": eid, "status": status}
+            if reason:
+                params["close_reason"] = reason
+            if comment:
+                params["comment"] = comment
+            uid = await self._sender_uid(msg.sender)
+            alert = await self.service.update_alert(params, uid)
+            reply = Message.new_method_return(msg, "a{sv}", [to_vardict(alert)])
+        except RequestError as e:
+            reply = Message.new_error(msg, ERR_INVALID_ARGS, str(e))
+        except Exception as e:
+            log.exception("D-Bus UpdateAlert failed")
             reply = Message.new_error(msg, ERR_FAILED, str(e))
         if self.bus:
             self.bus.send(reply)
