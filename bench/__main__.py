@@ -1,4 +1,4 @@
-"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|all]`: each bench prints JSON
+"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|alerts|all]`: each bench prints JSON
 and leaves it in bench/results/."""
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ import ancestry_bench  # noqa: E402
 import osquery_bench  # noqa: E402
 import socket_bench  # noqa: E402
 import fim_bench  # noqa: E402
+import alerts_bench  # noqa: E402
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "alerts", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -49,6 +50,8 @@ def main() -> int:
         results["socket"] = socket_bench.run(args)
     if args.which in ("fim", "all"):
         results["fim"] = fim_bench.run(args)
+    if args.which in ("alerts", "all"):
+        results["alerts"] = alerts_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

@@ -325,3 +325,60 @@ def test_the_packaged_rules_all_load(tmp_path):
     conn, guard = rule_files.connect_checked(store.path, TABLES)
     rules, errors = rule_files.load([rule_files.PACKAGED_RULES], TABLES, conn, guard)
     assert errors == [] and len(rules) >= 9 and all(r.enabled for r in rules.values())
+
+
+def test_rules_of_one_table_evaluated_together_match_as_alone_and_a_failing_one_is_isolated(tmp_path):
+    write_rules(tmp_path / "r", "a.yml", TMP_RULE + """
+- id: test.cmd
+  name: cmd
+  table: bpf_process_events
+  where: cmdline LIKE '%--evil%'
+  group_by: [cmdline]
+- id: test.fails_at_run_time
+  name: a pattern that only rows reveal as bad
+  table: bpf_process_events
+  where: path REGEXP cmdline
+""")
+
+    async def scenario():
+        async with Rig(tmp_path / "e.db", [tmp_path / "r"]) as rig:
+            for profiled in (True, False):          # each alone (profiling), then all in one query
+                rig.engine._next_profile = 0.0 if profiled else time.monotonic() + 3600
+                n = len(await rig.alerts())
+                await rig.submit(P, [proc(f"/tmp/{profiled}", "/tmp/x --allowed"),          # excepted
+                                     proc("/usr/bin/a", f"a --evil{profiled}"),
+                                     proc(f"/tmp/y{profiled}", f"y --evil{profiled}"),         # both rules
+                                     proc("/usr/bin/ok", "(unclosed")])                        # the bad one fails
+                got = sorted((a["rule_id"], json.loads(a["group_key"])[0]) for a in (await rig.alerts())[n:])
+                assert got == [("test.cmd", f"a --evil{profiled}"), ("test.cmd", f"y --evil{profiled}"),
+                               ("test.exec_tmp", f"/tmp/y{profiled}")], profiled
+            stats = rig.engine.stats()["rules"]
+            assert stats["test.fails_at_run_time"]["errors"] == 2 and stats["test.cmd"]["errors"] == 0
+            assert stats["test.cmd"]["profiled_us_per_row"] is not None
+
+    asyncio.run(scenario())
+
+
+def test_the_combined_query_alone_matches_what_rules_alone_match(tmp_path):
+    write_rules(tmp_path / "r", "a.yml", TMP_RULE + """
+- id: test.cmd
+  name: cmd
+  table: bpf_process_events
+  where: cmdline LIKE '%--evil%'
+  group_by: [cmdline, uid]
+  exceptions: ["uid = 7"]
+""")
+
+    async def scenario():
+        async with Rig(tmp_path / "e.db", [tmp_path / "r"]) as rig:
+            rig.engine._next_profile = time.monotonic() + 3600       # no rule evaluated alone
+            await rig.submit(P, [proc("/tmp/x", "/tmp/x --allowed"), proc("/usr/bin/a", "a --evil"),
+                                 proc("/usr/bin/a", "a --evil", uid=7), proc("/tmp/y", "y --evil", uid=None)])
+            got = sorted((a["rule_id"], a["group_key"]) for a in await rig.alerts())
+            assert got == [("test.cmd", '["a --evil",0]'), ("test.cmd", '["y --evil",null]'),
+                           ("test.exec_tmp", '["/tmp/y",null]')]
+            stats = rig.engine.stats()["rules"]
+            assert all(s["profiled_us_per_row"] is None and s["rows_evaluated"] == 4 and s["time_ms"] > 0
+                       for s in stats.values())
+
+    asyncio.run(scenario())

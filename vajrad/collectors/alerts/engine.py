@@ -26,7 +26,6 @@ from vajrad.collectors.base import Collector
 from vajrad.errors import RequestError, VajraError
 from vajrad.protocol import ALERT_TRANSITIONS
 from vajrad.schema import Table
-from vajrad.serve.wire import RateLimitedLog
 from vajrad.store.event_store import EventStore, StoreTransaction
 from vajrad.store.shared_columns import quote
 
@@ -37,6 +36,7 @@ LINKS = "alert_events"             # which events each alert counts (for is_open
 WATERMARK = "watermark:"           # unit_state key prefix, one per rule
 STATE_EVERY_S = 5.0                # watermarks alone (no alert) are committed at most this often
 RULE_BUDGET_S = 2.0                # one rule's evaluation is interrupted after this long
+PROFILE_EVERY_S = 30.0             # each rule evaluated alone this often, to measure its own cost
 SETUP = (
     "CREATE INDEX IF NOT EXISTS alerts_rule_group ON alerts(rule_id, group_key)",
     f"CREATE TABLE IF NOT EXISTS {LINKS} (alert_eid INTEGER NOT NULL, event_table TEXT NOT NULL, "
@@ -45,6 +45,34 @@ SETUP = (
     # links of alerts retention removed
     f"DELETE FROM {LINKS} WHERE alert_eid < (SELECT IFNULL(MIN(eid), 0) FROM alerts)",
 )
+
+
+class _Throttled:
+    """At most `burst` log records a minute (rules that fail on every batch
+    must not flood the log); what is held back is counted in the next one."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 5, period: float = 60.0):
+        self.logger, self.burst, self.period = logger, burst, period
+        self.window_start, self.in_window, self.held = -period, 0, 0
+
+    def _log(self, emit, message: str, *args) -> None:
+        now = time.monotonic()
+        if now - self.window_start >= self.period:
+            self.window_start, self.in_window = now, 0
+        if self.in_window >= self.burst:
+            self.held += 1
+            return
+        self.in_window += 1
+        if self.held:
+            message += f" ({self.held} similar messages not logged)"
+            self.held = 0
+        emit(message, *args)
+
+    def warning(self, message: str, *args) -> None:
+        self._log(self.logger.warning, message, *args)
+
+    def exception(self, message: str, *args) -> None:
+        self._log(self.logger.exception, message, *args)
 
 
 class AlertEngine(Collector):
@@ -71,11 +99,14 @@ class AlertEngine(Collector):
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vajra-alerts")
         self._conn = self._guard = None
         self._state_saved = 0.0
+        self._next_profile = 0.0
+        self._combined_sql: dict[str, tuple] = {}
+        self._combined_key: dict[str, tuple] = {}
         self._stopping = False
         self.evaluations = 0
         self.alerts_opened = 0
         self.failures = 0
-        self.errors = RateLimitedLog(log)
+        self.errors = _Throttled(log)
 
     # --- life cycle --------------------------------------------------------
     async def start(self) -> None:
@@ -195,30 +226,84 @@ class AlertEngine(Collector):
             await asyncio.sleep(self.interval)
 
     def _evaluate(self, work) -> dict[str, list]:
-        """Each rule over its range, on the engine's thread: {rule id: [(eid, time, key)]}.
-        A rule that fails is counted and skipped (its watermark moves on, so a
-        rule that always fails does not hold the others back)."""
+        """The rules over their ranges, on the engine's thread: {rule id: [(eid,
+        time, key)]}. Normally one query per table evaluates every rule of it
+        (a row is read once, whatever the number of rules; see _combined).
+        Each rule alone when that query fails (so that one failing rule is
+        found, counted and skipped, and the others go on), and every
+        PROFILE_EVERY_S, to measure each rule's own cost."""
         found: dict[str, list] = {}
+        by_table: dict[str, list] = defaultdict(list)
+        for item in work:
+            by_table[item[0].table].append(item)
+        profile = time.monotonic() >= self._next_profile
+        if profile:
+            self._next_profile = time.monotonic() + PROFILE_EVERY_S
+        for table, items in by_table.items():
+            if len(items) > 1 and not profile:
+                try:
+                    self._combined(table, items, found)
+                    continue
+                except Exception as e:      # one of the rules: find which, below
+                    self.errors.warning("alerts: the rules of %s failed together (%s); evaluating them one "
+                                        "by one", table, e)
+            for rule, lo, hi in items:
+                self._alone(rule, lo, hi, found, profile)
+        return found
+
+    def _alone(self, rule, lo: int, hi: int, found: dict, profile: bool) -> None:
         conn = self._conn
-        for rule, lo, hi in work:
-            t0 = time.perf_counter()
-            self._budget["deadline"] = time.monotonic() + RULE_BUDGET_S
-            self._guard.refused = None
-            try:
-                rows = conn.execute(rule.sql, (lo, hi)).fetchall()
-            except Exception as e:
-                rule.stats["errors"] += 1
-                rule.stats["last_error"] = str(e) if not self._guard.refused else f"refused {self._guard.refused}"
-                self.errors.warning("alerts: rule %s (%s) failed on eids %d-%d: %s", rule.id, rule.path, lo + 1,
-                                    hi, rule.stats["last_error"])
-                rows = []
-            rule.stats["time_ms"] += (time.perf_counter() - t0) * 1000
+        t0 = time.perf_counter()
+        self._budget["deadline"] = time.monotonic() + RULE_BUDGET_S
+        self._guard.refused = None
+        try:
+            rows = conn.execute(rule.sql, (lo, hi)).fetchall()
+        except Exception as e:
+            rule.stats["errors"] += 1
+            rule.stats["last_error"] = str(e) if not self._guard.refused else f"refused {self._guard.refused}"
+            self.errors.warning("alerts: rule %s (%s) failed on eids %d-%d: %s", rule.id, rule.path, lo + 1,
+                                hi, rule.stats["last_error"])
+            rows = []
+        elapsed = (time.perf_counter() - t0) * 1000
+        rule.stats["time_ms"] += elapsed
+        rule.stats["evaluations"] += 1
+        rule.stats["rows_evaluated"] += hi - lo
+        if profile and hi > lo:
+            rule.stats["profiled_us_per_row"] = round(1000 * elapsed / (hi - lo), 3)
+        if rows:
+            rule.stats["matches"] += len(rows)
+            found[rule.id] = [(r[0], r[1], rule_files.group_key(r[2:])) for r in rows]
+
+    def _combined(self, table: str, items: list, found: dict) -> None:
+        """Every rule of one table in one query: rows where any rule's where
+        holds (the rest, nearly all rows, cost one pass), and for those, which
+        rules match, exceptions and ranges applied, and the group_by values.
+        Its time is shared among the rules; their own costs come from the
+        profiling passes."""
+        rules = [rule for rule, _, _ in items]
+        key = tuple(rule.id for rule in rules)
+        sql, columns = self._combined_sql.get(table, (None, None))
+        if sql is None or self._combined_key.get(table) != key:
+            sql, columns = rule_files.combined_sql(table, rules)
+            self._combined_sql[table], self._combined_key[table] = (sql, columns), key
+        lo_all = min(lo for _, lo, _ in items)
+        hi_all = max(hi for _, _, hi in items)
+        t0 = time.perf_counter()
+        self._budget["deadline"] = time.monotonic() + RULE_BUDGET_S * len(items)
+        self._guard.refused = None
+        rows = self._conn.execute(sql, (lo_all, hi_all)).fetchall()
+        share = (time.perf_counter() - t0) * 1000 / len(items)
+        at = {c: i for i, c in enumerate(columns)}
+        for n, (rule, lo, hi) in enumerate(items):
+            rule.stats["time_ms"] += share
             rule.stats["evaluations"] += 1
             rule.stats["rows_evaluated"] += hi - lo
-            if rows:
-                rule.stats["matches"] += len(rows)
-                found[rule.id] = [(r[0], r[1], rule_files.group_key(r[2:])) for r in rows]
-        return found
+            flag = len(columns) + n
+            hits = [(r[0], r[1], rule_files.group_key([r[at[c]] for c in rule.group_by]))
+                    for r in rows if r[flag] and lo < r[0] <= hi]
+            if hits:
+                rule.stats["matches"] += len(hits)
+                found[rule.id] = hits
 
     async def _commit(self, work, matches: dict[str, list]) -> None:
         moved = {rule.id: hi for rule, lo, hi in work}
@@ -368,7 +453,7 @@ class AlertEngine(Collector):
         for rule in self.rules.values():
             s = rule.stats
             rules[rule.id] = {"version": rule.version, "table": rule.table, "enabled": rule.enabled,
-                              "watermark": self.watermarks.get(rule.id, 0), **s,
+                              "watermark": self.watermarks.get(rule.id, 0), "profiled_us_per_row": None, **s,
                               "time_ms": round(s["time_ms"], 3),
                               "us_per_row": round(1000 * s["time_ms"] / s["rows_evaluated"], 3)
                               if s["rows_evaluated"] else None}

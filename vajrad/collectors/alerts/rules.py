@@ -271,6 +271,21 @@ def evaluation_sql(rule: Rule) -> str:
             + " AND ".join(clauses) + " ORDER BY eid")
 
 
+def combined_sql(table: str, rules: list[Rule]) -> tuple[str, list[str]]:
+    """One query for every rule of a table (see AlertEngine._combined): eid,
+    time, the group_by columns of any of them, then one flag per rule; only
+    rows where some rule's where holds come back."""
+    columns = ["eid", "time"] + sorted({c for r in rules for c in r.group_by} - {"eid", "time"})
+    flags = []
+    for rule in rules:
+        clauses = [f"IFNULL((\n{rule.where}\n), 0)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in rule.exceptions]
+        flags.append("(" + " AND ".join(clauses) + ")")
+    any_rule = " OR ".join(f"(\n{rule.where}\n)" for rule in rules)
+    sql = (f"SELECT {', '.join(quote(c) for c in columns)}, {', '.join(flags)} FROM {quote(read_view(table))} "
+           f"WHERE eid > ? AND eid <= ? AND ({any_rule}) ORDER BY eid")
+    return sql, columns
+
+
 def group_key(values) -> str:
     return json.dumps(list(values), separators=(",", ":"), ensure_ascii=False)
 
