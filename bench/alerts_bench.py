@@ -22,19 +22,22 @@ def rule_file(count: int) -> str:
     IN lists, exceptions), none of which the bench's /bin/true matches, so the
     cost measured is evaluation, not alert writing."""
     out = ["rules:"]
-    shapes = [
-        "syscall = 'exec' AND path = '/usr/bin/bench-tool-{i}'",
-        "syscall = 'exec' AND cmdline LIKE '%--bench-flag-{i}%'",
-        "syscall = 'exec' AND path REGEXP '/bench-{i}[a-z]+$'",
-        "syscall = 'exec' AND path LIKE '%/sh' AND json_extract(ancestry, '$[0].exe_name') = 'bench-svc-{i}'",
-        "syscall = 'exec' AND uid = 0 AND path IN ('/usr/sbin/bench-a-{i}', '/usr/sbin/bench-b-{i}')",
-    ]
     for i in range(count):
-        where = shapes[i % len(shapes)].format(i=i)
-        out += [f"  - id: bench.rule_{i:03d}", f"    name: bench rule {i}", "    table: bpf_process_events",
+        where = SHAPES[i % len(SHAPES)][1].format(i=i)
+        out += [f"  - id: bench.{SHAPES[i % len(SHAPES)][0]}_{i:03d}", f"    name: bench rule {i}",
+                "    table: bpf_process_events",
                 f"    where: \"{where}\"", "    group_by: [path]", "    suppress_for: 60",
                 f"    exceptions: [\"cwd = '/nonexistent-{i}'\"]"]
     return "\n".join(out) + "\n"
+
+
+SHAPES = [
+    ("equal", "syscall = 'exec' AND path = '/usr/bin/bench-tool-{i}'"),
+    ("like", "syscall = 'exec' AND cmdline LIKE '%--bench-flag-{i}%'"),
+    ("regexp", "syscall = 'exec' AND path REGEXP '/bench-{i}[a-z]+$'"),
+    ("ancestry", "syscall = 'exec' AND path LIKE '%/sh' AND json_extract(ancestry, '$[0].exe_name') = 'bench-svc-{i}'"),
+    ("in_list", "syscall = 'exec' AND uid = 0 AND path IN ('/usr/sbin/bench-a-{i}', '/usr/sbin/bench-b-{i}')"),
+]
 
 
 def one_run(args, rules: bool, tag: str) -> dict:
@@ -69,8 +72,16 @@ def one_run(args, rules: bool, tag: str) -> dict:
                 "rows_evaluated_per_rule": max(r["rows_evaluated"] for r in per_rule.values()),
                 "us_per_row_per_rule": {"min": costs[0][0], "median": costs[len(costs) // 2][0],
                                         "max": costs[-1][0], "max_rule": costs[-1][1]},
-                "per_rule": {rid: {"us_per_row": r["us_per_row"], "time_ms": r["time_ms"],
-                                   "rows_evaluated": r["rows_evaluated"]} for rid, r in per_rule.items()},
+                # each rule's own cost, measured when it is evaluated alone (every 30 s)
+                "profiled_us_per_row_by_shape": {
+                    shape: sorted(r["profiled_us_per_row"] for rid, r in per_rule.items()
+                                  if rid.startswith(f"bench.{shape}_") and r["profiled_us_per_row"] is not None)
+                    for shape, _ in SHAPES},
+                "profiled_us_per_row_default_rules": {rid: r["profiled_us_per_row"] for rid, r in per_rule.items()
+                                                      if rid.startswith("vajra.")},
+                "per_rule": {rid: {"us_per_row": r["us_per_row"], "profiled_us_per_row": r["profiled_us_per_row"],
+                                   "time_ms": r["time_ms"], "rows_evaluated": r["rows_evaluated"]}
+                             for rid, r in per_rule.items()},
             })
         return result
     finally:

@@ -11,7 +11,6 @@ a row of NULLs, which catches what only running finds (a bad regexp).
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -72,21 +71,24 @@ class Rule:
                                                  "matches": 0, "alerts": 0, "errors": 0, "last_error": None})
 
 
-@functools.lru_cache(maxsize=512)
-def _pattern(pattern: str) -> re.Pattern:
-    return re.compile(pattern)
+_PATTERNS: dict[str, re.Pattern] = {}
+PATTERNS_KEPT = 1024
 
 
 def regexp(pattern, value) -> int | None:
     """SQLite's `value REGEXP pattern` (Python's re, search anywhere). The
     pattern is compiled even when value is NULL, so that validation on a row
-    of NULLs finds a bad one."""
+    of NULLs finds a bad one. Called once per row per REGEXP: kept lean."""
     if pattern is None:
         return None
-    compiled = _pattern(str(pattern))
+    compiled = _PATTERNS.get(pattern)
+    if compiled is None:
+        if len(_PATTERNS) >= PATTERNS_KEPT:
+            _PATTERNS.clear()
+        compiled = _PATTERNS[pattern] = re.compile(str(pattern))
     if value is None:
         return None
-    return 1 if compiled.search(str(value)) else 0
+    return 1 if compiled.search(value if type(value) is str else str(value)) else 0
 
 
 class Guard:
