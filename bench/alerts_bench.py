@@ -89,6 +89,60 @@ def one_run(args, rules: bool, tag: str) -> dict:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def store_only_cost(rows: int = 60_000) -> dict:
+    """The rules' query alone, on a store of bench-like rows (fork, exec, exit
+    of /bin/true under dash), with no collector competing for the CPU or the
+    GIL: µs per row for all rules together, and per shape (20 rules each)."""
+    import json as json_
+    from vajrad.collectors.alerts import rules as rule_files
+    from vajrad.store.event_store import EventStore
+    from vajrad.tables import TABLES
+    table = "bpf_process_events"
+    work = tempfile.mkdtemp(prefix="vajra-bench-")
+    os.chmod(work, 0o700)
+    try:
+        db = os.path.join(work, "e.db")
+        store = EventStore(db, TABLES, expiry=0, max_rows=0, max_pending_rows=rows + 1)
+        store.open()
+        store.start()
+        now = int(time.time())
+        ancestry = json_.dumps([{"exe_name": "dash", "pid": 5, "ppid": 1, "path": "/usr/bin/dash",
+                                 "cmdline": "sh -c x"}])
+        batch = []
+        for i in range(rows // 3):
+            for syscall, path in (("fork", "/usr/bin/dash"), ("exec", "/usr/bin/true"), ("exit", "/usr/bin/true")):
+                batch.append(TABLES[table].row(syscall=syscall, path=path, cmdline=f"/bin/true ab-{i}", cwd="/root",
+                                               uid=0, pid=i, time=now, ancestry=ancestry))
+            if len(batch) >= 30_000:
+                store.submit(table, batch)
+                batch = []
+        store.submit(table, batch)
+        store.stop()
+        rules_d = os.path.join(work, "rules.d")
+        os.mkdir(rules_d)
+        Path(rules_d, "bench.yml").write_text(rule_file(RULES))
+        conn, guard = rule_files.connect_checked(db, TABLES)
+        loaded, errors = rule_files.load([rule_files.PACKAGED_RULES, rules_d], TABLES, conn, guard)
+        assert not errors, errors
+        mine = [r for r in loaded.values() if r.table == table]
+        top = conn.execute(f'SELECT MAX(eid) FROM "{table}"').fetchone()[0]
+
+        def cost(rules) -> float:
+            sql, _ = rule_files.combined_sql(table, rules)
+            t0 = time.perf_counter()
+            conn.execute(sql, (0, top)).fetchall()
+            return round((time.perf_counter() - t0) * 1e6 / top, 3)
+
+        result = {"rows": top, "rules": len(mine), "us_per_row_all_rules": cost(mine),
+                  "us_per_row_by_shape_20_rules": {shape: cost([r for r in mine if r.id.startswith(f"bench.{shape}_")])
+                                                   for shape, _ in SHAPES},
+                  "us_per_row_default_rules": cost([r for r in mine if r.id.startswith("vajra.")])}
+        conn.close()
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def run(args) -> dict:
     tag = f"ab{os.getpid()}"
     base = one_run(args, False, tag + "n")
@@ -102,5 +156,6 @@ def run(args) -> dict:
         "rules_added_cpu_percent_of_a_core": round(with_rules["cpu_percent"] - base["cpu_percent"], 2),
         "rules_cpu_percent_by_engine_timing": with_rules["rules_cpu_percent_by_engine_timing"],
         "without_rules": base, "with_rules": with_rules,
+        "store_only": store_only_cost(),
         "kernel": os.uname().release, "cpus": os.cpu_count(),
     }

@@ -273,6 +273,56 @@ def evaluation_sql(rule: Rule) -> str:
             + " AND ".join(clauses) + " ORDER BY eid")
 
 
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def _top_level_words(sql: str):
+    """(position, WORD) of the words outside parentheses, strings, quoted
+    names and comments."""
+    depth, i, n = 0, 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`[":
+            end = {"[": "]"}.get(c, c)
+            j = i + 1
+            while j < n and not (sql[j] == end and not (end != "]" and j + 1 < n and sql[j + 1] == end)):
+                j += 2 if end != "]" and sql[j] == end else 1
+            i = j + 1
+            continue
+        if sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0:
+            m = _WORD.match(sql, i)
+            if m:
+                yield i, m.group(0).upper()
+                i = m.end()
+                continue
+        i += 1
+
+
+def leading_term(where: str) -> tuple[str, str] | None:
+    """(first term, the rest) when `where` is a plain conjunction at its top
+    level (no OR, BETWEEN or CASE there, where an AND would not join terms);
+    None otherwise."""
+    words = list(_top_level_words(where))
+    if any(w in ("OR", "BETWEEN", "CASE") for _, w in words):
+        return None
+    for at, word in words:
+        if word == "AND":
+            return where[:at].strip(), where[at + 3:].strip()
+    return None
+
+
 def combined_sql(table: str, rules: list[Rule]) -> tuple[str, list[str]]:
     """One query for every rule of a table (see AlertEngine._combined): eid,
     time, the group_by columns of any of them, then one flag per rule; only
@@ -282,7 +332,20 @@ def combined_sql(table: str, rules: list[Rule]) -> tuple[str, list[str]]:
     for rule in rules:
         clauses = [f"IFNULL((\n{rule.where}\n), 0)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in rule.exceptions]
         flags.append("(" + " AND ".join(clauses) + ")")
-    any_rule = " OR ".join(f"(\n{rule.where}\n)" for rule in rules)
+    # Rules that start with the same term (syscall = 'exec' AND ...) share
+    # its evaluation: a row it fails for costs one comparison, not one per rule.
+    groups: dict[str, list[str]] = {}
+    alone: list[str] = []
+    for rule in rules:
+        split = leading_term(rule.where)
+        if split is None:
+            alone.append(rule.where)
+        else:
+            groups.setdefault(split[0], []).append(split[1])
+    terms = [f"(\n{w}\n)" for w in alone]
+    for lead, rests in groups.items():
+        terms.append(f"((\n{lead}\n) AND (" + " OR ".join(f"(\n{r}\n)" for r in rests) + "))")
+    any_rule = " OR ".join(terms)
     sql = (f"SELECT {', '.join(quote(c) for c in columns)}, {', '.join(flags)} FROM {quote(read_view(table))} "
            f"WHERE eid > ? AND eid <= ? AND ({any_rule}) ORDER BY eid")
     return sql, columns
