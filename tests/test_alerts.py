@@ -21,8 +21,8 @@ def write_rules(directory, name, text):
     (directory / name).write_text(textwrap.dedent(text))
 
 
-def proc(path, cmdline="", pid=1, uid=0, t=None, **kw):
-    return TABLES[P].row(path=path, cmdline=cmdline, pid=pid, uid=uid, syscall="exec",
+def proc(path, cmdline="", pid=1, uid=0, t=None, syscall="exec", **kw):
+    return TABLES[P].row(path=path, cmdline=cmdline, pid=pid, uid=uid, syscall=syscall,
                          time=int(time.time()) if t is None else t, ancestry="[]", **kw)
 
 
@@ -382,3 +382,44 @@ def test_the_combined_query_alone_matches_what_rules_alone_match(tmp_path):
                        for s in stats.values())
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("where, split", [
+    ("syscall = 'exec' AND path = 'x'", ("syscall = 'exec'", "path = 'x'")),
+    ("a = 1 AND b = 2 OR c = 3", None),                      # OR binds last: not a conjunction
+    ("pid BETWEEN 1 AND 2", None),
+    ("CASE WHEN a AND b THEN 1 END AND c", None),
+    ("p = 'it''s AND' AND x = 1", ("p = 'it''s AND'", "x = 1")),
+    ("(a OR b) AND c", ("(a OR b)", "c")),
+])
+def test_leading_terms_are_split_only_from_plain_conjunctions(where, split):
+    assert rule_files.leading_term(where) == split
+
+
+def test_shared_leading_terms_match_as_each_rule_alone(tmp_path):
+    wheres = ["syscall = 'exec' AND path LIKE '/tmp/%'", "syscall = 'exec' AND cmdline LIKE '%evil%'",
+              "syscall = 'exec' AND uid = 0 OR pid = 7", "pid BETWEEN 2 AND 3 AND syscall = 'exit'",
+              "syscall = 'exit' AND path REGEXP 'b$'"]
+    write_rules(tmp_path / "r", "a.yml", "".join(
+        f"- id: r{i}\n  name: n\n  table: bpf_process_events\n  where: \"{w}\"\n  group_by: [pid]\n"
+        for i, w in enumerate(wheres)))
+    store = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0)
+    store.open()
+    store.start()
+    store.submit(P, [proc(p, c, pid=n, uid=u, syscall=s) for n, (p, c, u, s) in enumerate([
+        ("/tmp/a", "a", 1, "exec"), ("/usr/b", "evil b", 1, "exec"), ("/usr/c", "c", 0, "exec"),
+        ("/tmp/d", "evil", 0, "exit"), ("/usr/b", "b", 1, "exit"), ("/usr/e", "e", 1, "fork"),
+        ("/usr/f", "f", 1, "exit"), ("/tmp/g", "g", 7, "fork")])])
+    store.stop()
+    conn, guard = rule_files.connect_checked(store.path, TABLES)
+    rules, errors = rule_files.load([str(tmp_path / "r")], TABLES, conn, guard)
+    assert not errors
+    ordered = [rules[f"r{i}"] for i in range(len(wheres))]
+    alone = [[r[0] for r in conn.execute(rule.sql, (0, 100))] for rule in ordered]
+    sql, columns = rule_files.combined_sql(P, ordered)
+    together = [[] for _ in ordered]
+    for row in conn.execute(sql, (0, 100)):
+        for i in range(len(ordered)):
+            if row[len(columns) + i]:
+                together[i].append(row[0])
+    assert together == alone and all(alone), alone
