@@ -342,6 +342,7 @@ def test_rules_of_one_table_evaluated_together_match_as_alone_and_a_failing_one_
 
     async def scenario():
         async with Rig(tmp_path / "e.db", [tmp_path / "r"]) as rig:
+            rig.engine.profile_min_rows = 1
             for profiled in (True, False):          # each alone (profiling), then all in one query
                 rig.engine._next_profile = 0.0 if profiled else time.monotonic() + 3600
                 n = len(await rig.alerts())

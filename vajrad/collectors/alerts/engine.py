@@ -37,6 +37,7 @@ WATERMARK = "watermark:"           # unit_state key prefix, one per rule
 STATE_EVERY_S = 5.0                # watermarks alone (no alert) are committed at most this often
 RULE_BUDGET_S = 2.0                # one rule's evaluation is interrupted after this long
 PROFILE_EVERY_S = 30.0             # each rule evaluated alone this often, to measure its own cost
+PROFILE_MIN_ROWS = 200             # ... over at least this many rows
 SETUP = (
     "CREATE INDEX IF NOT EXISTS alerts_rule_group ON alerts(rule_id, group_key)",
     f"CREATE TABLE IF NOT EXISTS {LINKS} (alert_eid INTEGER NOT NULL, event_table TEXT NOT NULL, "
@@ -100,6 +101,7 @@ class AlertEngine(Collector):
         self._conn = self._guard = None
         self._state_saved = 0.0
         self._next_profile = 0.0
+        self.profile_min_rows = PROFILE_MIN_ROWS
         self._combined_sql: dict[str, tuple] = {}
         self._combined_key: dict[str, tuple] = {}
         self._stopping = False
@@ -236,7 +238,9 @@ class AlertEngine(Collector):
         by_table: dict[str, list] = defaultdict(list)
         for item in work:
             by_table[item[0].table].append(item)
-        profile = time.monotonic() >= self._next_profile
+        # Profiling a handful of rows would measure the query's set-up, not the rule.
+        profile = time.monotonic() >= self._next_profile and \
+            max(hi - lo for _, lo, hi in work) >= self.profile_min_rows
         if profile:
             self._next_profile = time.monotonic() + PROFILE_EVERY_S
         for table, items in by_table.items():
