@@ -167,14 +167,23 @@ class Vajrad:
         a collector gave as lists become dicts only when someone listens."""
         for table, rows in batches:
             observers = [c for c in self.collectors if table in c.observes]
-            if not observers and not self.hub.wants(table):
+            wanted = self.hub.wants(table)
+            if not observers and not wanted:
+                continue
+            # Observers that only follow eids (the alerts unit) take the rows as
+            # they came: no dict per row for them alone.
+            raw = [c for c in observers if c.observes_rows_as_given]
+            for collector in raw:
+                collector.observe(table, rows)
+            if not wanted and len(raw) == len(observers):
                 continue
             if type(rows[0]) is list:
                 names = TABLES[table].column_names
                 rows = [dict(zip(names, v)) for v in rows]
             self.hub.publish([(table, rows)])
             for collector in observers:
-                collector.observe(table, rows)
+                if not collector.observes_rows_as_given:
+                    collector.observe(table, rows)
 
     async def _pump(self, collector: Collector) -> None:
         async for table, rows in collector.events():

@@ -80,7 +80,7 @@ class AlertEngine(Collector):
     name = UNIT
     source = ""
     tables = ("alerts", "alert_history")
-
+    observes_rows_as_given = True        # only the last eid is needed
     def __init__(self, store: EventStore, tables: dict[str, Table], rule_dirs: list[str],
                  interval_ms: int = 200, host_identifier=None):
         super().__init__()
@@ -94,6 +94,7 @@ class AlertEngine(Collector):
         self.observes: tuple[str, ...] = ()
         self.watermarks: dict[str, int] = {}
         self._high: dict[str, int] = {}             # table -> highest committed eid seen
+        self._eid_at: dict[str, int] = {}
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._reloading: asyncio.Task | None = None
@@ -200,8 +201,15 @@ class AlertEngine(Collector):
         self._wake.set()
 
     # --- evaluation ----------------------------------------------------------
-    def observe(self, table: str, rows: list[dict]) -> None:
-        high = rows[-1]["eid"]
+    def observe(self, table: str, rows: list) -> None:
+        last = rows[-1]
+        if type(last) is dict:
+            high = last["eid"]
+        else:
+            at = self._eid_at.get(table)
+            if at is None:
+                at = self._eid_at[table] = self.all_tables[table].column_names.index("eid")
+            high = last[at]
         if high > self._high.get(table, 0):
             self._high[table] = high
             self._wake.set()
