@@ -3,12 +3,14 @@ trigger and stays silent on a look-alike; triage over the socket and vajractl;
 is_open on event/list; SIGHUP reloads rules; per-rule cost in status."""
 import json
 import os
+import queue
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -308,3 +310,22 @@ def test_a_killed_vajrad_neither_fires_twice_nor_skips_after_restart(workdir):
         assert keys == [f'["x {TAG}-restart-1"]', f'["x {TAG}-restart-2"]']
     finally:
         d.stop()
+
+
+def test_vajractl_alerts_follow_prints_new_alerts(rig):
+    follow = subprocess.Popen([sys.executable, "-m", "vajrad.client.ctl", "--socket", rig.socket, "alerts",
+                               "--follow", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              cwd=str(Path(__file__).resolve().parent.parent))
+    try:
+        time.sleep(1.0)                  # subscribed and listed (a slow start only shows it in the list)
+        alert, _ = shm_alert(rig, "follow")
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(l) for l in follow.stdout], daemon=True).start()
+        deadline = time.monotonic() + 20
+        while True:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))     # queue.Empty: not printed
+            if json.loads(line)["eid"] == alert["eid"]:
+                break
+    finally:
+        follow.kill()
+        follow.wait()
