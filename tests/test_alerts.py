@@ -424,3 +424,20 @@ def test_shared_leading_terms_match_as_each_rule_alone(tmp_path):
             if row[len(columns) + i]:
                 together[i].append(row[0])
     assert together == alone and all(alone), alone
+
+
+def test_a_reloaded_rule_with_the_same_id_is_evaluated_anew(tmp_path):
+    two = TMP_RULE + "\n- id: test.cmd\n  name: cmd\n  table: bpf_process_events\n  where: cmdline = 'first'\n"
+
+    async def scenario():
+        write_rules(tmp_path / "r", "a.yml", two)
+        async with Rig(tmp_path / "e.db", [tmp_path / "r"]) as rig:
+            rig.engine._next_profile = time.monotonic() + 3600       # the combined query
+            await rig.submit(P, [proc("/usr/bin/a", "first")])
+            write_rules(tmp_path / "r", "a.yml", two.replace("'first'", "'second'"))
+            await rig.engine._reload()
+            await rig.submit(P, [proc("/usr/bin/a", "first"), proc("/usr/bin/a", "second")])
+            got = [(a["rule_id"], a["first_eid"]) for a in await rig.alerts()]
+            assert got == [("test.cmd", 1), ("test.cmd", 3)]
+
+    asyncio.run(scenario())

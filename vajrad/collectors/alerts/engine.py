@@ -293,7 +293,7 @@ class AlertEngine(Collector):
         Its time is shared among the rules; their own costs come from the
         profiling passes."""
         rules = [rule for rule, _, _ in items]
-        key = tuple(rule.id for rule in rules)
+        key = tuple(rule.sql for rule in rules)        # a reload may change a rule, not its id
         sql, columns = self._combined_sql.get(table, (None, None))
         if sql is None or self._combined_key.get(table) != key:
             sql, columns = rule_files.combined_sql(table, rules)
