@@ -245,6 +245,9 @@ BAD_RULES = [
     ("where: \"1) UNION SELECT eid FROM alerts WHERE (1\"", "where", "closes more than"),
     ("where: \"load_extension('/tmp/x.so') IS NULL\"", "where", "function load_extension"),
     ("where: \"path IN (SELECT value FROM unit_state)\"", "where", "reading unit_state"),
+    ("where: \"(SELECT load_extension('/tmp/x.so')) IS NULL\"", "where", "function load_extension"),
+    ("where: \"path IN (SELECT name FROM sqlite_master)\"", "where", "reading sqlite_master"),
+    ("where: \"1 IN (SELECT 1 FROM pragma_journal_mode('delete'))\"", "where", "refused"),
     ("where: \"(SELECT writefile('/tmp/x', 'y')) = 1\"", "where", "writefile"),   # not even defined here
     ("where: \"nosuchcolumn = 1\"", "where", "no such column: nosuchcolumn"),
     ("where: \"path LIKE\"", "where", "syntax error"),
