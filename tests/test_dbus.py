@@ -214,8 +214,11 @@ def test_update_alert_and_open_alerts_over_dbus(daemon_factory, private_bus, wor
                                  "1", "is_open", "b", "true", "alerts", "0", "", user=user, groups=groups)
         return [{k: v["data"] for k, v in e.items()} for e in json.loads(out.stdout)["data"][0]]
 
+    def mine(alerts):         # the default rules may fire on the rest of the host meanwhile
+        return [a for a in alerts if a["rule_id"] == "test.dbus"]
+
     deadline = time.monotonic() + 15
-    while not (found := open_alerts()):
+    while not (found := mine(open_alerts())):
         assert time.monotonic() < deadline, d.log[-3000:]
         time.sleep(0.2)
     (alert,) = found
@@ -229,7 +232,7 @@ def test_update_alert_and_open_alerts_over_dbus(daemon_factory, private_bus, wor
     acked = {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
     assert (acked["status"], acked["status_by"], acked["comment"], acked["is_open"]) == \
         ("acknowledged", pwd.getpwnam("nobody").pw_uid, "on it", False)
-    assert open_alerts() == []
+    assert mine(open_alerts()) == []
     bad = private_bus.busctl("call", DEST, PATH, IFACE, "UpdateAlert", "tsss", eid, "acknowledged", "", "",
                              check=False)
     assert bad.returncode != 0 and "status" in bad.stderr and "already acknowledged" in bad.stderr
