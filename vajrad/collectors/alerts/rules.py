@@ -73,12 +73,21 @@ class Rule:
 
 _PATTERNS: dict[str, re.Pattern] = {}
 PATTERNS_KEPT = 1024
+# (pattern, value) -> result: the values rules test repeat (a host runs the
+# same few hundred programs), and a lookup costs less than a search.
+_RESULTS: dict[tuple, int] = {}
+RESULTS_KEPT = 65_536
 
 
 def regexp(pattern, value) -> int | None:
     """SQLite's `value REGEXP pattern` (Python's re, search anywhere). The
     pattern is compiled even when value is NULL, so that validation on a row
     of NULLs finds a bad one. Called once per row per REGEXP: kept lean."""
+    if value is not None:
+        key = (pattern, value)
+        found = _RESULTS.get(key)
+        if found is not None:
+            return found
     if pattern is None:
         return None
     compiled = _PATTERNS.get(pattern)
@@ -88,7 +97,11 @@ def regexp(pattern, value) -> int | None:
         compiled = _PATTERNS[pattern] = re.compile(str(pattern))
     if value is None:
         return None
-    return 1 if compiled.search(value if type(value) is str else str(value)) else 0
+    found = 1 if compiled.search(value if type(value) is str else str(value)) else 0
+    if len(_RESULTS) >= RESULTS_KEPT:
+        _RESULTS.clear()
+    _RESULTS[key] = found
+    return found
 
 
 class Guard:
