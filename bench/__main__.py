@@ -1,6 +1,8 @@
 """`make bench [NAME]` / `python -m bench
 [exec|ancestry|socket|fim|osquery|crash|logs|products|containers|compare|all]`: each bench prints JSON and
 leaves it in bench/results/. `all` leaves out `compare`, which runs auditd."""
+"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|alerts|all]`: each bench prints JSON
+and leaves it in bench/results/."""
 from __future__ import annotations
 
 import argparse
@@ -21,6 +23,7 @@ import crash_bench  # noqa: E402
 import logs_bench  # noqa: E402
 import products_bench  # noqa: E402
 import compare  # noqa: E402
+import alerts_bench  # noqa: E402
 
 
 def main() -> int:
@@ -28,6 +31,7 @@ def main() -> int:
     p.add_argument("which", nargs="?", default="all",
                    choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "products", "containers",
                             "compare", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "alerts", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -84,6 +88,8 @@ def main() -> int:
         results["products"] = products_bench.run(args)
     if args.which == "compare":
         results["compare"] = compare.run(args)
+    if args.which in ("alerts", "all"):
+        results["alerts"] = alerts_bench.run(args)
     if args.which in ("osquery", "all"):
         results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
     out_dir = exec_bench.REPO / "bench" / "results"

@@ -191,6 +191,11 @@ class Daemon:
         self.database = database or os.path.join(workdir, "events.db")
         self.flags = [f"--api_socket={self.socket}", f"--database_path={self.database}",
                       "--dbus=none", *flags]
+        # Detection rules run only in the tests that ask for them: the default
+        # rules would otherwise mark other tests' events (programs copied to
+        # /tmp) is_open, and cost CPU they do not measure.
+        if not any(f.startswith(("--enable_alerts", "--noenable_alerts")) for f in flags):
+            self.flags.append("--enable_alerts=false")
         if not any(f.startswith("--config_path") for f in flags):
             cfg = os.path.join(workdir, "vajra.conf")
             if not os.path.exists(cfg):

@@ -198,3 +198,65 @@ def test_no_bus_means_a_warning_not_a_failure(daemon_factory, workdir):
     assert d.call("ping") == "pong"
     assert d.call("status")["dbus"].startswith("unavailable")
     assert "WARNING" in d.log and "running without it" in d.log
+
+
+def test_update_alert_and_open_alerts_over_dbus(daemon_factory, private_bus, workdir):
+    """Triage over D-Bus: ListEvents finds the open alert, UpdateAlert records
+    the caller's uid from the bus, the policy keeps others out, and a bad
+    transition names the field. The alert comes from file_events (inotify),
+    so no BPF is needed."""
+    import pwd
+    gid = ensure_group()
+    watched = os.path.join(workdir, "watched")
+    os.mkdir(watched)
+    rules = os.path.join(workdir, "rules.d")
+    os.mkdir(rules)
+    with open(os.path.join(rules, "t.yml"), "w") as f:
+        f.write("- id: test.dbus\n  name: t\n  table: file_events\n"
+                "  where: \"target_path LIKE '%/dbus-trigger' AND action = 'CREATED'\"\n")
+    conf = os.path.join(workdir, "c.conf")
+    with open(conf, "w") as f:
+        json.dump({"options": {}, "file_paths": {"t": [watched + "/%%"]}}, f)
+    d = daemon_factory(f"--dbus={private_bus.address}", f"--config_path={conf}", "--enable_alerts=true",
+                       f"--rules_path={rules}", "--alerts_interval_ms=50",
+                       *([] if BPF_OK else ["--enable_bpf_events=false"]))
+    deadline = time.monotonic() + 10
+    while d.call("status")["dbus"] != "running":
+        assert time.monotonic() < deadline, d.log
+        time.sleep(0.1)
+    open(os.path.join(watched, "dbus-trigger"), "w").close()
+
+    def open_alerts(user=None, groups=None):
+        out = private_bus.busctl("--json=short", "call", DEST, PATH, IFACE, "ListEvents", "a{sv}sus",
+                                 "1", "is_open", "b", "true", "alerts", "0", "", user=user, groups=groups)
+        return [{k: v["data"] for k, v in e.items()} for e in json.loads(out.stdout)["data"][0]]
+
+    def mine(alerts):         # the default rules may fire on the rest of the host meanwhile
+        return [a for a in alerts if a["rule_id"] == "test.dbus"]
+
+    deadline = time.monotonic() + 15
+    while not (found := mine(open_alerts())):
+        assert time.monotonic() < deadline, d.log[-3000:]
+        time.sleep(0.2)
+    (alert,) = found
+    assert alert["rule_id"] == "test.dbus" and alert["is_open"] is True and alert["event_table"] == "file_events"
+    eid = str(alert["eid"])
+    denied = private_bus.busctl("call", DEST, PATH, IFACE, "UpdateAlert", "tsss", eid, "acknowledged", "", "",
+                                user="nobody", check=False)
+    assert denied.returncode != 0 and "denied" in denied.stderr.lower()
+    out = private_bus.busctl("--json=short", "call", DEST, PATH, IFACE, "UpdateAlert", "tsss", eid,
+                             "acknowledged", "", "on it", user="nobody", groups=str(gid))
+    acked = {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+    assert (acked["status"], acked["status_by"], acked["comment"], acked["is_open"]) == \
+        ("acknowledged", pwd.getpwnam("nobody").pw_uid, "on it", False)
+    assert mine(open_alerts()) == []
+    bad = private_bus.busctl("call", DEST, PATH, IFACE, "UpdateAlert", "tsss", eid, "acknowledged", "", "",
+                             check=False)
+    assert bad.returncode != 0 and "status" in bad.stderr and "already acknowledged" in bad.stderr
+    bad = private_bus.busctl("call", DEST, PATH, IFACE, "UpdateAlert", "tsss", eid, "closed", "whatever", "",
+                             check=False)
+    assert bad.returncode != 0 and "close_reason" in bad.stderr
+    out = private_bus.busctl("--json=short", "call", DEST, PATH, IFACE, "UpdateAlert", "tsss", eid, "closed",
+                             "false_positive", "")
+    closed = {k: v["data"] for k, v in json.loads(out.stdout)["data"][0].items()}
+    assert (closed["status"], closed["close_reason"], closed["status_by"]) == ("closed", "false_positive", 0)

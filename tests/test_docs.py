@@ -26,6 +26,6 @@ def test_documented_dbus_members_exist():
     doc = (REPO / "docs" / "dbus.md").read_text()
     documented = set(re.findall(r"^### `(\w+)", doc, re.M))
     intro = VajraInterface.__dict__
-    assert documented == {"Ping", "GetStatus", "ListEvents", "ReadTable", "Version", "EventsCaptured",
-                          "EventsLost"}
+    assert documented == {"Ping", "GetStatus", "ListEvents", "ReadTable", "UpdateAlert", "Version",
+                          "EventsCaptured", "EventsLost"}
     assert all(name in intro for name in documented)

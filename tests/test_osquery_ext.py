@@ -79,7 +79,8 @@ def test_registration_columns_and_generate(core, vajrad):
                                       "vajra_process_ancestry_cache_stats", "vajra_open_sockets",
                                       "vajra_containers", "vajra_container_events",
                                       "vajra_log_events", "vajra_log_files",
-                                      "vajra_security_products", "vajra_security_product_events"}
+                                      "vajra_security_products", "vajra_security_product_events",
+                                      "vajra_alerts", "vajra_alert_history"}
     assert set(registry["table"]) == {osquery_name(n) for n in TABLES}
     routes = registry["table"]["vajra_bpf_process_events"]
     by_name = {r["name"]: r for r in routes}

@@ -573,3 +573,86 @@ def test_a_row_after_a_quiet_spell_is_committed_at_once_and_commits_stay_spaced(
         assert commits[-1] - commits[-2] >= 0.4 - 0.01
     finally:
         s.stop()
+# --- units' transactions and state (EventStore.transact, unit_state) ---------
+
+F = "file_events"       # no shared column: a transaction may insert into it
+
+
+def frows(n, t=None):
+    t = int(time.time()) if t is None else t
+    return [TABLES[F].row(target_path=f"/f{i}", time=t) for i in range(n)]
+
+def test_a_transaction_commits_rows_and_state_together(tmp_path):
+    db = tmp_path / "e.db"
+    s = open_store(db)
+    committed = []
+    s.on_commit = committed.extend
+    s.submit(T, rows(2))
+
+    def apply(tx):
+        # Runs after the rows queued before it: it sees and may update them.
+        tx.conn.execute(f'UPDATE "{T}" SET is_open = 1 WHERE eid = 2')
+        inserted = tx.insert(F, frows(1))
+        tx.set_state("unit_a", "watermark", "2")
+        tx.set_state("unit_b", "other", "x")
+        return inserted[0]["eid"]
+
+    assert s.transact(apply).result(10) == 1
+    assert s.load_state("unit_a") == {"watermark": "2"}
+    s.transact(lambda tx: tx.set_state("unit_b", "other", None)).result(10)
+    assert s.load_state("unit_b") == {}
+    assert [(t, [r["eid"] for r in rs]) for t, rs in committed] == [(T, [1, 2]), (F, [1])]
+    s.stop()
+    s = open_store(db)                           # state and rows survive a restart
+    assert s.load_state("unit_a") == {"watermark": "2"}
+    got = {r["eid"]: r["is_open"] for r in s.query(T, Filter(start_time=0), 10)}
+    assert got == {1: 0, 2: 1}
+    assert [r["target_path"] for r in s.query(F, Filter(start_time=0), 10)] == ["/f0"]
+    s.stop()
+
+
+def test_a_failed_transaction_keeps_nothing_of_its_own_and_nothing_else_is_lost(tmp_path):
+    s = open_store(tmp_path / "e.db")
+    committed = []
+    s.on_commit = committed.extend
+
+    def apply(tx):
+        tx.insert(F, frows(3))
+        tx.set_state("u", "k", "v")
+        raise ValueError("the unit changed its mind")
+
+    s.submit(T, rows(2))
+    failed = s.transact(apply)
+    with pytest.raises(ValueError, match="changed its mind"):
+        failed.result(10)
+    s.submit(T, rows(1))
+    assert s.transact(lambda tx: tx.insert(F, frows(1))[0]["eid"]).result(10) == 1   # no eid burnt
+    assert s.load_state("u") == {}
+    s.stop()
+    assert [(t, r["eid"]) for t, rs in committed for r in rs] == [(T, 1), (T, 2), (T, 3), (F, 1)]
+    assert s.stored == 4
+
+
+def test_a_transaction_refuses_rows_that_are_not_its_tables(tmp_path):
+    s = open_store(tmp_path / "e.db")
+    with pytest.raises(StoreError, match="do not fit its columns"):
+        s.transact(lambda tx: tx.insert(F, [{"pid": 1, "nope": 2}])).result(10)
+    with pytest.raises(StoreError, match="shared columns"):
+        s.transact(lambda tx: tx.insert(T, rows(1))).result(10)
+    with pytest.raises(StoreError, match="not an event table"):
+        s.transact(lambda tx: tx.insert("no_such_table", [{}])).result(10)
+    s.stop()
+
+
+def test_retention_keeps_rows_awaiting_triage(tmp_path):
+    s = open_store(tmp_path / "e.db", expiry=60, max_rows=2)
+    now = int(time.time())
+    old = rows(4, t=now - 120)
+    old[1]["is_open"] = 1
+    s.submit(T, old + rows(3, t=now))
+    s.stop()
+    s = open_store(tmp_path / "e.db", expiry=60, max_rows=2)
+    s.apply_retention(now)
+    left = [(r["eid"], r["is_open"]) for r in s.query(T, Filter(start_time=0), 100)]
+    s.stop()
+    assert left == [(2, 1), (6, 0), (7, 0)]

@@ -29,7 +29,7 @@ log = logging.getLogger("vajrad")
 STATUS_INTERVAL = 2.0
 GC_THRESHOLDS = (50_000, 20, 20)
 EXIT_CONFIG, EXIT_STARTUP = 2, 1
-DAEMON_SERVICES = ("kernel", "store")     # what the daemon itself offers units (see Vajrad.services)
+DAEMON_SERVICES = ("kernel", "store", "host_identifier")   # what the daemon itself offers units (see Vajrad.services)
 
 
 def release_compiler_memory() -> None:
@@ -57,9 +57,12 @@ class Vajrad:
         self.notifier = Notifier()
         self.started = time.time()
         self.kenv: kernel.KernelEnv | None = None
-        # What units share: the kernel environment (probed on first use) and
-        # what each unit provides as it is built.
-        self.services = units.Services({"kernel": self._probe_kernel, "store": lambda: self.store})
+        # What units share: the kernel environment (probed on first use), the
+        # store (for units that write with transactions), the current host
+        # identifier (a callable: it may change on reload), and what each unit
+        # provides as it is built.
+        self.services = units.Services({"kernel": self._probe_kernel, "store": lambda: self.store,
+                                        "host_identifier": lambda: (lambda: self.host_id)})
         self.collectors: list[Collector] = []
         self.units: dict[str, Collector] = {}
         self.store: EventStore | None = None
@@ -165,7 +168,7 @@ class Vajrad:
             release_compiler_memory()
         snapshots = {name: rows for c in self.collectors for name, rows in c.snapshots().items()}
         self.service = VajraService(self.store, TABLES, self.status, snapshots,
-                                    self.services.find("describe_process"))
+                                    self.services.find("describe_process"), self.services.find("alert_triage"))
         self.api = ApiServer(cfg.api_socket, self.service, self.hub)
         await self.api.start()
         self.dbus = DbusService(cfg.dbus, self.service, self.counters)
@@ -177,14 +180,23 @@ class Vajrad:
         a collector gave as lists become dicts only when someone listens."""
         for table, rows in batches:
             observers = [c for c in self.collectors if table in c.observes]
-            if not observers and not self.hub.wants(table):
+            wanted = self.hub.wants(table)
+            if not observers and not wanted:
+                continue
+            # Observers that only follow eids (the alerts unit) take the rows as
+            # they came: no dict per row for them alone.
+            raw = [c for c in observers if c.observes_rows_as_given]
+            for collector in raw:
+                collector.observe(table, rows)
+            if not wanted and len(raw) == len(observers):
                 continue
             if type(rows[0]) is list:
                 names = TABLES[table].column_names
                 rows = [dict(zip(names, v)) for v in rows]
             self.hub.publish([(table, rows)])
             for collector in observers:
-                collector.observe(table, rows)
+                if not collector.observes_rows_as_given:
+                    collector.observe(table, rows)
 
     async def _pump(self, collector: Collector) -> None:
         # A batch may carry changes to its unit's saved state (a log offset),

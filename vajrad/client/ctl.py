@@ -10,6 +10,7 @@ import sys
 import time
 
 from vajrad.client.connection import ClientError, RemoteError, VajraClient
+from vajrad.protocol import CLOSE_REASONS, alert_update_params
 from vajrad.tables import TABLES
 from vajrad.client.sql import QueryError
 
@@ -216,6 +217,80 @@ def cmd_products(client: VajraClient, args) -> int:
         print("  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip())
     if not args.all:
         print("(products not installed are left out: --all shows them)")
+
+
+def print_alert(alert: dict, as_json: bool, out=sys.stdout) -> None:
+    if as_json:
+        out.write(json.dumps(alert, ensure_ascii=False) + "\n")
+    else:
+        seen = _fmt_time(alert.get("last_seen"))
+        out.write(f"{alert['eid']:>6}  {alert['severity']:<8} {alert['status']:<12} {alert['hit_count']:>6}  "
+                  f"{seen:<19}  {printable(alert['rule_id'])}  {alert['event_table']}:{alert['first_eid']}"
+                  f"  {printable(alert.get('group_key') or '')}\n")
+    out.flush()
+
+
+def cmd_alerts(client: VajraClient, args) -> int:
+    flt = {"is_open": True} if args.open else {"start_time": 0}
+    if not args.json:
+        print(f"{'EID':>6}  {'SEVERITY':<8} {'STATUS':<12} {'HITS':>6}  {'LAST SEEN':<19}  RULE  FIRST EVENT  GROUP")
+    follower = stream = None
+    if args.follow:       # subscribe first, then list, so nothing falls between the two
+        follower = VajraClient(client.path).connect()
+        stream = follower.subscribe("alerts")
+    last = 0
+    for alert in client.iter_events(flt, "alerts"):
+        print_alert(alert, args.json)
+        last = max(last, alert["eid"])
+    if stream is None:
+        return 0
+    try:
+        for msg in stream:
+            if msg["method"] == "missed":
+                print(f"-- {msg['params']['count']} alerts missed: this terminal was too slow --", file=sys.stderr)
+                continue
+            alert = msg["params"]["event"]
+            if alert["eid"] > last:
+                print_alert(alert, args.json)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        follower.close()
+    return 0
+
+
+ALERT_ACTIONS = {"ack": "acknowledged", "close": "closed", "reopen": "open"}
+
+
+def cmd_alert(client: VajraClient, args) -> int:
+    status = ALERT_ACTIONS[args.action]
+    if args.reason and status != "closed":
+        print("vajractl alert: --reason goes with close only", file=sys.stderr)
+        return 2
+    if status == "closed" and not args.reason:
+        print(f"vajractl alert close: --reason is required ({', '.join(CLOSE_REASONS)})", file=sys.stderr)
+        return 2
+    alert = client.call("alert/update", alert_update_params(args.eid, status, args.reason, args.comment))
+    if args.json:
+        print(json.dumps(alert, indent=2))
+    else:
+        print(f"alert {alert['eid']} ({printable(alert['rule_id'])}) is {alert['status']}"
+              + (f" ({alert['close_reason']})" if alert.get("close_reason") else ""))
+    return 0
+
+
+def cmd_import_sigma(client, args) -> int:
+    from vajrad.client.sigma import SigmaError, convert_file
+    try:
+        text = convert_file(args.file)
+    except SigmaError as e:
+        print(f"vajractl rules import-sigma: {e}", file=sys.stderr)
+        return 1
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -250,6 +325,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--database", help="the store (default: the running vajrad's, else /var/lib/vajra/events.db)")
     q.add_argument("--json", action="store_true", help="one JSON object per row")
     q.set_defaults(func=cmd_query, offline=True)
+    a = sub.add_parser("alerts", help="alerts: all stored, or --open (awaiting triage)")
+    a.add_argument("--open", action="store_true", help="only alerts awaiting triage (is_open)")
+    a.add_argument("--follow", "-f", action="store_true", help="keep printing new alerts")
+    a.add_argument("--json", action="store_true", help="one JSON object per line")
+    a.set_defaults(func=cmd_alerts)
+    t = sub.add_parser("alert", help="triage one alert: ack, close (with --reason) or reopen")
+    t.add_argument("action", choices=sorted(ALERT_ACTIONS))
+    t.add_argument("eid", type=int, metavar="ID", help="the alert's eid (vajractl alerts)")
+    t.add_argument("--reason", choices=CLOSE_REASONS, help="close: why")
+    t.add_argument("--comment", help="a note kept with the alert")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_alert)
+    r = sub.add_parser("rules", help="detection rules (offline tools)")
+    rsub = r.add_subparsers(dest="rules_command", required=True)
+    i = rsub.add_parser("import-sigma", help="convert a Sigma rule (Linux process_creation, file_event, "
+                                             "network_connection) into Vajra's rule YAML")
+    i.add_argument("file")
+    i.add_argument("--output", "-o", help="write the YAML here (e.g. /etc/vajra/rules.d/NAME.yml) instead of stdout")
+    i.set_defaults(func=cmd_import_sigma, offline=True)
     return p
 
 

@@ -30,6 +30,9 @@ class Collector(abc.ABC):
     source: str = ""                   # where captured events come from: "kernel", "inotify"
     tables: tuple[str, ...] = ()
     observes: tuple[str, ...] = ()     # tables whose committed rows observe() is given
+    # observe() takes rows as the producer gave them (dicts, or lists in
+    # column order), which spares building a dict per row for it.
+    observes_rows_as_given: bool = False
 
     def __init__(self, queue_batches: int = 4096):
         self.state = "stopped"

@@ -1,6 +1,6 @@
 """Every collector unit vajrad can run, in start-up order. Adding a unit is
 one line here (its declaration lives in its own package)."""
-from vajrad.collectors import containers, fim, logs, process, products, socket
+from vajrad.collectors import alerts, containers, fim, logs, process, products, socket
 from vajrad.config import Catalogue
 from vajrad.units import Unit
 
@@ -12,6 +12,7 @@ UNITS: tuple[Unit, ...] = (
     fim.FILE_EVENTS,
     logs.UNIT,
     products.UNIT,
+    alerts.UNIT,
 )
 
 # Every option and config section: the daemon's own and the units'.

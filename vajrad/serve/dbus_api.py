@@ -187,6 +187,10 @@ class VajraInterface(ServiceInterface):
     def ListEvents(self, filter: "a{sv}", table: "s", limit: "u", cursor: "s") -> "aa{sv}s":
         raise DBusError(ERR_FAILED, "ListEvents is dispatched asynchronously")
 
+    @method()
+    def UpdateAlert(self, eid: "t", status: "s", close_reason: "s", comment: "s") -> "a{sv}":
+        raise DBusError(ERR_FAILED, "UpdateAlert is dispatched asynchronously")
+
     @dbus_property(access=PropertyAccess.READ)
     def Version(self) -> "s":
         return __version__
@@ -251,7 +255,7 @@ class DbusService:
 
     def _dispatch(self, msg: Message):
         """Calls answered here rather than by dbus-next's handlers: ListEvents
-        (asynchronously), ReadTable, and Properties calls that are wrong.
+        and UpdateAlert (asynchronously), ReadTable, and Properties calls that are wrong.
         dbus-next 0.2 replies to an error raised in a handler and then logs it
         with a traceback as unexpected, so a client's mistake there would put
         a traceback in our log per call; these return the error instead."""
@@ -264,9 +268,10 @@ class DbusService:
             return None
         if msg.member == "ReadTable":
             return self._read_table(msg)
-        if msg.member != "ListEvents":
+        if msg.member not in ("ListEvents", "UpdateAlert"):
             return None
-        task = asyncio.create_task(self._list_events(msg))
+        handler = self._list_events if msg.member == "ListEvents" else self._update_alert
+        task = asyncio.create_task(handler(msg))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return True
@@ -314,6 +319,37 @@ class DbusService:
         except Exception as e:
             self.internal_errors.exception("D-Bus ListEvents failed")
             reply = Message.new_error(msg, ERR_FAILED, f"internal error: {type(e).__name__}")
+        if self.bus:
+            self.bus.send(reply)
+
+    async def _sender_uid(self, sender: str) -> int:
+        """The caller's uid, as the bus daemon knows it (never from the call)."""
+        reply = await asyncio.wait_for(self.bus.call(Message(
+            destination="org.freedesktop.DBus", path="/org/freedesktop/DBus", interface="org.freedesktop.DBus",
+            member="GetConnectionUnixUser", signature="s", body=[sender])), 5)
+        if reply.message_type != MessageType.METHOD_RETURN:
+            raise VajraError(f"the bus did not tell the caller's uid: {reply.body}")
+        return int(reply.body[0])
+
+    async def _update_alert(self, msg: Message) -> None:
+        try:
+            if msg.signature != "tsss":
+                raise RequestError(f"UpdateAlert takes (t eid, s status, s close_reason, s comment), "
+                                   f"got signature {msg.signature!r}", "signature")
+            eid, status, reason, comment = msg.body
+            params = {"eid": eid, "status": status}
+            if reason:
+                params["close_reason"] = reason
+            if comment:
+                params["comment"] = comment
+            uid = await self._sender_uid(msg.sender)
+            alert = await self.service.update_alert(params, uid)
+            reply = Message.new_method_return(msg, "a{sv}", [to_vardict(alert)])
+        except RequestError as e:
+            reply = Message.new_error(msg, ERR_INVALID_ARGS, str(e))
+        except Exception as e:
+            log.exception("D-Bus UpdateAlert failed")
+            reply = Message.new_error(msg, ERR_FAILED, str(e))
         if self.bus:
             self.bus.send(reply)
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 from vajrad.errors import RequestError
+from vajrad.protocol import ALERT_STATUSES, CLOSE_REASONS, MAX_COMMENT
 from vajrad.schema import Table
 from vajrad.serve.wire import ParseError, decode, has_lone_surrogate, shown, shown_key
 from vajrad.store.event_store import EventStore, Filter
@@ -97,8 +98,10 @@ def decode_cursor(cursor: Any, tables: dict[str, Table]) -> dict[str, int]:
 
 class VajraService:
     def __init__(self, store: EventStore, tables: dict[str, Table], daemon_status,
-                 snapshots: dict | None = None, describe_process=None):
+                 snapshots: dict | None = None, describe_process=None, alert_triage=None):
         self.store = store
+        # (eid, status, close_reason, comment, uid) -> the alert; None without the alerts unit
+        self.alert_triage = alert_triage
         self.describe_process = describe_process     # pid -> {"process", "ancestry"} | None
         self.tables = tables
         self.snapshots = snapshots or {}     # live tables: {name: rows()}
@@ -211,3 +214,35 @@ class VajraService:
                 del row["time"]
             position[row["table"]] = max(position.get(row["table"], 0), row["eid"])
         return {"events": events, "cursor": encode_cursor(position)}
+
+    async def update_alert(self, params: Any, uid: int | None) -> dict:
+        """alert/update and UpdateAlert: {"eid", "status", "close_reason"?, "comment"?};
+        uid is the caller's, from the transport (recorded as status_by)."""
+        if not isinstance(params, dict):
+            raise RequestError("params must be an object", "params")
+        unknown = [k for k in params if k not in ("eid", "status", "close_reason", "comment")]
+        if unknown:
+            raise RequestError(f"unknown parameter {shown_key(unknown[0])}", shown_key(unknown[0]))
+        if "eid" not in params:
+            raise RequestError("eid (the alert's) is required", "eid")
+        eid = parse_int(params["eid"], "eid", minimum=1, maximum=INT64_MAX)
+        status = params.get("status")
+        if status not in ALERT_STATUSES:
+            raise RequestError(f"status must be one of {', '.join(ALERT_STATUSES)}, got {shown(status)}", "status")
+        reason = params.get("close_reason")
+        if reason in (None, ""):
+            reason = None
+            if status == "closed":
+                raise RequestError(f"close_reason is required to close: one of {', '.join(CLOSE_REASONS)}",
+                                   "close_reason")
+        elif status != "closed":
+            raise RequestError("close_reason is only given with status closed", "close_reason")
+        elif reason not in CLOSE_REASONS:
+            raise RequestError(f"close_reason must be one of {', '.join(CLOSE_REASONS)}, got {shown(reason)}",
+                               "close_reason")
+        comment = params.get("comment")
+        if comment is not None and (not isinstance(comment, str) or len(comment) > MAX_COMMENT):
+            raise RequestError(f"comment must be a string of at most {MAX_COMMENT} characters", "comment")
+        if self.alert_triage is None:
+            raise RequestError("alerts are not enabled on this vajrad (--enable_alerts)", "method")
+        return await self.alert_triage(eid, status, reason, comment, uid)

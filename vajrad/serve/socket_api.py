@@ -1,6 +1,7 @@
 """JSON-lines API: one JSON-RPC 2.0 message per line on a Unix socket.
 
-Methods: ping, status, tables, event/list, subscribe, unsubscribe. A bad
+Methods: ping, status, tables, event/list, table/read, process/tree,
+alert/update, subscribe, unsubscribe. A bad
 line gets an error naming the problem and the connection stays usable.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import logging
 import os
 import socket
 import stat
+import struct
 from typing import Any
 
 from vajrad.errors import RequestError, VajraError
@@ -166,10 +168,23 @@ class ApiServer:
             writer.close()
 
 
+def peer_uid(writer: asyncio.StreamWriter) -> int | None:
+    """The connecting process's uid, from the kernel (SO_PEERCRED): who
+    triaged an alert is recorded with it, never taken from the request."""
+    sock = writer.get_extra_info("socket")
+    try:
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                         struct.calcsize("3i")))
+    except (OSError, AttributeError):
+        return None
+    return uid
+
+
 class _Connection:
     def __init__(self, server: ApiServer, writer: asyncio.StreamWriter):
         self.server, self.writer = server, writer
         self.subs: dict[int, tuple[Subscription, asyncio.Task]] = {}
+        self.uid = peer_uid(writer)
 
     async def send(self, msg: dict) -> None:
         self.writer.write(encode(msg))
@@ -241,6 +256,9 @@ class _Connection:
 
     async def m_event_list(self, params):
         return await self.server.service.list_events(params)
+
+    async def m_alert_update(self, params):
+        return await self.server.service.update_alert(params, self.uid)
 
     async def m_subscribe(self, params):
         if not isinstance(params, dict):

@@ -41,8 +41,9 @@ import sqlite3
 import stat
 import threading
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 from vajrad.errors import VajraError
 from vajrad.schema import Table
@@ -74,6 +75,8 @@ UNIT_STATE = "unit_state"        # (unit, key) -> JSON value, written with the r
 
 # One change of a unit's saved state: (unit, key, JSON-able value, or None to forget the key).
 StateChange = tuple[str, str, object]
+
+
 
 
 class StoreError(VajraError):
@@ -127,6 +130,59 @@ _FILTER_CLAUSES = (
     ("start_time", "time >= ?"), ("end_time", "time <= ?"),
     ("start_eid", "eid >= ?"), ("end_eid", "eid <= ?"),
 )
+
+
+class StoreTransaction:
+    """What a unit's transaction (EventStore.transact) may do, on the writer
+    thread, inside one SQLite transaction: insert rows of event tables (eids
+    assigned, committed rows handed to on_commit like any others), keep
+    key/value state, and run its own statements on `conn`."""
+
+    def __init__(self, store: "EventStore", conn: sqlite3.Connection, seq: dict[str, int]):
+        self.store, self.conn, self._seq = store, conn, seq
+        self.inserted: dict[str, list[dict]] = {}
+
+    def insert(self, table: str, rows: list[dict], host_identifier: str | None = None) -> list[dict]:
+        """Inserts rows (dicts of exactly the table's columns, less those the
+        store fills); returns them with their eids set."""
+        store = self.store
+        if table not in store.tables:
+            raise StoreError(store.path, f"transaction: {table} is not an event table")
+        if store._shared[table]:
+            raise StoreError(store.path, f"transaction: {table} has shared columns, which only batches write")
+        known, required = store._columns[table]
+        names = store.tables[table].column_names
+        n = self._seq[table]
+        params: list = []
+        for row in rows:
+            keys = row.keys()
+            if not (keys <= known and required <= keys):
+                raise StoreError(store.path, f"transaction: {table} row keys {sorted(keys ^ known)} "
+                                             f"do not fit its columns")
+            n += 1
+            row["eid"] = n
+            if host_identifier is not None or "host_identifier" not in row:
+                row["host_identifier"] = host_identifier
+            if row.get("is_open") is None:
+                row["is_open"] = 0
+            params += [row[c] for c in names]
+        store._insert(self.conn, table, params, len(rows))
+        self._seq[table] = n
+        self.inserted.setdefault(table, []).extend(rows)
+        return rows
+
+    def set_state(self, unit: str, key: str, value: object) -> None:
+        """unit_state[unit, key] = value (JSON-able; None deletes it), committed
+        with the rest; read back with EventStore.load_state."""
+        EventStore._save_state(self.conn, [(unit, key, None if value is None
+                                            else json.dumps(value, separators=(",", ":")))])
+
+
+@dataclass
+class _Transaction:
+    apply: Callable[[StoreTransaction], Any]
+    future: Future
+    queued: float
 
 
 class EventStore:
@@ -373,6 +429,18 @@ class EventStore:
             raise StoreError(self.path, f"reading the saved state of {unit} failed: {e}") from e
         return {key: json.loads(value) for key, value in found}
 
+    def transact(self, apply: Callable[[StoreTransaction], Any]) -> Future:
+        """Runs apply(StoreTransaction) on the writer thread, in a transaction
+        of its own (after the rows queued before it), and commits it: the
+        returned future holds apply's result once committed, or its exception
+        once rolled back. For units whose rows must be committed together
+        with their own state (a detection's alerts and its watermark), and
+        for updates of stored rows: every write goes through this one writer.
+        Never dropped by the queue bound (they are few and small)."""
+        future: Future = Future()
+        self._queue.put(_Transaction(apply, future, time.monotonic()))
+        return future
+
     def _conforming(self, table: str, rows: list[dict]) -> list[dict]:
         """The rows whose keys are exactly their table's columns (less those the
         writer fills). A misspelt key would otherwise be stored as NULL and an
@@ -398,7 +466,7 @@ class EventStore:
         since = self._batch_since
         with self._queue.mutex:
             head = self._queue.queue[0] if self._queue.queue else None
-        if head is not None and head is not _STOP and (since is None or head[3] < since):
+        if isinstance(head, tuple) and (since is None or head[3] < since):
             since = head[3]
         return 0 if since is None else int((time.monotonic() - since) * 1000)
 
@@ -424,12 +492,16 @@ class EventStore:
         batch: list = []
         rows = 0
         stopping = False
+        transaction: _Transaction | None = None
         # A row queued while the last commit ran keeps its own bound.
-        deadline = time.monotonic() if item is _STOP else \
+        deadline = item.queued if isinstance(item, _Transaction) else time.monotonic() if item is _STOP else \
             min(item[3] + self.max_pending_s, max(item[3], self._last_commit + self.max_pending_s))
         while True:
             if item is _STOP:
                 stopping = True
+            elif isinstance(item, _Transaction):
+                transaction = item        # after the rows queued before it
+                break
             else:
                 if not batch:
                     self._batch_since = item[3]
@@ -448,7 +520,37 @@ class EventStore:
             self._write(batch)
             self._last_commit = time.monotonic()
         self._batch_since = None
+        if transaction is not None:
+            self._write_transaction(transaction)
         return stopping
+
+    def _write_transaction(self, item: _Transaction) -> None:
+        if not item.future.set_running_or_notify_cancel():
+            return
+        conn = self._conn
+        tx = StoreTransaction(self, conn, dict(self._seq))
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            result = item.apply(tx)
+            conn.execute("COMMIT")
+        except Exception as e:      # the unit's statements too: its rows and state are not kept
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            if isinstance(e, sqlite3.Error):
+                e = StoreError(self.path, f"transaction failed: {e}")
+            item.future.set_exception(e)
+            return
+        self._seq = tx._seq
+        count = sum(len(rows) for rows in tx.inserted.values())
+        if count:
+            self.commits += 1
+            with self._lock:
+                self.stored += count
+        item.future.set_result(result)
+        if count and self.on_commit:
+            self.on_commit(list(tx.inserted.items()))
 
     def _write(self, batch: list[tuple[str, list, str | None, float, list | None]]) -> None:
         conn = self._conn
@@ -568,7 +670,9 @@ class EventStore:
         transaction, so the writer never waits behind a large delete. Expiry
         keeps its time test inside each range: a row whose time is newer than
         rows committed after it is never deleted early (it may outlive expiry
-        until the bound passes its eid). Returns the rows deleted."""
+        until the bound passes its eid). Rows awaiting triage (is_open: an
+        open alert and the events behind it) stay until triaged. Returns the
+        rows deleted."""
         if self._conn is None:
             return 0
         now = time.time() if now is None else now
@@ -582,7 +686,7 @@ class EventStore:
                         bound = conn.execute(f"SELECT eid FROM {t} ORDER BY eid DESC LIMIT 1 OFFSET ?",
                                              (self.max_rows,)).fetchone()
                         if bound is not None:
-                            removed += self._delete_through(conn, t, bound[0], "", ())
+                            removed += self._delete_through(conn, t, bound[0], " AND is_open = 0", ())
                     if self.expiry > 0:
                         cut = int(now) - self.expiry
                         # The index's last entry before the cut: ties on time
@@ -590,7 +694,7 @@ class EventStore:
                         bound = conn.execute(f"SELECT eid FROM {t} WHERE time < ? ORDER BY time DESC LIMIT 1",
                                              (cut,)).fetchone()
                         if bound is not None:
-                            removed += self._delete_through(conn, t, bound[0], " AND time < ?", (cut,))
+                            removed += self._delete_through(conn, t, bound[0], " AND time < ? AND is_open = 0", (cut,))
                     with self._shared_lock:
                         self._collect_shared(conn, table)
             except sqlite3.Error as e:

@@ -1,0 +1,424 @@
+"""Detection rules: YAML files, parsed and validated at load.
+
+A rule file holds a list of rules (or {"rules": [...]}, or one rule). Each
+rule is checked on its own: a bad one is reported (RuleError naming the file,
+the rule and the field) and left out, and the others load. The SQL of a rule
+(`where`, `exceptions`) must be one read-only expression over its table's
+columns: it is prepared inside `SELECT ... FROM <table>__read WHERE (...)`
+under SQLite's authorizer, which refuses anything but reading event tables
+(writes, ATTACH, pragmas, side-effecting functions), then evaluated once on
+a row of NULLs, which catches what only running finds (a bad regexp).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vajrad.errors import VajraError
+from vajrad.protocol import SEVERITIES
+from vajrad.schema import Table
+from vajrad.store.shared_columns import quote, read_view, side_table
+
+PACKAGED_RULES = str(Path(__file__).resolve().parent / "rules")
+RULE_KEYS = ("id", "version", "name", "description", "table", "where", "severity", "mitre", "group_by",
+             "suppress_for", "exceptions", "enabled")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")
+_MITRE = re.compile(r"^(T\d{4}(\.\d{3})?|TA\d{4})$")
+MAX_SQL = 16_384
+OWN_TABLES = ("alerts", "alert_history")      # a rule over alerts would feed on itself
+
+# What an expression may do: read, call functions, nest selects.
+_ALLOWED = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_FUNCTION, sqlite3.SQLITE_RECURSIVE}
+_NAMES = {getattr(sqlite3, n): n[len("SQLITE_"):] for n in dir(sqlite3)
+          if n.startswith("SQLITE_") and n[len("SQLITE_"):] in (
+              "INSERT", "UPDATE", "DELETE", "ATTACH", "DETACH", "PRAGMA", "TRANSACTION", "SAVEPOINT",
+              "CREATE_TABLE", "CREATE_TEMP_TABLE", "CREATE_VIEW", "CREATE_TEMP_VIEW", "CREATE_TRIGGER",
+              "CREATE_TEMP_TRIGGER", "CREATE_INDEX", "DROP_TABLE", "DROP_VIEW", "ALTER_TABLE", "ANALYZE",
+              "REINDEX", "CREATE_VTABLE", "DROP_VTABLE")}
+# Functions with effects outside the expression (files, extensions, the schema).
+_SIDE_EFFECTS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer", "zipfile", "sqlar_compress",
+                 "sqlar_uncompress", "sqlite_compileoption_get", "changes", "total_changes", "last_insert_rowid"}
+
+
+class RuleError(VajraError):
+    def __init__(self, path: str, rule: str | None, field_name: str | None, message: str):
+        self.path, self.rule, self.field = path, rule, field_name
+        where = path + (f": rule {rule}" if rule else "") + (f": {field_name}" if field_name else "")
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass
+class Rule:
+    id: str
+    version: int
+    name: str
+    description: str
+    table: str
+    where: str
+    severity: str
+    mitre: tuple[str, ...]
+    group_by: tuple[str, ...]
+    suppress_for: int
+    exceptions: tuple[str, ...]
+    enabled: bool
+    path: str
+    sql: str = ""                   # the evaluation query: (lo, hi] eid range as parameters
+    stats: dict = field(default_factory=lambda: {"rows_evaluated": 0, "time_ms": 0.0, "evaluations": 0,
+                                                 "matches": 0, "alerts": 0, "errors": 0, "last_error": None})
+
+
+_PATTERNS: dict[str, re.Pattern] = {}
+PATTERNS_KEPT = 1024
+# (pattern, value) -> result: the values rules test repeat (a host runs the
+# same few hundred programs), and a lookup costs less than a search.
+_RESULTS: dict[tuple, int] = {}
+RESULTS_KEPT = 65_536
+
+
+def regexp(pattern, value) -> int | None:
+    """SQLite's `value REGEXP pattern` (Python's re, search anywhere). The
+    pattern is compiled even when value is NULL, so that validation on a row
+    of NULLs finds a bad one. Called once per row per REGEXP: kept lean."""
+    if value is not None:
+        key = (pattern, value)
+        found = _RESULTS.get(key)
+        if found is not None:
+            return found
+    if pattern is None:
+        return None
+    compiled = _PATTERNS.get(pattern)
+    if compiled is None:
+        if len(_PATTERNS) >= PATTERNS_KEPT:
+            _PATTERNS.clear()
+        compiled = _PATTERNS[pattern] = re.compile(str(pattern))
+    if value is None:
+        return None
+    found = 1 if compiled.search(value if type(value) is str else str(value)) else 0
+    if len(_RESULTS) >= RESULTS_KEPT:
+        _RESULTS.clear()
+    _RESULTS[key] = found
+    return found
+
+
+class Guard:
+    """SQLite authorizer for rule SQL: reads of event tables (through their
+    views and side tables) and functions without side effects, nothing else.
+    `refused` names the first thing refused."""
+
+    def __init__(self, tables: dict[str, Table]):
+        self.readable = set()
+        for name, table in tables.items():
+            self.readable |= {name, read_view(name)}
+            self.readable |= {side_table(name, c.name) for c in table.columns if c.shared}
+        self.refused: str | None = None
+
+    def __call__(self, action, arg1, arg2, db, source):
+        refused = None
+        if action == sqlite3.SQLITE_FUNCTION:
+            if (arg2 or "").lower() in _SIDE_EFFECTS:
+                refused = f"function {arg2}()"
+        elif action == sqlite3.SQLITE_READ:
+            if arg1 not in self.readable:
+                refused = f"reading {arg1}"
+        elif action not in _ALLOWED:
+            refused = _NAMES.get(action, f"action {action}")
+        if refused is None:
+            return sqlite3.SQLITE_OK
+        self.refused = self.refused or refused
+        return sqlite3.SQLITE_DENY
+
+
+def connect_checked(path: str, tables: dict[str, Table]) -> tuple[sqlite3.Connection, Guard]:
+    """A read-only connection to the store for validating and evaluating rules,
+    with regexp and the guard installed."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=5000")
+    conn.create_function("regexp", 2, regexp, deterministic=True)
+    guard = Guard(tables)
+    conn.set_authorizer(guard)
+    return conn, guard
+
+
+def _balanced(sql: str) -> str | None:
+    """What is wrong with the parentheses of an expression (outside strings,
+    quoted names and comments), so that it cannot close the clause it is put in."""
+    depth, i, n = 0, 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`[":
+            end = {"[": "]"}.get(c, c)
+            j = i + 1
+            while j < n:
+                if sql[j] == end:
+                    if end != "]" and j + 1 < n and sql[j + 1] == end:
+                        j += 2
+                        continue
+                    break
+                j += 1
+            if j >= n:
+                return f"unterminated {c}"
+            i = j + 1
+            continue
+        if sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            if j < 0:
+                return "unterminated /* comment"
+            i = j + 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+            if depth < 0:
+                return "a ')' closes more than the expression opened"
+        elif c == ";":
+            return "';' ends the statement: a rule is one expression"
+        i += 1
+    return None if depth == 0 else "a '(' is not closed"
+
+
+def check_expression(conn: sqlite3.Connection, guard: Guard, table: Table, sql, path: str, rule: str,
+                     field_name: str) -> str:
+    if not isinstance(sql, str) or not sql.strip():
+        raise RuleError(path, rule, field_name, "must be a non-empty SQL expression")
+    if len(sql) > MAX_SQL:
+        raise RuleError(path, rule, field_name, f"longer than {MAX_SQL} characters")
+    problem = _balanced(sql)
+    if problem:
+        raise RuleError(path, rule, field_name, problem)
+    view = quote(read_view(table.name))
+    nulls = ", ".join(f"NULL AS {quote(c.name)}" for c in table.columns)
+    for statement in (f"EXPLAIN SELECT eid FROM {view} WHERE (\n{sql}\n)",
+                      # the same expression on a row of NULLs (the CTE stands in for the view)
+                      f"WITH {view} AS (SELECT {nulls}) SELECT (\n{sql}\n) FROM {view}"):
+        guard.refused = None
+        try:
+            conn.execute(statement).fetchall()
+        except sqlite3.Warning as e:
+            raise RuleError(path, rule, field_name, f"must be one expression ({e})") from None
+        except sqlite3.Error as e:
+            if guard.refused:
+                raise RuleError(path, rule, field_name,
+                                f"refused: rules are read-only expressions, and this needs {guard.refused}") from None
+            raise RuleError(path, rule, field_name, str(e)) from None
+    return sql
+
+
+def parse_rule(raw, path: str, index: int, tables: dict[str, Table], conn: sqlite3.Connection,
+               guard: Guard) -> Rule:
+    label = f"rules[{index}]"
+    if not isinstance(raw, dict):
+        raise RuleError(path, label, None, "a rule must be a mapping")
+    rule_id = raw.get("id")
+    if not isinstance(rule_id, str) or not _ID.match(rule_id):
+        raise RuleError(path, label, "id", f"must be letters, digits and _.:- (at most 128), got {rule_id!r}")
+    label = rule_id
+    unknown = [k for k in raw if k not in RULE_KEYS]
+    if unknown:
+        raise RuleError(path, label, str(unknown[0]), f"unknown key (known: {', '.join(RULE_KEYS)})")
+
+    def text(key, required=True, default=""):
+        value = raw.get(key, None if required else default)
+        if not isinstance(value, str) or (required and not value.strip()):
+            raise RuleError(path, label, key, f"must be a{' non-empty' if required else ''} string, got {value!r}")
+        return value
+
+    def strings(key):
+        value = raw.get(key, [])
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise RuleError(path, label, key, f"must be a list of strings, got {value!r}")
+        return value
+
+    version = raw.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise RuleError(path, label, "version", f"must be an integer >= 1, got {version!r}")
+    name = text("name")
+    description = text("description", required=False)
+    table_name = text("table")
+    if table_name in OWN_TABLES or table_name not in tables or not tables[table_name].evented:
+        known = [n for n, t in tables.items() if t.evented and n not in OWN_TABLES]
+        raise RuleError(path, label, "table", f"unknown event table {table_name!r} (known: {', '.join(known)})")
+    table = tables[table_name]
+    severity = raw.get("severity", "medium")
+    if severity not in SEVERITIES:
+        raise RuleError(path, label, "severity", f"must be one of {', '.join(SEVERITIES)}, got {severity!r}")
+    mitre = strings("mitre")
+    for i, technique in enumerate(mitre):
+        if not _MITRE.match(technique):
+            raise RuleError(path, label, f"mitre[{i}]", f"not a MITRE ATT&CK id (T1059, T1059.004, TA0002): "
+                                                        f"{technique!r}")
+    group_by = strings("group_by")
+    for i, column in enumerate(group_by):
+        if column not in table.column_names:
+            raise RuleError(path, label, f"group_by[{i}]", f"{table_name} has no column {column!r}")
+    suppress_for = raw.get("suppress_for", 0)
+    if isinstance(suppress_for, bool) or not isinstance(suppress_for, int) or suppress_for < 0:
+        raise RuleError(path, label, "suppress_for", f"must be seconds (an integer >= 0), got {suppress_for!r}")
+    enabled = raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise RuleError(path, label, "enabled", f"must be true or false, got {enabled!r}")
+    where = check_expression(conn, guard, table, raw.get("where"), path, label, "where")
+    exceptions = strings("exceptions")
+    for i, exc in enumerate(exceptions):
+        check_expression(conn, guard, table, exc, path, label, f"exceptions[{i}]")
+    rule = Rule(rule_id, version, name, description, table_name, where, severity, tuple(mitre),
+                tuple(group_by), suppress_for, tuple(exceptions), enabled, path)
+    rule.sql = evaluation_sql(rule)
+    return rule
+
+
+def evaluation_sql(rule: Rule) -> str:
+    """Matching rows in an eid range: eid, time, then the group_by values.
+    An exception that is NULL for a row does not except it."""
+    columns = ", ".join(["eid", "time", *(quote(c) for c in rule.group_by)])
+    clauses = [f"(\n{rule.where}\n)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in rule.exceptions]
+    return (f"SELECT {columns} FROM {quote(read_view(rule.table))} WHERE eid > ? AND eid <= ? AND "
+            + " AND ".join(clauses) + " ORDER BY eid")
+
+
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
+
+
+def _top_level_words(sql: str):
+    """(position, WORD) of the words outside parentheses, strings, quoted
+    names and comments."""
+    depth, i, n = 0, 0, len(sql)
+    while i < n:
+        c = sql[i]
+        if c in "'\"`[":
+            end = {"[": "]"}.get(c, c)
+            j = i + 1
+            while j < n and not (sql[j] == end and not (end != "]" and j + 1 < n and sql[j + 1] == end)):
+                j += 2 if end != "]" and sql[j] == end else 1
+            i = j + 1
+            continue
+        if sql.startswith("--", i):
+            j = sql.find("\n", i)
+            i = n if j < 0 else j + 1
+            continue
+        if sql.startswith("/*", i):
+            j = sql.find("*/", i + 2)
+            i = n if j < 0 else j + 2
+            continue
+        if c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif depth == 0:
+            m = _WORD.match(sql, i)
+            if m:
+                yield i, m.group(0).upper()
+                i = m.end()
+                continue
+        i += 1
+
+
+def leading_term(where: str) -> tuple[str, str] | None:
+    """(first term, the rest) when `where` is a plain conjunction at its top
+    level (no OR, BETWEEN or CASE there, where an AND would not join terms);
+    None otherwise."""
+    words = list(_top_level_words(where))
+    if any(w in ("OR", "BETWEEN", "CASE") for _, w in words):
+        return None
+    for at, word in words:
+        if word == "AND":
+            return where[:at].strip(), where[at + 3:].strip()
+    return None
+
+
+def combined_sql(table: str, rules: list[Rule]) -> tuple[str, list[str]]:
+    """One query for every rule of a table (see AlertEngine._combined): eid,
+    time, the group_by columns of any of them, then one flag per rule; only
+    rows where some rule's where holds come back."""
+    columns = ["eid", "time"] + sorted({c for r in rules for c in r.group_by} - {"eid", "time"})
+    flags = []
+    for rule in rules:
+        clauses = [f"IFNULL((\n{rule.where}\n), 0)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in rule.exceptions]
+        flags.append("(" + " AND ".join(clauses) + ")")
+    # Rules that start with the same term (syscall = 'exec' AND ...) share
+    # its evaluation: a row it fails for costs one comparison, not one per rule.
+    groups: dict[str, list[str]] = {}
+    alone: list[str] = []
+    for rule in rules:
+        split = leading_term(rule.where)
+        if split is None:
+            alone.append(rule.where)
+        else:
+            groups.setdefault(split[0], []).append(split[1])
+    terms = [f"(\n{w}\n)" for w in alone]
+    for lead, rests in groups.items():
+        terms.append(f"((\n{lead}\n) AND (" + " OR ".join(f"(\n{r}\n)" for r in rests) + "))")
+    any_rule = " OR ".join(terms)
+    sql = (f"SELECT {', '.join(quote(c) for c in columns)}, {', '.join(flags)} FROM {quote(read_view(table))} "
+           f"WHERE eid > ? AND eid <= ? AND ({any_rule}) ORDER BY eid")
+    return sql, columns
+
+
+def group_key(values) -> str:
+    return json.dumps(list(values), separators=(",", ":"), ensure_ascii=False)
+
+
+def rule_files(directory: str) -> list[str]:
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    return [os.path.join(directory, n) for n in names if n.endswith((".yml", ".yaml")) and not n.startswith(".")]
+
+
+def load(directories: list[str], tables: dict[str, Table], conn: sqlite3.Connection,
+         guard: Guard) -> tuple[dict[str, Rule], list[RuleError]]:
+    """Every rule of every file in the directories, in order; a rule in a later
+    directory replaces one of the same id from an earlier one (the packaged
+    defaults come first, so an admin's file overrides or disables them)."""
+    import yaml
+    rules: dict[str, Rule] = {}
+    errors: list[RuleError] = []
+    for directory in directories:
+        here: dict[str, str] = {}
+        try:
+            files = rule_files(directory)
+        except OSError as e:
+            errors.append(RuleError(directory, None, None, f"cannot list: {e}"))
+            continue
+        for path in files:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    doc = yaml.safe_load(f)
+            except (OSError, UnicodeDecodeError) as e:
+                errors.append(RuleError(path, None, None, f"cannot read: {e}"))
+                continue
+            except yaml.YAMLError as e:
+                errors.append(RuleError(path, None, None, f"not valid YAML: {e}"))
+                continue
+            if doc is None:
+                continue
+            if isinstance(doc, dict) and "rules" in doc:
+                doc = doc["rules"]
+            elif isinstance(doc, dict):
+                doc = [doc]
+            if not isinstance(doc, list):
+                errors.append(RuleError(path, None, None, "must hold a list of rules"))
+                continue
+            for i, raw in enumerate(doc):
+                try:
+                    rule = parse_rule(raw, path, i, tables, conn, guard)
+                except RuleError as e:
+                    errors.append(e)
+                    continue
+                if rule.id in here:
+                    errors.append(RuleError(path, rule.id, "id", f"already defined in {here[rule.id]}"))
+                    continue
+                here[rule.id] = path
+                rules[rule.id] = rule
+    return rules, errors
