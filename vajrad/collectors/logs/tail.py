@@ -34,6 +34,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vajrad.collectors.logs.settings import COMPRESSED_SUFFIXES, FileCategory
+from vajrad.enrich.containers import CONTAINER_FIELDS
+
+# What writer_of gives, in this order: the writer and its container context.
+WRITER_COLUMNS = ("writer_pid", "writer_path", "writer_ancestry", *CONTAINER_FIELDS,
+                  "pid_namespace", "mnt_namespace", "net_namespace")
+NO_WRITER = (None,) * len(WRITER_COLUMNS)
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +140,7 @@ class Tailer:
         self.categories = {c.name: c for c in categories}
         self.output = output
         self.make_row = make_row
-        self.writer_of = writer_of or (lambda f: (None, None, None))
+        self.writer_of = writer_of or (lambda f: NO_WRITER)
         self.files: dict[str, TrackedFile] = {}
         self.counters = Counters()
         self.first_scan = True
@@ -636,7 +642,7 @@ class Tailer:
         return self.make_row(time=t, source="file", category=cat.name, path=f.path, inode=f.ino,
                              offset=offset, line=text, partial=int(partial), cut=cut, replaced=replaced, action="line",
                              rule=rule, severity=severity, fields=fields,
-                             writer_pid=writer[0], writer_path=writer[1], writer_ancestry=writer[2])
+                             **dict(zip(WRITER_COLUMNS, writer)))
 
     def _emit(self, f: TrackedFile, rows: list[dict], consumed: int) -> None:
         f.offset += consumed
