@@ -60,8 +60,7 @@ def test_log_writer_from_bpf_file_events_carries_its_container(tmp_path):
     target = str(tmp_path / "app.log")
     logs.observe("bpf_file_events", [bpf_row(target, "openat", 3, 4242, ancestry="[]", **CONTEXT)])
     writer = logs._writer_of(SimpleNamespace(path=target, key="file:1:1", dev=1, ino=1))
-    from vajrad.collectors.logs.tail import WRITER_COLUMNS
-    assert dict(zip(WRITER_COLUMNS, writer)) == {"writer_pid": 4242, "writer_path": "/bin/busybox",
+    assert writer == {"writer_pid": 4242, "writer_path": "/bin/busybox",
                                                 "writer_ancestry": "[]", **CONTEXT}
 
 
@@ -109,9 +108,8 @@ def test_log_writer_found_through_proc_is_resolved_to_its_container(tmp_path, po
         resolver.learn(ContainerInfo(CID, "podman", name="web", image="localhost/web:1", complete=True))
         logs = LogCollector(LogsConfig(), store=None, rescan_interval_ms=1000, containers=resolver)
         st = os.stat(log_path)
-        from vajrad.collectors.logs.tail import WRITER_COLUMNS
-        found = dict(zip(WRITER_COLUMNS, logs._writer_of(SimpleNamespace(
-            path=str(log_path), key=f"file:{st.st_dev}:{st.st_ino}", dev=st.st_dev, ino=st.st_ino))))
+        found = logs._writer_of(SimpleNamespace(
+            path=str(log_path), key=f"file:{st.st_dev}:{st.st_ino}", dev=st.st_dev, ino=st.st_ino))
         assert found["writer_pid"] == writer.pid
         assert (found["container_id"], found["container_name"], found["container_image"],
                 found["container_runtime"]) == (CID, "web", "localhost/web:1", "podman")

@@ -21,7 +21,7 @@ import pyinotify
 
 from vajrad.collectors.base import Collector
 from vajrad.collectors.logs.settings import LogsConfig
-from vajrad.collectors.logs.tail import NO_WRITER, UNIT, Tailer
+from vajrad.collectors.logs.tail import NO_WRITER, UNIT, WRITER_COLUMNS, Tailer
 from vajrad.enrich.containers import CONTAINER_FIELDS, HOST, namespaces_of
 from vajrad.tables import TABLES
 
@@ -310,13 +310,14 @@ class LogCollector(Collector):
             if len(self._writers) > WRITERS_KEPT:
                 self._writers.pop(next(iter(self._writers)))
 
-    def _writer_of(self, f) -> tuple:
-        """(pid, executable, ancestry) of the process that last opened f for
+    def _writer_of(self, f) -> dict:
+        """WRITER_COLUMNS: the pid, executable, ancestry, container and
+        namespaces of the process that last opened f for
         writing: from bpf_file_events when it saw one, else the process
         that had f open for writing when it was first read (/proc)."""
         found = self._writers.get(f.path)
         if found is not None:
-            return found
+            return dict(zip(WRITER_COLUMNS, found))
         now = time.monotonic()
         known = self._proc_writers.get(f.key)
         # Looked up once per file, and again every PROC_RETRY_S while no writer was found.
@@ -331,14 +332,14 @@ class LogCollector(Collector):
             if values is not None and values[0][1]:
                 writer = (*writer[:3], *values[0], *writer[3 + len(CONTAINER_FIELDS):])
                 self._proc_writers[f.key] = (writer, known[1])
-        return writer
+        return dict(zip(WRITER_COLUMNS, writer))
 
     def _proc_writer(self, f) -> tuple:
         """The /proc fallback, with the writer's container (through the
         containers unit's resolver, from its cgroup) and namespaces."""
         pid, exe, ancestry = proc_writer(f.dev, f.ino)
         if pid is None:
-            return NO_WRITER
+            return tuple(NO_WRITER.values())
         container = self.containers.by_pid(pid)[0] if self.containers is not None else HOST
         return (pid, exe, ancestry, *container, *namespaces_of(pid))
 

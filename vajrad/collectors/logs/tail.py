@@ -36,10 +36,11 @@ from typing import Callable
 from vajrad.collectors.logs.settings import COMPRESSED_SUFFIXES, FileCategory
 from vajrad.enrich.containers import CONTAINER_FIELDS
 
-# What writer_of gives, in this order: the writer and its container context.
+# What writer_of gives (a dict, made once per read, not per line): the
+# writer and its container context.
 WRITER_COLUMNS = ("writer_pid", "writer_path", "writer_ancestry", *CONTAINER_FIELDS,
                   "pid_namespace", "mnt_namespace", "net_namespace")
-NO_WRITER = (None,) * len(WRITER_COLUMNS)
+NO_WRITER = dict.fromkeys(WRITER_COLUMNS)
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +137,7 @@ class Counters:
 
 class Tailer:
     def __init__(self, categories: tuple[FileCategory, ...], saved: dict[str, dict], output: Output,
-                 make_row: Callable[..., dict], writer_of: Callable[["TrackedFile"], tuple] | None = None):
+                 make_row: Callable[..., dict], writer_of: Callable[["TrackedFile"], dict] | None = None):
         self.categories = {c.name: c for c in categories}
         self.output = output
         self.make_row = make_row
@@ -608,7 +609,7 @@ class Tailer:
         return rows, consumed
 
     def _row(self, f: TrackedFile, cat: FileCategory, raw: bytes, whole: bool, cut: int, t: int,
-             writer: tuple, offset: int):
+             writer: dict, offset: int):
         """A log_events row for one line (None when matched_only drops it).
         partial: the line lacks its end (flushed before its newline) or its
         start (it continues one flushed so)."""
@@ -642,7 +643,7 @@ class Tailer:
         return self.make_row(time=t, source="file", category=cat.name, path=f.path, inode=f.ino,
                              offset=offset, line=text, partial=int(partial), cut=cut, replaced=replaced, action="line",
                              rule=rule, severity=severity, fields=fields,
-                             **dict(zip(WRITER_COLUMNS, writer)))
+                             **writer)
 
     def _emit(self, f: TrackedFile, rows: list[dict], consumed: int) -> None:
         f.offset += consumed
