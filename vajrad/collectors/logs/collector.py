@@ -79,11 +79,14 @@ def row_builder(table: str):
     index = {n: i for i, n in enumerate(names)}
     width = len(names)
 
-    def make_row(**values) -> list:
-        row = [None] * width
+    def make_row(_base: list | None = None, **values) -> list:
+        row = [None] * width if _base is None else _base.copy()
         for name, value in values.items():
             row[index[name]] = value
         return row
+    # A row of what the lines of one read share (file, writer, container):
+    # each line's row starts as its copy and sets only its own columns.
+    make_row.base = make_row
     return make_row
 
 
