@@ -169,3 +169,57 @@ def test_an_exited_process_lives_ttl_seconds():
     cache.expire(t + 61)
     assert cache.get(100, 10 * TICK_NS) is None
     assert cache.counters["expired_entries"] == 1
+
+
+PODMAN_ID = "4f" * 32
+
+
+def test_ancestry_entries_name_the_container_each_image_ran_in(tmp_path):
+    """A chain from a host shell through podman into a container: entries of
+    the container's processes carry its id, the host's "". The resolver is
+    the real one, its cgroup map fed as the cgroup_mkdir tracepoint feeds it."""
+    from vajrad.enrich.containers import CgroupMap, ContainerResolver
+    cgroups = CgroupMap(root=str(tmp_path))
+    host_cg, ctr_cg = 1001, 2002
+    cgroups.mkdir(host_cg, "/user.slice/session-1.scope")
+    cgroups.mkdir(ctr_cg, f"/machine.slice/libpod-{PODMAN_ID}.scope/container")
+    resolver = ContainerResolver(cgroups)
+    cache = ProcessCache(size=100, proc="/nonexistent")
+    cache.containers = resolver
+    cache.executed(10, 10 * TICK_NS, 1, 0, "/usr/bin/bash", "bash", cgroup_id=host_cg)
+    cache.forked(11, 11 * TICK_NS, 10, 10 * TICK_NS, cgroup_id=host_cg)
+    cache.executed(11, 11 * TICK_NS, 10, 10 * TICK_NS, "/usr/bin/podman", "podman run", cgroup_id=host_cg)
+    # runc's child moves into the container's cgroup, then execs the entry point
+    cache.forked(12, 12 * TICK_NS, 11, 11 * TICK_NS, cgroup_id=host_cg)
+    cache.executed(12, 12 * TICK_NS, 11, 11 * TICK_NS, "/bin/sh", "sh -c work", cgroup_id=ctr_cg)
+    cache.forked(13, 13 * TICK_NS, 12, 12 * TICK_NS, cgroup_id=ctr_cg)
+    chain = json.loads(cache.ancestry(12, 12 * TICK_NS))
+    assert [(e["pid"], e["container_id"]) for e in chain] == [(12, PODMAN_ID), (11, ""), (10, "")]
+    # resolved once per cgroup, not per entry or row
+    assert cache._container_ids == {ctr_cg: PODMAN_ID, host_cg: ""}
+    assert cache.describe(12)["process"]["container_id"] == PODMAN_ID
+
+
+def test_ancestry_entries_have_an_empty_container_id_without_the_containers_unit():
+    cache = ProcessCache(size=100, proc="/nonexistent")
+    cache.executed(10, 10 * TICK_NS, 1, 0, "/usr/bin/bash", "bash", cgroup_id=2002)
+    chain = json.loads(cache.ancestry(10, 10 * TICK_NS))
+    assert chain[0]["container_id"] == "" and cache._container_ids == {}
+
+
+def test_a_process_read_from_proc_is_placed_by_its_cgroup_path(tmp_path):
+    """Seeded processes (older than the daemon) have no record: their
+    /proc/PID/cgroup path names the container."""
+    from vajrad.enrich.containers import CgroupMap, ContainerResolver
+    proc = tmp_path / "proc"
+    for pid, ppid, cgroup in ((1, 0, "/init.scope"), (50, 1, f"/machine.slice/libpod-{PODMAN_ID}.scope")):
+        d = proc / str(pid)
+        d.mkdir(parents=True)
+        (d / "stat").write_text(f"{pid} (x) S {ppid} " + " ".join(["0"] * 17) + f" {pid * 100} 0 0\n")
+        (d / "cmdline").write_bytes(b"x\0")
+        (d / "cgroup").write_text(f"0::{cgroup}\n")
+    cache = ProcessCache(size=100, proc=str(proc))
+    cache.containers = ContainerResolver(CgroupMap(root=str(tmp_path)))
+    assert cache.seed() == 2
+    chain = json.loads(cache.ancestry(50, 5000 * TICK_NS))
+    assert [(e["pid"], e["container_id"]) for e in chain] == [(50, PODMAN_ID), (1, "")]

@@ -306,3 +306,70 @@ def test_container_events_name_who_ran_the_container(daemon, runtime, workdir):
     lineage = json.loads(row["ancestry"])
     assert any(a["path"].endswith("/podman") for a in lineage), lineage
     assert shell_pid in [a["pid"] for a in lineage], lineage
+
+
+def test_file_log_and_ancestry_rows_of_a_container(daemon_factory, runtime, workdir):
+    """A long-running container with a host directory bind-mounted: its
+    writes to a watched file give file_events rows with its container
+    columns; its lines in followed log files give log_events rows with them,
+    whether the writer is known from bpf_file_events (under file_paths) or
+    found through /proc (not watched: the fallback resolves its cgroup); the
+    ancestry of its processes names it where the chain enters it."""
+    watched = os.path.join(workdir, "watched")
+    logs = os.path.join(workdir, "logs")
+    os.mkdir(watched)
+    os.mkdir(logs)
+    config = os.path.join(workdir, "vajra-ctx.conf")
+    with open(config, "w") as f:
+        json.dump({"options": {}, "file_paths": {"watched": [watched + "/%%"]},
+                   "log_files": {"seen": {"paths": [watched + "/*.log"], "start_at": "beginning"},
+                                 "held": {"paths": [logs + "/*.log"], "start_at": "beginning"}}}, f)
+    d = daemon_factory(f"--podman_socket={runtime.socket}", "--docker_socket=", f"--config_path={config}")
+    wait_connected(d)
+    name = runtime.name("ctx")
+    # app.log is opened anew for each line (bpf_file_events sees each open);
+    # held.log is opened once and kept open (only /proc can tell its writer).
+    script = (f"exec 3>>{logs}/held.log; i=0; while true; do i=$((i+1)); echo state $i > {watched}/state; "
+              f"echo line $i >> {watched}/app.log; echo held $i >&3; sleep 0.3; done")
+    podman("run", "-d", "-v", f"{workdir}:{workdir}", "--name", name, *LIMITS, IMAGE, "/bin/sh", "-c", script)
+    info = runtime.inspect(name)
+    cid, main_pid = info["Id"], info["State"]["Pid"]
+    context = (cid, name, IMAGE, "podman")
+
+    def columns(row):
+        return (row["container_id"], row["container_name"], row["container_image"], row["container_runtime"])
+
+    changes = d.wait_events(lambda e: e["target_path"] == os.path.join(watched, "state")
+                            and e["action"] == "UPDATED" and e["bpf_eid"], table="file_events", timeout=20)
+    assert changes, d.wait_events(lambda e: True, table="file_events", timeout=1)[:5]
+    assert columns(changes[0]) == context
+    assert changes[0]["pid"] == main_pid
+    assert changes[0]["pid_namespace"] == os.stat(f"/proc/{main_pid}/ns/pid").st_ino != \
+        os.stat("/proc/self/ns/pid").st_ino
+    cause = d.wait_events(lambda e: e["eid"] == changes[0]["bpf_eid"], table="bpf_file_events", timeout=5)
+    assert cause and columns(cause[0]) == context and cause[0]["pid"] == changes[0]["pid"]
+
+    for category in ("seen", "held"):
+        lines = d.wait_events(lambda e: e["category"] == category and e["action"] == "line"
+                              and e["writer_pid"], table="log_events", timeout=20)
+        assert lines, (category, d.call("status")["collectors"]["logs"])
+        assert columns(lines[0]) == context, (category, lines[0])
+        assert lines[0]["writer_pid"] == main_pid and lines[0]["pid_namespace"] and \
+            lines[0]["pid_namespace"] != os.stat("/proc/self/ns/pid").st_ino, lines[0]
+
+    # `sleep`, forked by the container's shell: its chain runs from the
+    # container's shell out through conmon and podman to this test.
+    execs = d.wait_events(lambda e: e["syscall"] == "exec" and e["container_id"] == cid
+                          and e["cmdline"] == "sleep 0.3", timeout=20)
+    assert execs
+    chain = json.loads(execs[0]["ancestry"])
+    assert chain[0]["pid"] == main_pid and chain[0]["container_id"] == cid, chain
+    host = [a for a in chain if a["path"].endswith("/podman") or a["pid"] == os.getpid()]
+    assert len(host) >= 2 and all(a["container_id"] == "" for a in host), chain
+    assert all(a["container_id"] in (cid, "") for a in chain)
+    # host processes' own rows: ancestry entries all ""
+    marker = unique_program(workdir, f"vajra-marker-{uuid.uuid4().hex[:8]}")
+    subprocess.run([marker], check=True)
+    mine = d.wait_events(lambda e: e["path"] == marker and e["syscall"] == "exec")
+    assert mine and all(a["container_id"] == "" for a in json.loads(mine[0]["ancestry"]))
+    podman("rm", "-f", "-t", "0", name)

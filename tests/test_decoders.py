@@ -176,7 +176,8 @@ def entry(cache: ProcessCache, *, pid: int, ppid: int, path: str, cmdline: str, 
     start = start_ns + cache.clock.offset_ns
     return {"exe_name": os.path.basename(path), "pid": pid, "ppid": ppid, "path": path, "cmdline": cmdline,
             "proc_time": start // SEC, "proc_time_hr": start,
-            "pproc_time_hr": parent_start_ns + cache.clock.offset_ns if parent_start_ns else 0}
+            "pproc_time_hr": parent_start_ns + cache.clock.offset_ns if parent_start_ns else 0,
+            "container_id": ""}
 
 
 SHELL = dict(pid=3000, start_ns=100 * SEC, ppid=1, parent_start_ns=SEC)

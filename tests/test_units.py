@@ -69,6 +69,26 @@ def test_a_factory_may_use_and_provide_only_what_it_declares():
         ctx.provide("other", 1)
 
 
+def test_an_optional_service_is_used_when_provided_and_built_first():
+    consumer = _unit("consumer", optional=("resolver",))
+    provider = _unit("provider", provides=("resolver",))
+    # The provider comes first whatever the order given, when both are built.
+    assert [u.name for u in units.build_order([consumer, provider])] == ["provider", "consumer"]
+    assert [u.name for u in units.build_order([consumer])] == ["consumer"]
+    services = units.Services()
+    ctx = units.UnitContext(consumer, None, services)
+    assert ctx.want("resolver") is None           # not built: the unit does without
+    services.provide("resolver", "r")
+    assert ctx.want("resolver") == "r"
+    with pytest.raises(units.UnitError, match="without declaring it in optional"):
+        ctx.want("other")
+    with pytest.raises(units.UnitError, match="without declaring it in needs"):
+        ctx.need("resolver")                      # optional is not a need
+    units.check((consumer, provider), ())
+    with pytest.raises(units.UnitError, match="optionally uses 'resolver', which no unit provides"):
+        units.check((consumer,), ())
+
+
 def test_unit_options_and_sections_reach_flags_and_the_file(tmp_path):
     """Options declared by a unit are flags and file options like the daemon's own,
     and its section is parsed by the unit's own parser."""

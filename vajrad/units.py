@@ -52,6 +52,10 @@ class Unit:
     # `Services`), and those it provides once built.
     needs: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
+    # Services this unit uses when a unit providing them runs, and does
+    # without otherwise (e.g. container_resolver); the provider, when built
+    # at all, is built first.
+    optional: tuple[str, ...] = ()
     # Whether a reload (SIGHUP) that makes the unit wanted starts it; one that
     # is running is never stopped by a reload.
     starts_on_reload: bool = False
@@ -97,6 +101,13 @@ class UnitContext:
             raise UnitError(f"unit {self.unit.name} uses {name!r} without declaring it in needs")
         return self.services.get(name)
 
+    def want(self, name: str, default: Any = None) -> Any:
+        """An optional service: its value when a unit built before this one
+        provides it, else default."""
+        if name not in self.unit.optional:
+            raise UnitError(f"unit {self.unit.name} wants {name!r} without declaring it in optional")
+        return self.services.find(name, default)
+
     def provide(self, name: str, value: Any) -> None:
         if name not in self.unit.provides:
             raise UnitError(f"unit {self.unit.name} provides {name!r} without declaring it")
@@ -124,6 +135,9 @@ def check(units: tuple[Unit, ...], daemon_services: tuple[str, ...]) -> None:
         for need in unit.needs:
             if need not in providers:
                 raise UnitError(f"unit {unit.name} needs {need!r}, which no unit provides")
+        for want in unit.optional:          # a typo would silently never be provided
+            if want not in providers:
+                raise UnitError(f"unit {unit.name} optionally uses {want!r}, which no unit provides")
         names = [o.name for o in unit.options] + list(unit.section.keys if unit.section else ())
         for k in names:
             if k in keys:
@@ -144,7 +158,7 @@ def build_order(units: list[Unit]) -> list[Unit]:
         if unit.name in visiting:
             raise UnitError(f"units depend on each other in a cycle through {unit.name}")
         visiting.add(unit.name)
-        for need in unit.needs:
+        for need in unit.needs + unit.optional:
             dep = by_service.get(need)
             if dep is not None and dep is not unit:
                 visit(dep)

@@ -327,6 +327,22 @@ class ContainerResolver:
             return None
         return "/"
 
+    def by_pid(self, pid: int) -> tuple[tuple, bool]:
+        """For a running process known only by pid (the logs unit's /proc
+        fallback): its cgroup from /proc/PID/cgroup, then as lookup().
+        HOST when the process is gone or its cgroup unknown."""
+        if self.v1_fallback:
+            return self.lookup(0, pid)
+        try:
+            with open(f"/proc/{pid}/cgroup") as f:
+                path = next((line[3:].rstrip("\n") for line in f if line.startswith("0::")), None)
+            if path is None or not self.cgroups.root:
+                return HOST, True
+            cgroup_id = os.stat(self.cgroups.root.rstrip("/") + path).st_ino
+        except OSError:
+            return HOST, True
+        return self.lookup(cgroup_id, pid)
+
     def by_id(self, container_id: str) -> tuple[tuple, bool] | None:
         with self.lock:
             info = self.containers.get(container_id) or self.deleted.get(container_id)
@@ -371,6 +387,18 @@ class ContainerResolver:
                 "fill_timeouts": self.fill_timeouts, "fill_p99_ms": _p99(self.fill_delays_ms),
                 "metadata_lag_p99_ms": _p99(self.metadata_lags_ms),
                 "unresolved_cgroups": self.unresolved_cgroups}
+
+
+def namespaces_of(pid: int) -> tuple:
+    """(pid, mnt, net) namespace inodes of a running process, None where
+    /proc does not say (gone, or not ours to read)."""
+    found = []
+    for ns in ("pid", "mnt", "net"):
+        try:
+            found.append(os.stat(f"/proc/{pid}/ns/{ns}").st_ino)
+        except OSError:
+            found.append(None)
+    return tuple(found)
 
 
 def _p99(values) -> float:

@@ -15,7 +15,9 @@ call just before an exec is blamed on the program that made it.
 Ancestry is a JSON array, [0] the immediate parent, in the shape of osquery
 5.18.1's process-ancestry column: exe_name, pid, ppid, path, cmdline,
 proc_time (start, unix s), proc_time_hr (start, unix ns) and pproc_time_hr
-(the parent's proc_time_hr).
+(the parent's proc_time_hr); and container_id, the container the image ran
+in ("" for the host's own processes, or when the containers unit is off),
+so a chain that crosses into a container shows where.
 
 An ancestry text is built from a chain of AncestryNodes, one per process
 image, each pointing at its parent's node: the chain is how the store keeps
@@ -95,10 +97,14 @@ class Process:
     this version of its image: it is rebuilt after an exec, and when the
     kernel's exact start times replace the tick-precise ones of /proc."""
     __slots__ = ("pid", "ppid", "start_ns", "parent_start_ns", "path", "cmdline", "_node",
-                 "parent", "coarse", "exited_at", "exec_id", "prior")
+                 "parent", "coarse", "exited_at", "exec_id", "prior", "cgroup")
 
-    def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline, coarse=False, exec_id=None):
+    def __init__(self, pid, ppid, start_ns, parent_start_ns, path, cmdline, coarse=False, exec_id=None,
+                 cgroup=0):
         self.pid, self.ppid = pid, ppid
+        # Its cgroup: the id the kernel's records carry (cid), or the path
+        # /proc/PID/cgroup names for one read from /proc; 0 unknown.
+        self.cgroup = cgroup
         self.start_ns, self.parent_start_ns = start_ns, parent_start_ns
         self.path, self.cmdline = path, cmdline
         # The kernel's self_exec_id of the current image (None: read from
@@ -146,7 +152,7 @@ class Process:
         if adopted:
             self.changed()
 
-    def entry_json(self, clock: BootClock) -> str:
+    def entry_json(self, clock: BootClock, container_id: str = "") -> str:
         """This process as an ancestry entry; serialised once per image, by
         the node built for it (or here, for a process that has none yet)."""
         if self._node is not None:
@@ -157,10 +163,12 @@ class Process:
         return (f'{{"exe_name": {_quote(os.path.basename(path) if path else "")}, "pid": {self.pid}, '
                 f'"ppid": {self.ppid}, "path": {_quote(path)}, "cmdline": {_quote(self.cmdline)}, '
                 f'"proc_time": {start // 1_000_000_000}, "proc_time_hr": {start}, "pproc_time_hr": '
-                f'{clock.unix_ns(self.parent_start_ns) if self.parent_start_ns else 0}}}')
+                f'{clock.unix_ns(self.parent_start_ns) if self.parent_start_ns else 0}, '
+                f'"container_id": "{container_id}"}}')
 
 
 LINEAGES_KEPT = 32
+CONTAINER_IDS_KEPT = 4096    # cgroup -> container id answers cached
 LINE_MAX = 1 << 16        # ancestors walked at most, against a malformed (cyclic) line
 _quote = json.encoder.encode_basestring_ascii
 
@@ -196,6 +204,10 @@ class ProcessCache:
         # how to have the process collector apply what it has now.
         self.synced_ns = 0
         self.request_sync: Callable[[], None] = lambda: None
+        # The containers unit's ContainerResolver, when it runs (set by the
+        # process collector); ancestry entries name their container through it.
+        self.containers = None
+        self._container_ids: dict = {}      # cgroup id (or /proc path) -> container id
 
     # --- feeding ------------------------------------------------------------
     def get(self, pid: int, start_ns: int) -> Process | None:
@@ -218,7 +230,7 @@ class ProcessCache:
         return self.exact(pid, start_ns) or self._from_proc(pid, start_ns)
 
     def forked(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int,
-               exec_id: int | None = None, ktime_ns: int = 0) -> Process:
+               exec_id: int | None = None, ktime_ns: int = 0, cgroup_id: int = 0) -> Process:
         """A new process: it runs the image its parent had at the fork (the
         one named by exec_id, which fork copies) until it execs."""
         k = key(pid, start_ns)
@@ -227,24 +239,27 @@ class ProcessCache:
         parent = self.exact(ppid, parent_start_ns) or self._from_proc(ppid, parent_start_ns)
         if parent is not None:
             path, cmdline = parent.image_at(exec_id, ktime_ns)
-            proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline, exec_id=exec_id)
+            proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline, exec_id=exec_id, cgroup=cgroup_id)
             proc.parent = parent
         else:
-            proc = Process(pid, ppid, start_ns, parent_start_ns, "", "", exec_id=exec_id)
+            proc = Process(pid, ppid, start_ns, parent_start_ns, "", "", exec_id=exec_id, cgroup=cgroup_id)
         self._insert(k, proc)
         return proc
 
     def executed(self, pid: int, start_ns: int, ppid: int, parent_start_ns: int,
-                 path: str, cmdline: str, exec_id: int | None = None, ktime_ns: int = 0) -> Process:
+                 path: str, cmdline: str, exec_id: int | None = None, ktime_ns: int = 0,
+                 cgroup_id: int = 0) -> Process:
         proc = self.exact(pid, start_ns)
         if proc is None:
-            proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline, exec_id=exec_id)
+            proc = Process(pid, ppid, start_ns, parent_start_ns, path, cmdline, exec_id=exec_id, cgroup=cgroup_id)
             self._insert(key(pid, start_ns), proc)
         else:
             if self._attributed:        # rows of other collectors may still need the old image
                 self._hold_image(proc, ktime_ns)
             proc.set_image(path, cmdline)
             proc.exec_id = exec_id
+            if cgroup_id:       # the new image's entry names the cgroup it was exec'd in
+                proc.cgroup = cgroup_id
         return proc
 
     def _hold_image(self, proc: Process, ktime_ns: int) -> None:
@@ -399,9 +414,28 @@ class ProcessCache:
         rest = proc._node if proc is not None else None
         clock, depth = self.clock, self.max_depth
         for proc in reversed(chain):
-            rest = proc._node = AncestryNode(proc.entry_json(clock), rest,
+            rest = proc._node = AncestryNode(proc.entry_json(clock, self.container_id(proc)), rest,
                                              min(depth, 1 + (rest.depth if rest else 0)))
         return first._node
+
+    def container_id(self, proc: Process) -> str:
+        """The container proc's image runs in ("" on the host, or unknown),
+        once per image (its entry is built once) and cached by cgroup."""
+        resolver, cgroup = self.containers, proc.cgroup
+        if resolver is None or not cgroup:
+            return ""
+        found = self._container_ids.get(cgroup)
+        if found is None:
+            if isinstance(cgroup, str):          # read from /proc: the path itself
+                from vajrad.enrich.containers import parse_cgroup_path
+                parsed = parse_cgroup_path(cgroup)
+                found = parsed.container_id if parsed else ""
+            else:
+                found = resolver.lookup(cgroup, proc.pid)[0][0]
+            if len(self._container_ids) >= CONTAINER_IDS_KEPT:
+                self._container_ids.clear()
+            self._container_ids[cgroup] = found
+        return found
 
     def ancestry(self, ppid: int, parent_start_ns: int) -> str:
         """JSON ancestry of a process whose parent is (ppid, parent_start_ns)."""
@@ -435,7 +469,7 @@ class ProcessCache:
             proc = self._running_by_pid({pid}).get(pid)
             if proc is None:
                 return None
-            entry = json.loads(proc.entry_json(self.clock))
+            entry = json.loads(proc.entry_json(self.clock, self.container_id(proc)))
             return {"process": entry, "ancestry": json.loads(self.lineage(self._parent(proc)))}
 
     def ancestry_by_pid(self, pids: set[int]) -> dict[int, str]:
@@ -480,9 +514,29 @@ class ProcessCache:
                 path = os.readlink(f"{base}/exe")
             except OSError:
                 path = ""
+            cgroup = self._proc_cgroup(base) if self.containers is not None else 0
         except (OSError, ValueError, IndexError):
             return None
-        return Process(pid, ppid, start_ticks * TICK_NS, 0, path, " ".join(argv), coarse=True)
+        return Process(pid, ppid, start_ticks * TICK_NS, 0, path, " ".join(argv), coarse=True, cgroup=cgroup)
+
+    @staticmethod
+    def _proc_cgroup(base: str) -> str | int:
+        """A /proc process's cgroup path: the v2 one, else the first v1 line
+        that names a container (0: none)."""
+        try:
+            with open(f"{base}/cgroup") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return 0
+        from vajrad.enrich.containers import parse_cgroup_path
+        for line in lines:
+            if line.startswith("0::"):
+                return line[3:] or 0
+        for line in lines:
+            path = line.split(":", 2)[-1]
+            if parse_cgroup_path(path):
+                return path
+        return 0
 
     def _from_proc(self, pid: int, start_ns: int) -> Process | None:
         """The fallback for a live process the events have not told us about;

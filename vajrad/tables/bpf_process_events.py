@@ -34,7 +34,8 @@ TABLE = Table.events(
                                     "in ns; fork: 0"),
         Column("json_cmdline", TEXT, "Command line arguments as a JSON array", hidden=True),
         Column("ancestry", TEXT, "JSON array of the ancestors, [0] the immediate parent: exe_name, pid, "
-                                 "ppid, path, cmdline, proc_time, proc_time_hr, pproc_time_hr",
+                                 "ppid, path, cmdline, proc_time, proc_time_hr, pproc_time_hr, "
+                                 "container_id (empty on the host)",
                shared=True),
         Column("ntime", TEXT, "Event timestamp in ns, from the kernel's monotonic clock"),
         *CONTAINER_COLUMNS,

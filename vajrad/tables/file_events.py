@@ -1,5 +1,6 @@
 """One module per table; each defines TABLE (see vajrad/schema.py)."""
-from vajrad.schema import BIGINT, INTEGER, TEXT, Column, Table
+from vajrad.schema import (BIGINT, CONTAINER_COLUMNS, INTEGER, NET_NAMESPACE_COLUMN, PID_MNT_NAMESPACE_COLUMNS,
+                           TEXT, Column, Table)
 
 TABLE = Table.events(
     "file_events",
@@ -30,10 +31,16 @@ TABLE = Table.events(
                               "(NULL when none was seen)"),
         Column("path", TEXT, "Executable of that process"),
         Column("bpf_eid", BIGINT, "eid of that bpf_file_events row"),
+        *CONTAINER_COLUMNS,
+        *PID_MNT_NAMESPACE_COLUMNS,
+        NET_NAMESPACE_COLUMN,
     ),
     notes={
         "metadata": "inode, uid, gid, mode, size and times are read (lstat) when the event is "
                     "read, so a file deleted at once has them NULL.",
+        "containers": "container_id ... pod_uid and the namespace inodes are those of the bpf_file_events "
+                      "row behind the change (bpf_eid): empty (namespaces NULL) when none was seen, as for "
+                      "a host process.",
         "UPDATED": "one row when a writer closes the file, or after a second of writes "
                    "without a close.",
     },

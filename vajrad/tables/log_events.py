@@ -1,5 +1,6 @@
 """One module per table; each defines TABLE (see vajrad/schema.py)."""
-from vajrad.schema import BIGINT, INTEGER, TEXT, Column, Table
+from vajrad.schema import (BIGINT, CONTAINER_COLUMNS, INTEGER, NET_NAMESPACE_COLUMN, PID_MNT_NAMESPACE_COLUMNS,
+                           TEXT, Column, Table)
 
 TABLE = Table.events(
     "log_events",
@@ -29,8 +30,17 @@ TABLE = Table.events(
                                      "when none was seen)"),
         Column("writer_path", TEXT, "That process's executable"),
         Column("writer_ancestry", TEXT, "That process's ancestry, JSON, as in bpf_file_events"),
+        *CONTAINER_COLUMNS,
+        *PID_MNT_NAMESPACE_COLUMNS,
+        NET_NAMESPACE_COLUMN,
         Column("unit", TEXT, "journal: the systemd unit (_SYSTEMD_UNIT)"),
         Column("cursor", TEXT, "journal: the entry's cursor"),
     ),
+    notes={
+        "containers": "container_id ... pod_uid and the namespace inodes are the writer's (writer_pid): "
+                      "from its bpf_file_events row, or from its cgroup and /proc/PID/ns when it was found "
+                      "through /proc; empty when no writer is known (or it is a host process); NULL on "
+                      "journal rows and truncated rows.",
+    },
     summary=("category", "action", "path", "line", "rule", "severity"),
 )

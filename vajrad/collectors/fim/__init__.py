@@ -25,7 +25,7 @@ def _build_watcher(ctx: UnitContext):
 def _build_bpf(ctx: UnitContext):
     from vajrad.collectors.fim.bpf_file_events import FileCollector
     return FileCollector(ctx.need("kernel"), ctx.config.bpf_output, ctx.need("process_cache"), ctx.config.fim,
-                         ctx.services.find("container_resolver"))
+                         ctx.want("container_resolver"))
 
 
 FILE_EVENTS = Unit(
@@ -54,5 +54,6 @@ BPF_FILE_EVENTS = Unit(
     wanted=lambda cfg: bool(cfg.fim) and cfg.enable_file_events and cfg.enable_bpf_events
     and not cfg.disable_events,
     needs=("kernel", "process_cache"),
+    optional=("container_resolver",),
     starts_on_reload=True,
 )

@@ -22,6 +22,7 @@ import pyinotify
 
 from vajrad.collectors.fim import rules as fim
 from vajrad.collectors.base import Collector
+from vajrad.enrich.containers import CONTAINER_FIELDS, HOST
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ CAUSE_KEEP_NS = 10_000_000_000    # bpf_file_events rows kept for matching
 # one (the open of a long write) only once the wait is over and nothing newer came.
 CAUSE_FRESH_NS = 100_000_000
 UPDATE_QUIET_NS = 1_000_000_000   # writes without a close become UPDATED after this
+# Taken from the cause's bpf_file_events row with its pid: the container
+# context of the process that made the change.
+CONTEXT_FIELDS = (*CONTAINER_FIELDS, "pid_namespace", "mnt_namespace", "net_namespace")
+NO_CONTEXT = dict(zip(CONTEXT_FIELDS, (*HOST, None, None, None)))
 HASH_CHUNK = 1 << 20
 HASH_WORKERS = 2
 
@@ -315,7 +320,7 @@ class FimWatcher(Collector):
         row = {"target_path": path, "category": category, "action": action, "transaction_id": cookie,
                "inode": None, "uid": None, "gid": None, "mode": None, "size": None, "atime": None,
                "mtime": None, "ctime": None, "md5": "", "sha1": "", "sha256": "", "hashed": 0,
-               "pid": None, "path": None, "bpf_eid": None, "time": int(time.time())}
+               "pid": None, "path": None, "bpf_eid": None, **NO_CONTEXT, "time": int(time.time())}
         hashing = None
         if action not in ("DELETED", "MOVED_FROM"):
             try:
@@ -344,7 +349,7 @@ class FimWatcher(Collector):
             if r.get("exit_code", "").startswith("-"):
                 continue
             entry = (int(r["ntime"]), r["syscall"], r["eid"], r["pid"], r["path"], r["file_path"],
-                     r["dest_path"])
+                     r["dest_path"], tuple(r.get(c) for c in CONTEXT_FIELDS))
             self._recent[r["file_path"]].append(entry)
             touched.add(r["file_path"])
             if r["dest_path"] and not r["syscall"].startswith("symlink"):
@@ -360,7 +365,7 @@ class FimWatcher(Collector):
         target = row["target_path"]
         calls, field = CAUSES[action]
         for entry in reversed(self._recent.get(target, ())):
-            ntime, syscall, eid, pid, exe, file_path, dest_path = entry
+            ntime, syscall, eid, pid, exe, file_path, dest_path, context = entry
             if ntime > now + CAUSE_SLACK_NS:
                 continue
             if ntime < now - CAUSE_KEEP_NS or (fresh_only and ntime < now - CAUSE_FRESH_NS):
@@ -368,6 +373,7 @@ class FimWatcher(Collector):
             if (syscall in calls and (file_path if field == "file_path" else dest_path) == target) \
                     or (action == "CREATED" and syscall in LINK_CREATES and dest_path == target):
                 row["bpf_eid"], row["pid"], row["path"] = eid, pid, exe
+                row.update(zip(CONTEXT_FIELDS, context))
                 return
 
     # --- handing rows over -----------------------------------------------------------------

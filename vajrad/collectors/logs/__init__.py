@@ -20,7 +20,8 @@ def _parse(doc: dict, source: str):
 
 def _build(ctx: UnitContext):
     from vajrad.collectors.logs.collector import LogCollector
-    return LogCollector(ctx.config.logs, ctx.need("store"), ctx.config.log_rescan_interval_ms)
+    return LogCollector(ctx.config.logs, ctx.need("store"), ctx.config.log_rescan_interval_ms,
+                        containers=ctx.want("container_resolver"))
 
 
 UNIT = Unit(
@@ -30,6 +31,7 @@ UNIT = Unit(
     factory=_build,
     wanted=lambda cfg: bool(cfg.logs) and not cfg.disable_events,
     needs=("store",),
+    optional=("container_resolver",),
     options=(
         Option("log_rescan_interval_ms", int, 10_000,
                "How often the logs unit rescans the log_files directories besides inotify's wake-ups: "

@@ -21,7 +21,8 @@ import pyinotify
 
 from vajrad.collectors.base import Collector
 from vajrad.collectors.logs.settings import LogsConfig
-from vajrad.collectors.logs.tail import UNIT, Tailer
+from vajrad.collectors.logs.tail import NO_WRITER, UNIT, WRITER_COLUMNS, Tailer
+from vajrad.enrich.containers import CONTAINER_FIELDS, HOST, namespaces_of
 from vajrad.tables import TABLES
 
 log = logging.getLogger(__name__)
@@ -78,11 +79,14 @@ def row_builder(table: str):
     index = {n: i for i, n in enumerate(names)}
     width = len(names)
 
-    def make_row(**values) -> list:
-        row = [None] * width
+    def make_row(_base: list | None = None, **values) -> list:
+        row = [None] * width if _base is None else _base.copy()
         for name, value in values.items():
             row[index[name]] = value
         return row
+    # A row of what the lines of one read share (file, writer, container):
+    # each line's row starts as its copy and sets only its own columns.
+    make_row.base = make_row
     return make_row
 
 
@@ -92,8 +96,12 @@ class LogCollector(Collector):
     tables = (TABLE,)
     observes = (WRITES_TABLE,)
 
-    def __init__(self, config: LogsConfig, store, rescan_interval_ms: int, describe_process=None):
+    def __init__(self, config: LogsConfig, store, rescan_interval_ms: int, describe_process=None,
+                 containers=None):
         super().__init__()
+        # The containers unit's resolver, when it runs: the container of a
+        # writer found through /proc.
+        self.containers = containers
         self.config = config
         self.store = store
         self.rescan_s = rescan_interval_ms / 1000
@@ -111,7 +119,7 @@ class LogCollector(Collector):
         self._created: set[str] = set()
         self._reconfigured: LogsConfig | None = None
         # Last process seen opening each path for writing (bpf_file_events):
-        # path -> (pid, executable).
+        # path -> its WRITER_COLUMNS values.
         self._writers: dict[str, tuple] = {}
         self._proc_writers: dict[str, tuple] = {}     # file key -> from /proc, when first read
         self.writes_collected = False
@@ -299,25 +307,44 @@ class LogCollector(Collector):
                 continue
             path = row["file_path"]
             self._writers.pop(path, None)
-            self._writers[path] = (row.get("pid"), row.get("path"), row.get("ancestry"))
+            self._writers[path] = (row.get("pid"), row.get("path"), row.get("ancestry"),
+                                   *[row.get(c) or "" for c in CONTAINER_FIELDS],
+                                   row.get("pid_namespace"), row.get("mnt_namespace"), row.get("net_namespace"))
             if len(self._writers) > WRITERS_KEPT:
                 self._writers.pop(next(iter(self._writers)))
 
-    def _writer_of(self, f) -> tuple:
-        """(pid, executable, ancestry) of the process that last opened f for
+    def _writer_of(self, f) -> dict:
+        """WRITER_COLUMNS: the pid, executable, ancestry, container and
+        namespaces of the process that last opened f for
         writing: from bpf_file_events when it saw one, else the process
         that had f open for writing when it was first read (/proc)."""
         found = self._writers.get(f.path)
         if found is not None:
-            return found
+            return dict(zip(WRITER_COLUMNS, found))
         now = time.monotonic()
         known = self._proc_writers.get(f.key)
         # Looked up once per file, and again every PROC_RETRY_S while no writer was found.
         if known is None or known[0][0] is None and now - known[1] >= PROC_RETRY_S:
-            known = self._proc_writers[f.key] = (proc_writer(f.dev, f.ino), now)
+            known = self._proc_writers[f.key] = (self._proc_writer(f), now)
             if len(self._proc_writers) > WRITERS_KEPT:
                 self._proc_writers.pop(next(iter(self._proc_writers)))
-        return known[0]
+        writer = known[0]
+        if writer[3] and not writer[4] and self.containers is not None:
+            # Its container's name and image were not known yet when found: now?
+            values = self.containers.by_id(writer[3])
+            if values is not None and values[0][1]:
+                writer = (*writer[:3], *values[0], *writer[3 + len(CONTAINER_FIELDS):])
+                self._proc_writers[f.key] = (writer, known[1])
+        return dict(zip(WRITER_COLUMNS, writer))
+
+    def _proc_writer(self, f) -> tuple:
+        """The /proc fallback, with the writer's container (through the
+        containers unit's resolver, from its cgroup) and namespaces."""
+        pid, exe, ancestry = proc_writer(f.dev, f.ino)
+        if pid is None:
+            return tuple(NO_WRITER.values())
+        container = self.containers.by_pid(pid)[0] if self.containers is not None else HOST
+        return (pid, exe, ancestry, *container, *namespaces_of(pid))
 
     # --- status -------------------------------------------------------------
     def stats(self) -> dict:

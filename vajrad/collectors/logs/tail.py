@@ -34,6 +34,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from vajrad.collectors.logs.settings import COMPRESSED_SUFFIXES, FileCategory
+from vajrad.enrich.containers import CONTAINER_FIELDS
+
+# What writer_of gives (a dict, made once per read, not per line): the
+# writer and its container context.
+WRITER_COLUMNS = ("writer_pid", "writer_path", "writer_ancestry", *CONTAINER_FIELDS,
+                  "pid_namespace", "mnt_namespace", "net_namespace")
+NO_WRITER = dict.fromkeys(WRITER_COLUMNS)
 
 log = logging.getLogger(__name__)
 
@@ -130,11 +137,15 @@ class Counters:
 
 class Tailer:
     def __init__(self, categories: tuple[FileCategory, ...], saved: dict[str, dict], output: Output,
-                 make_row: Callable[..., dict], writer_of: Callable[["TrackedFile"], tuple] | None = None):
+                 make_row: Callable[..., dict], writer_of: Callable[["TrackedFile"], dict] | None = None):
         self.categories = {c.name: c for c in categories}
         self.output = output
-        self.make_row = make_row
-        self.writer_of = writer_of or (lambda f: (None, None, None))
+        if hasattr(make_row, "base"):
+            self.make_row, self.row_base = make_row, make_row.base
+        else:                                # a dict builder (Table.row): the base is a dict
+            self.make_row = lambda _base=None, **v: make_row(**(_base or {}), **v)
+            self.row_base = lambda **v: v
+        self.writer_of = writer_of or (lambda f: NO_WRITER)
         self.files: dict[str, TrackedFile] = {}
         self.counters = Counters()
         self.first_scan = True
@@ -521,7 +532,8 @@ class Tailer:
         rows: list[dict] = []
         pos, end, limit = 0, len(data), cat.max_line_bytes
         t = int(time.time())
-        writer = self.writer_of(f)
+        writer = self.row_base(time=t, source="file", category=cat.name, path=f.path, inode=f.ino, action="line",
+                               **self.writer_of(f))
         while pos < end and len(rows) < BATCH_LINES:
             nl = data.find(b"\n", pos)
             if f.skipping:                   # the rest of a line already cut
@@ -559,7 +571,8 @@ class Tailer:
         start is the position saved meanwhile, so a restart reads it whole."""
         rows: list = []
         t = int(time.time())
-        writer = self.writer_of(f)
+        writer = self.row_base(time=t, source="file", category=cat.name, path=f.path, inode=f.ino, action="line",
+                               **self.writer_of(f))
         pos, start, end = 0, None, None     # the record being gathered: data[start:end]
         pattern, limit = cat.multiline_start, cat.max_line_bytes
 
@@ -602,8 +615,10 @@ class Tailer:
         return rows, consumed
 
     def _row(self, f: TrackedFile, cat: FileCategory, raw: bytes, whole: bool, cut: int, t: int,
-             writer: tuple, offset: int):
-        """A log_events row for one line (None when matched_only drops it).
+             base, offset: int):
+        """A log_events row for one line (None when matched_only drops it),
+        from `base`, what the lines of the read share (row_base: file, time
+        (t), writer and its container).
         partial: the line lacks its end (flushed before its newline) or its
         start (it continues one flushed so)."""
         if raw.endswith(b"\r"):
@@ -633,10 +648,8 @@ class Tailer:
         if cat.matched_only and rule is None:
             self.counters.filtered += 1
             return None
-        return self.make_row(time=t, source="file", category=cat.name, path=f.path, inode=f.ino,
-                             offset=offset, line=text, partial=int(partial), cut=cut, replaced=replaced, action="line",
-                             rule=rule, severity=severity, fields=fields,
-                             writer_pid=writer[0], writer_path=writer[1], writer_ancestry=writer[2])
+        return self.make_row(base, offset=offset, line=text, partial=int(partial), cut=cut, replaced=replaced,
+                             rule=rule, severity=severity, fields=fields)
 
     def _emit(self, f: TrackedFile, rows: list[dict], consumed: int) -> None:
         f.offset += consumed

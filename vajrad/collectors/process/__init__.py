@@ -12,7 +12,7 @@ def _build(ctx: UnitContext):
     cache = ProcessCache(cfg.process_ancestry_cache_size, cfg.process_ancestry_max_depth,
                          cfg.process_ancestry_cache_ttl)
     collector = ProcessCollector(ctx.need("kernel"), cfg.bpf_output, cache, cfg.process_cmdline_max_bytes,
-                                 ctx.services.find("container_resolver"))
+                                 ctx.want("container_resolver"))
     ctx.provide("process_cache", cache)
     ctx.provide("describe_process", cache.describe)
     return collector
@@ -26,6 +26,7 @@ UNIT = Unit(
     wanted=lambda cfg: cfg.enable_bpf_events and not cfg.disable_events,
     needs=("kernel",),
     provides=("process_cache", "describe_process"),
+    optional=("container_resolver",),
     options=(
         Option("process_ancestry_cache_size", int, 1000,
                "Exited processes kept for ancestry (running ones are always kept); 0 disables ancestry "

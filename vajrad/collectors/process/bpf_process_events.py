@@ -96,7 +96,7 @@ class EventDecoder:
         cmdline = " ".join(argv)
         cache = self.cache
         with cache.lock:
-            proc = cache.executed(pid, start, ppid, pstart, path, cmdline, exec_id, ktime) if code == 0 \
+            proc = cache.executed(pid, start, ppid, pstart, path, cmdline, exec_id, ktime, cgroup) if code == 0 \
                 else cache.exact(pid, start)
             ancestry = cache.ancestry_of(proc, ppid, pstart)
         return [tid, pid, ppid, uid, gid, euid, egid, auid, sid, self._tty(tty), cgroup, str(code),
@@ -111,7 +111,7 @@ class EventDecoder:
         cache = self.cache
         with cache.lock:
             if kind == bpf_abi.EV_FORK:
-                proc = cache.forked(pid, start, ppid, pstart, exec_id, ktime)
+                proc = cache.forked(pid, start, ppid, pstart, exec_id, ktime, cgroup)
                 syscall, exit_code, duration = bpf_abi.FORK_KINDS.get(fork_kind, "clone"), "0", 0
             elif kind != bpf_abi.EV_EXIT:
                 raise ValueError(f"unknown event type {kind}")
@@ -145,6 +145,7 @@ class ProcessCollector(BpfCollector):
         super().__init__(BpfProgram("process.bpf.c", kenv, output, {"VAJRA_ARGS_LIMIT": cmdline_max_bytes}))
         self.cache = cache or ProcessCache()
         self.use_containers(containers)
+        self.cache.containers = containers      # ancestry entries name their container
         self.decoder = EventDecoder(self.cache, self.clock, self.resolve_container)
         self.row = self.decoder.row
         self.cache.request_sync = self.program.nudge

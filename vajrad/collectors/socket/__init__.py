@@ -8,7 +8,7 @@ from vajrad.units import Unit, UnitContext
 def _build(ctx: UnitContext):
     from vajrad.collectors.socket.bpf_socket_events import SocketCollector
     return SocketCollector(ctx.need("kernel"), ctx.config.bpf_output, ctx.need("process_cache"),
-                           ctx.services.find("container_resolver"))
+                           ctx.want("container_resolver"))
 
 
 UNIT = Unit(
@@ -18,6 +18,7 @@ UNIT = Unit(
     factory=_build,
     wanted=lambda cfg: cfg.enable_bpf_events and cfg.enable_socket_events and not cfg.disable_events,
     needs=("kernel", "process_cache"),
+    optional=("container_resolver",),
     options=(
         Option("enable_socket_events", bool, True,
                "Record connect, accept, bind, listen and close of sockets (bpf_socket_events) and serve "
