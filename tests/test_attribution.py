@@ -37,21 +37,19 @@ class Host:
         os.makedirs(self.W)
         config = Path(self.root, "vajra.conf")
         config.write_text(json.dumps({"options": {}, "file_paths": {"attr": [self.W + "/%%"]}}))
+        self.since = int(time.time()) - 5      # the module's rows are younger: reads start here
         self.daemon = Daemon(self.root, f"--config_path={config}").start()
 
-    def rows(self, table: str, predicate, want: int = 1, timeout: float = 15, settle: float = 0.3):
+    def rows(self, table: str, predicate, want: int = 1, timeout: float = 30, settle: float = 0.3):
         """The rows matching once `want` are in (and a moment later, so that
-        extras would show), sorted by eid."""
-        deadline = time.monotonic() + timeout
-        found: list[dict] = []
-        with self.daemon.client() as c:
-            while time.monotonic() < deadline:
-                found = [e for e in c.iter_events({"start_time": 0}, table) if predicate(e)]
-                if len(found) >= want:
-                    time.sleep(settle)
-                    found = [e for e in c.iter_events({"start_time": 0}, table) if predicate(e)]
-                    break
-                time.sleep(0.1)
+        extras would show), sorted by eid. Waits past an eid cursor: a busy
+        host's table is not rescanned every poll."""
+        found = self.daemon.wait_events(predicate, table=table, timeout=timeout, want=want,
+                                        since_time=self.since)
+        if len(found) >= want and settle:
+            time.sleep(settle)
+            found = self.daemon.wait_events(predicate, table=table, timeout=0, want=len(found) + 1,
+                                            since_time=self.since)
         return sorted(found, key=lambda e: e["eid"])
 
     def read(self, table: str) -> list[dict]:

@@ -579,10 +579,11 @@ def test_surfaces_socket_dbus_vajractl_and_osquery_shim(debian_products, private
         core = OsqueryCore(workdir)
         core.start_shim(d.socket)
         client = core.client()
-        live = client.call("table", "security_products", {"action": "generate", "context": "{}"})
+        # osquery knows our tables under their vajra_ names (docs/osquery.md)
+        live = client.call("table", "vajra_security_products", {"action": "generate", "context": "{}"})
         assert live.status.code == 0
         assert {r["name"]: r["state"] for r in live.response}["falco"] == "not_installed"
-        evented = client.call("table", "security_product_events", {"action": "generate", "context": "{}"})
+        evented = client.call("table", "vajra_security_product_events", {"action": "generate", "context": "{}"})
         assert evented.status.code == 0 and any(r["change"] == "binary_replaced" for r in evented.response)
     finally:
         if core is not None:

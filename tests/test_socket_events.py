@@ -185,8 +185,10 @@ def test_closing_files_reaches_no_userspace(bpf_daemon, workdir):
     time.sleep(0.5)
     after = bpf_daemon.call("status")["collectors"]["socket"]["records"]
     assert socket_rows(bpf_daemon, s["pid"], 1, timeout=1) == []
-    # the status calls themselves are socket activity: a handful of records, not 20000
-    assert after - before < 50
+    # Records count every socket call on the host (the status calls, other
+    # programs running meanwhile): far fewer than the 20,000 closes, which
+    # would each be a record if the kernel let them through.
+    assert after - before < 2000
 
 
 def start_holder(workdir: str, prefix=()) -> tuple[subprocess.Popen, dict]:
