@@ -301,6 +301,20 @@ class ProductsCollector(Collector):
         self._health.clear()
         self._index()
         self._watch_dirs()
+        if self._systemd is not None:
+            # units the new catalogue names are watched over D-Bus too, before the round
+            task = asyncio.get_running_loop().create_task(self._watch_units())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            self._want(refresh_health=True)
+
+    async def _watch_units(self) -> None:
+        try:
+            await self._systemd.watch(list(dict.fromkeys(u for p in self.products.values() for u in p.units)))
+        except Exception as e:       # unit files and processes still answer for those units
+            log.warning("security products: cannot watch the new units over D-Bus: %s", e)
+        self.systemd = f"systemd over D-Bus: {len(self._systemd.states)} units watched (PropertiesChanged)"
         self._want(refresh_health=True)
 
     # --- surfaces ---------------------------------------------------------------------
@@ -389,6 +403,9 @@ class ProductsCollector(Collector):
         t0 = time.monotonic()
         if refresh_health:
             self._health.clear()
+            if self._systemd is not None and not baseline:
+                # after a tamper command or at reconcile: what systemd did not signal
+                await self._systemd.refresh_all()
         facts = await asyncio.to_thread(self._static_facts)
         verdicts = await self._health_verdicts(facts, wait=baseline)
         now = int(time.time())
