@@ -64,6 +64,11 @@ TAMPER_TOOLS: dict[str, tuple[str, ...]] = {
     "apparmor_parser": ("profile_complain", "lsm_disabled"), "setenforce": ("lsm_disabled",),
     "bpftool": ("bpf_detached",),
 }
+# systemctl verbs that only read (the first word that is not an option)
+SYSTEMCTL_READ_ONLY = frozenset({
+    "status", "show", "cat", "help", "is-active", "is-enabled", "is-failed", "is-system-running",
+    "list-units", "list-unit-files", "list-dependencies", "list-jobs", "list-timers", "list-sockets",
+    "list-automounts", "list-paths", "list-machines", "get-default", "show-environment"})
 SEVERITY = {"stopped": "high", "failed": "high", "masked": "high", "disabled": "high", "uninstalled": "high",
             "binary_replaced": "high", "audit_rules_flushed": "high", "audit_disabled": "high",
             "firewall_flushed": "high", "bpf_detached": "high", "lsm_disabled": "high",
@@ -85,6 +90,7 @@ class Change:
     target_pid: int = 0
     signal: int = 0
     detected_ns: int = 0
+    state_since_ns: int = 0          # when the product was first seen in old_state: causes come after
     actor: tuple | None = None       # (source, actor) when known at detection (a signal record)
 
 
@@ -148,6 +154,7 @@ class ProductsCollector(Collector):
         self._health_running: dict[str, asyncio.Task] = {}
         self._hashes = cachetools.LRUCache(maxsize=HASH_CACHE)
         self._recent_execs: deque[dict] = deque(maxlen=RECENT_MAX)
+        self._state_since: dict[str, int] = {}     # name -> when its current state was first seen
         self._exec_by_pid = cachetools.LRUCache(maxsize=RECENT_MAX * 2)   # every exec: signal senders
         self._signals: deque = deque(maxlen=RECENT_MAX)
         # (on_signal) -> a started-later SignalWatch; None without eBPF
@@ -411,11 +418,17 @@ class ProductsCollector(Collector):
         now = int(time.time())
         changes: list[Change] = []
         rows: dict[str, dict] = {}
+        seen_ns = time.monotonic_ns()
         for name, f in facts.items():
             row = self._product_row(f, verdicts.get(name), now) if "product" in f else self._kernel_row(f, now)
             rows[name] = row
             if not baseline and name in self._previous:
-                changes.extend(self._changes(self._previous[name], row, f))
+                found = self._changes(self._previous[name], row, f)
+                for change in found:
+                    change.state_since_ns = self._state_since.get(name, 0)
+                changes.extend(found)
+            if name not in self._previous or self._previous[name]["state"] != row["state"]:
+                self._state_since[name] = seen_ns
         self._previous = rows
         self._rows = rows
         if self.signals is not None:
@@ -769,6 +782,9 @@ class ProductsCollector(Collector):
 
     def _find_actor(self, change: Change) -> tuple[str, dict] | None:
         since = change.detected_ns - ACTOR_WINDOW_NS
+        # A command seen before the product entered its old state cannot have
+        # ended that state (`systemctl start X` is not why X failed later).
+        commands_since = max(since, change.state_since_ns)
         if change.target_pid and change.signal:
             # the kernel saw who sent the signal that ended it
             for at, sig in reversed(self._signals):
@@ -791,7 +807,7 @@ class ProductsCollector(Collector):
                         actor["ancestry"] = actor.get("ancestry") or found["ancestry"]
                     return "file", actor
         for e in reversed(self._recent_execs):
-            if e["_ns"] < since:
+            if e["_ns"] < commands_since:
                 break
             if _causes(e, change):
                 return "exec", e
@@ -804,12 +820,23 @@ def _script_tool(cmdline: str) -> bool:
     return len(parts) > 1 and parts[1].startswith("/etc/init.d/")
 
 
+def _read_only(tool: str, args: list[str]) -> bool:
+    """`systemctl status X`, `systemctl show X`: commands that name a product
+    but change nothing, so they are never the cause of a change."""
+    if tool != "systemctl":
+        return False
+    verb = next((a for a in args if not a.startswith("-")), "")
+    return verb in SYSTEMCTL_READ_ONLY
+
+
 def _causes(exec_row: dict, change: Change) -> bool:
     """Whether this command could have caused the change: it names the
     product (or the target pid), or it is a tool whose effect is that change."""
     if change.change in TAMPER_TOOLS.get(exec_row["tool"], ()):
         return True
     args = exec_row["cmdline"].split()[1:]
+    if _read_only(exec_row["tool"], args):
+        return False
     names = set()
     for a in args:
         a = a.strip("'\"")
