@@ -214,3 +214,19 @@ def test_active_with_no_main_process_is_degraded(box):
     assert_actor(ev, "systemctl", "start", ONESHOT_UNIT)
     row = row_when(box, ONESHOT, lambda r: r["state"] == "degraded", f"{ONESHOT} degraded")
     assert (row["active_state"], row["pid"], row["running"]) == ("active", 0, 0), row
+
+
+def test_enable_over_dbus_alone_is_seen_from_systemds_unit_files_changed(box):
+    """No systemctl (whose exit would make vajrad look again): an enable over
+    systemd's D-Bus API and a daemon-reload, with busctl. UnitFileState is
+    not carried by PropertiesChanged; vajrad sees it from the manager's
+    UnitFilesChanged and Reloading signals."""
+    assert rows(box)[PRODUCT]["unit_file_state"] == "disabled"
+    since = last_eid(box)
+    manager = ("busctl", "--system", "call", "org.freedesktop.systemd1", "/org/freedesktop/systemd1",
+               "org.freedesktop.systemd1.Manager")
+    box.run(*manager, "EnableUnitFiles", "asbb", "1", UNIT, "false", "false")
+    box.run(*manager, "Reload")
+    ev = event_when(box, PRODUCT, "enabled", since)
+    assert "is now enabled (was disabled)" in ev["reason"], ev
+    row_when(box, PRODUCT, lambda r: r["unit_file_state"] == "enabled", f"{UNIT} enabled in the row")
