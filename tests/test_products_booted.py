@@ -195,6 +195,10 @@ def test_a_unit_whose_process_is_killed_is_failed(box):
     ev = event_when(box, PRODUCT, "failed", since)
     assert (ev["old_state"], ev["new_state"]) == ("protecting", "stopped"), ev
     assert ev["target_pid"] == pid, ev
+    # On a host the kernel's signal record names the sender (actor_source
+    # signal, test_products.py). Here the record carries the host's pids and
+    # the product's pid is the container's, so the actor is the `kill` exec
+    # that names the container pid: still the right process.
     assert_actor(ev, "kill", "-9", str(pid))
     row = row_when(box, PRODUCT, lambda r: r["active_state"] == "failed", f"{PRODUCT} failed in the row")
     assert row["state"] == "stopped" and row["state_reason"] == f"{UNIT} failed (failed)", row
