@@ -510,8 +510,10 @@ def test_bad_catalogue_entry_in_the_config_stops_the_daemon_with_the_field(tmp_p
 def test_actor_is_neither_a_read_only_command_nor_one_from_before_the_old_state():
     """Found under a real systemd (test_products_booted.py): `systemctl show X`
     right before X failed was named as the actor, and so was the
-    `systemctl start X` that had started it. A cause must change something
-    and come after the product entered the state the change ends."""
+    `systemctl start X` that had started it, and a `masked` was blamed on the
+    `systemctl disable X` before it when the mask's own exec row came later.
+    A cause must be able to make the change, and come after the product
+    entered the state the change ends."""
     from vajrad.collectors.products.collector import Change, ProductsCollector
     c = ProductsCollector([], 60, bpf_enabled=False, systemd_bus="none")
 
@@ -534,6 +536,12 @@ def test_actor_is_neither_a_read_only_command_nor_one_from_before_the_old_state(
     assert c._find_actor(change("failed", later)) is None
     # without a known start of the old state, the window alone bounds the search
     assert c._find_actor(change("failed", 0))[1]["pid"] == 11
+    # a verb that does not make this change is not its cause, though it names the unit
+    run(15, "systemctl disable fakeguard.service")
+    assert c._find_actor(change("masked", later)) is None
+    assert c._find_actor(change("disabled", later))[1]["pid"] == 15
+    run(16, "systemctl mask fakeguard.service")
+    assert c._find_actor(change("masked", later))[1]["pid"] == 16
 
 
 def test_surfaces_socket_dbus_vajractl_and_osquery_shim(debian_products, private_bus, workdir):

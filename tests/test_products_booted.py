@@ -126,7 +126,7 @@ def assert_actor(ev: dict, tool: str, *words: str) -> None:
     assert ev["actor_found"] == 1 and ev["actor_source"] == "exec", ev
     assert ev["path"].endswith("/" + tool), ev
     argv = shlex.split(ev["cmdline"])
-    assert all(w in argv for w in words), ev
+    assert all(w in argv for w in words), json.dumps(ev)
 
 
 def main_pid(box: BootedSystem, unit: str) -> int:

@@ -69,6 +69,22 @@ SYSTEMCTL_READ_ONLY = frozenset({
     "status", "show", "cat", "help", "is-active", "is-enabled", "is-failed", "is-system-running",
     "list-units", "list-unit-files", "list-dependencies", "list-jobs", "list-timers", "list-sockets",
     "list-automounts", "list-paths", "list-machines", "get-default", "show-environment"})
+_RESTARTS = frozenset({"restart", "try-restart", "reload-or-restart", "try-reload-or-restart", "condrestart",
+                       "force-reload", "isolate"})
+# The systemctl verbs that can cause each change (a `systemctl disable X` seen
+# just before is not why X was masked); changes not listed take any verb.
+SYSTEMCTL_CAUSES: dict[str, frozenset] = {
+    "stopped": _RESTARTS | {"stop", "kill", "mask", "disable", "halt", "poweroff", "reboot", "rescue",
+                           "emergency", "default", "exit", "freeze", "clean"},
+    "failed": _RESTARTS | {"start", "stop", "kill", "reload"},
+    "degraded": _RESTARTS | {"start", "stop", "kill", "reload", "freeze"},
+    "started": _RESTARTS | {"start", "enable", "unmask", "default", "thaw", "reset-failed"},
+    "recovered": _RESTARTS | {"start", "enable", "unmask", "default", "thaw", "reset-failed"},
+    "masked": frozenset({"mask"}),
+    "disabled": frozenset({"disable", "preset", "preset-all", "revert"}),
+    "enabled": frozenset({"enable", "reenable", "preset", "preset-all", "unmask", "revert", "link",
+                          "add-wants", "add-requires"}),
+}
 SEVERITY = {"stopped": "high", "failed": "high", "masked": "high", "disabled": "high", "uninstalled": "high",
             "binary_replaced": "high", "audit_rules_flushed": "high", "audit_disabled": "high",
             "firewall_flushed": "high", "bpf_detached": "high", "lsm_disabled": "high",
@@ -820,13 +836,15 @@ def _script_tool(cmdline: str) -> bool:
     return len(parts) > 1 and parts[1].startswith("/etc/init.d/")
 
 
-def _read_only(tool: str, args: list[str]) -> bool:
-    """`systemctl status X`, `systemctl show X`: commands that name a product
-    but change nothing, so they are never the cause of a change."""
+def _systemctl_cannot_cause(tool: str, args: list[str], change: str) -> bool:
+    """`systemctl status X`, `systemctl show X` name a product but change
+    nothing; `systemctl disable X` does not mask it: never the cause."""
     if tool != "systemctl":
         return False
     verb = next((a for a in args if not a.startswith("-")), "")
-    return verb in SYSTEMCTL_READ_ONLY
+    if verb in SYSTEMCTL_READ_ONLY:
+        return True
+    return change in SYSTEMCTL_CAUSES and verb not in SYSTEMCTL_CAUSES[change]
 
 
 def _causes(exec_row: dict, change: Change) -> bool:
@@ -835,7 +853,7 @@ def _causes(exec_row: dict, change: Change) -> bool:
     if change.change in TAMPER_TOOLS.get(exec_row["tool"], ()):
         return True
     args = exec_row["cmdline"].split()[1:]
-    if _read_only(exec_row["tool"], args):
+    if _systemctl_cannot_cause(exec_row["tool"], args, change.change):
         return False
     names = set()
     for a in args:
