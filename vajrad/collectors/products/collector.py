@@ -64,6 +64,27 @@ TAMPER_TOOLS: dict[str, tuple[str, ...]] = {
     "apparmor_parser": ("profile_complain", "lsm_disabled"), "setenforce": ("lsm_disabled",),
     "bpftool": ("bpf_detached",),
 }
+# systemctl verbs that only read (the first word that is not an option)
+SYSTEMCTL_READ_ONLY = frozenset({
+    "status", "show", "cat", "help", "is-active", "is-enabled", "is-failed", "is-system-running",
+    "list-units", "list-unit-files", "list-dependencies", "list-jobs", "list-timers", "list-sockets",
+    "list-automounts", "list-paths", "list-machines", "get-default", "show-environment"})
+_RESTARTS = frozenset({"restart", "try-restart", "reload-or-restart", "try-reload-or-restart", "condrestart",
+                       "force-reload", "isolate"})
+# The systemctl verbs that can cause each change (a `systemctl disable X` seen
+# just before is not why X was masked); changes not listed take any verb.
+SYSTEMCTL_CAUSES: dict[str, frozenset] = {
+    "stopped": _RESTARTS | {"stop", "kill", "mask", "disable", "halt", "poweroff", "reboot", "rescue",
+                           "emergency", "default", "exit", "freeze", "clean"},
+    "failed": _RESTARTS | {"start", "stop", "kill", "reload"},
+    "degraded": _RESTARTS | {"start", "stop", "kill", "reload", "freeze"},
+    "started": _RESTARTS | {"start", "enable", "unmask", "default", "thaw", "reset-failed"},
+    "recovered": _RESTARTS | {"start", "enable", "unmask", "default", "thaw", "reset-failed"},
+    "masked": frozenset({"mask"}),
+    "disabled": frozenset({"disable", "preset", "preset-all", "revert"}),
+    "enabled": frozenset({"enable", "reenable", "preset", "preset-all", "unmask", "revert", "link",
+                          "add-wants", "add-requires"}),
+}
 SEVERITY = {"stopped": "high", "failed": "high", "masked": "high", "disabled": "high", "uninstalled": "high",
             "binary_replaced": "high", "audit_rules_flushed": "high", "audit_disabled": "high",
             "firewall_flushed": "high", "bpf_detached": "high", "lsm_disabled": "high",
@@ -85,6 +106,7 @@ class Change:
     target_pid: int = 0
     signal: int = 0
     detected_ns: int = 0
+    state_since_ns: int = 0          # when the product was first seen in old_state: causes come after
     actor: tuple | None = None       # (source, actor) when known at detection (a signal record)
 
 
@@ -148,6 +170,7 @@ class ProductsCollector(Collector):
         self._health_running: dict[str, asyncio.Task] = {}
         self._hashes = cachetools.LRUCache(maxsize=HASH_CACHE)
         self._recent_execs: deque[dict] = deque(maxlen=RECENT_MAX)
+        self._state_since: dict[str, int] = {}     # name -> when its current state was first seen
         self._exec_by_pid = cachetools.LRUCache(maxsize=RECENT_MAX * 2)   # every exec: signal senders
         self._signals: deque = deque(maxlen=RECENT_MAX)
         # (on_signal) -> a started-later SignalWatch; None without eBPF
@@ -301,6 +324,20 @@ class ProductsCollector(Collector):
         self._health.clear()
         self._index()
         self._watch_dirs()
+        if self._systemd is not None:
+            # units the new catalogue names are watched over D-Bus too, before the round
+            task = asyncio.get_running_loop().create_task(self._watch_units())
+            self._pending.add(task)
+            task.add_done_callback(self._pending.discard)
+        else:
+            self._want(refresh_health=True)
+
+    async def _watch_units(self) -> None:
+        try:
+            await self._systemd.watch(list(dict.fromkeys(u for p in self.products.values() for u in p.units)))
+        except Exception as e:       # unit files and processes still answer for those units
+            log.warning("security products: cannot watch the new units over D-Bus: %s", e)
+        self.systemd = f"systemd over D-Bus: {len(self._systemd.states)} units watched (PropertiesChanged)"
         self._want(refresh_health=True)
 
     # --- surfaces ---------------------------------------------------------------------
@@ -389,16 +426,25 @@ class ProductsCollector(Collector):
         t0 = time.monotonic()
         if refresh_health:
             self._health.clear()
+            if self._systemd is not None and not baseline:
+                # after a tamper command or at reconcile: what systemd did not signal
+                await self._systemd.refresh_all()
         facts = await asyncio.to_thread(self._static_facts)
         verdicts = await self._health_verdicts(facts, wait=baseline)
         now = int(time.time())
         changes: list[Change] = []
         rows: dict[str, dict] = {}
+        seen_ns = time.monotonic_ns()
         for name, f in facts.items():
             row = self._product_row(f, verdicts.get(name), now) if "product" in f else self._kernel_row(f, now)
             rows[name] = row
             if not baseline and name in self._previous:
-                changes.extend(self._changes(self._previous[name], row, f))
+                found = self._changes(self._previous[name], row, f)
+                for change in found:
+                    change.state_since_ns = self._state_since.get(name, 0)
+                changes.extend(found)
+            if name not in self._previous or self._previous[name]["state"] != row["state"]:
+                self._state_since[name] = seen_ns
         self._previous = rows
         self._rows = rows
         if self.signals is not None:
@@ -752,6 +798,9 @@ class ProductsCollector(Collector):
 
     def _find_actor(self, change: Change) -> tuple[str, dict] | None:
         since = change.detected_ns - ACTOR_WINDOW_NS
+        # A command seen before the product entered its old state cannot have
+        # ended that state (`systemctl start X` is not why X failed later).
+        commands_since = max(since, change.state_since_ns)
         if change.target_pid and change.signal:
             # the kernel saw who sent the signal that ended it
             for at, sig in reversed(self._signals):
@@ -774,7 +823,7 @@ class ProductsCollector(Collector):
                         actor["ancestry"] = actor.get("ancestry") or found["ancestry"]
                     return "file", actor
         for e in reversed(self._recent_execs):
-            if e["_ns"] < since:
+            if e["_ns"] < commands_since:
                 break
             if _causes(e, change):
                 return "exec", e
@@ -787,12 +836,25 @@ def _script_tool(cmdline: str) -> bool:
     return len(parts) > 1 and parts[1].startswith("/etc/init.d/")
 
 
+def _systemctl_cannot_cause(tool: str, args: list[str], change: str) -> bool:
+    """`systemctl status X`, `systemctl show X` name a product but change
+    nothing; `systemctl disable X` does not mask it: never the cause."""
+    if tool != "systemctl":
+        return False
+    verb = next((a for a in args if not a.startswith("-")), "")
+    if verb in SYSTEMCTL_READ_ONLY:
+        return True
+    return change in SYSTEMCTL_CAUSES and verb not in SYSTEMCTL_CAUSES[change]
+
+
 def _causes(exec_row: dict, change: Change) -> bool:
     """Whether this command could have caused the change: it names the
     product (or the target pid), or it is a tool whose effect is that change."""
     if change.change in TAMPER_TOOLS.get(exec_row["tool"], ()):
         return True
     args = exec_row["cmdline"].split()[1:]
+    if _systemctl_cannot_cause(exec_row["tool"], args, change.change):
+        return False
     names = set()
     for a in args:
         a = a.strip("'\"")

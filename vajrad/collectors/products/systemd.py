@@ -25,6 +25,7 @@ SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
 UNIT_PROPS = ("LoadState", "ActiveState", "SubState", "UnitFileState")
 CALL_TIMEOUT_S = 5.0
+MANAGER_SIGNALS = ("UnitFilesChanged", "Reloading")
 
 
 def booted() -> bool:
@@ -42,6 +43,7 @@ class SystemdUnits:
         self.on_change = on_change
         self.states: dict[str, dict] = {}
         self.signals = 0
+        self.reloads = 0                     # UnitFilesChanged/Reloading signals seen
         self._paths: dict[str, str] = {}     # object path -> unit
         self._bus: MessageBus | None = None
         self._tasks: set[asyncio.Task] = set()
@@ -61,8 +63,25 @@ class SystemdUnits:
         await self._bus.call(Message(destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
                                      interface="org.freedesktop.DBus", member="AddMatch", signature="s",
                                      body=[f"type='signal',interface='{PROPERTIES}',member='PropertiesChanged'"]))
+        # LoadState (masked) and UnitFileState (enabled, disabled) are not
+        # signalled with PropertiesChanged: systemd announces a mask, disable
+        # or enable with the manager's UnitFilesChanged (and a daemon-reload
+        # with Reloading), after which every watched unit is read again.
+        for member in MANAGER_SIGNALS:
+            await self._bus.call(Message(
+                destination="org.freedesktop.DBus", path="/org/freedesktop/DBus",
+                interface="org.freedesktop.DBus", member="AddMatch", signature="s",
+                body=[f"type='signal',interface='{MANAGER}',member='{member}',path='{MANAGER_PATH}'"]))
         await self._call(MANAGER_PATH, MANAGER, "Subscribe")      # systemd signals only to subscribers
+        await self.watch(units)
+
+    async def watch(self, units: list[str]) -> None:
+        """Loads and reads the units not watched yet (at start, and for units
+        a reloaded catalogue adds)."""
+        known = set(self._paths.values())
         for unit in units:
+            if unit in known or self._bus is None:
+                continue
             try:
                 [path] = await self._call(MANAGER_PATH, MANAGER, "LoadUnit", "s", [unit])
             except (RuntimeError, TimeoutError, asyncio.TimeoutError) as e:
@@ -83,7 +102,22 @@ class SystemdUnits:
                 pass
         self.states[unit] = state
 
+    async def refresh_all(self) -> None:
+        """Reads every watched unit again (what no PropertiesChanged carries)."""
+        for path, unit in list(self._paths.items()):
+            try:
+                await self._refresh(unit, path)
+            except (RuntimeError, TimeoutError, asyncio.TimeoutError) as e:
+                log.warning("systemd: cannot read unit %s: %s", unit, e)
+
     def _on_message(self, msg: Message) -> bool:
+        if msg.message_type == MessageType.SIGNAL and msg.interface == MANAGER and msg.path == MANAGER_PATH \
+                and msg.member in MANAGER_SIGNALS:
+            if msg.member == "Reloading" and msg.body and msg.body[0]:
+                return False        # the reload starts; units are read when it has ended
+            self.reloads += 1
+            self._spawn(self._refresh_all_then_report())
+            return False
         if msg.message_type != MessageType.SIGNAL or msg.member != "PropertiesChanged" \
                 or msg.path not in self._paths:
             return False
@@ -98,12 +132,19 @@ class SystemdUnits:
         self.signals += 1
         if set(invalidated) & (set(UNIT_PROPS) | {"MainPID"}):
             # systemd names some properties without their value: read them again
-            task = asyncio.get_running_loop().create_task(self._refresh_then_report(unit, msg.path))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._refresh_then_report(unit, msg.path))
         else:
             self.on_change()
         return False
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_all_then_report(self) -> None:
+        await self.refresh_all()
+        self.on_change()
 
     async def _refresh_then_report(self, unit: str, path: str) -> None:
         try:
