@@ -1,8 +1,6 @@
 """`make bench [NAME]` / `python -m bench
-[exec|ancestry|socket|fim|osquery|crash|logs|products|containers|compare|all]`: each bench prints JSON and
-leaves it in bench/results/. `all` leaves out `compare`, which runs auditd."""
-"""`make bench` / `python -m bench [exec|ancestry|socket|fim|osquery|alerts|all]`: each bench prints JSON
-and leaves it in bench/results/."""
+[exec|ancestry|socket|fim|osquery|crash|logs|products|containers|alerts|compare|all]`: each bench prints
+JSON and leaves it in bench/results/. `all` leaves out `compare`, which runs auditd."""
 from __future__ import annotations
 
 import argparse
@@ -30,8 +28,7 @@ def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
     p.add_argument("which", nargs="?", default="all",
                    choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "products", "containers",
-                            "compare", "all"))
-    p.add_argument("which", nargs="?", default="all", choices=("exec", "ancestry", "osquery", "socket", "fim", "alerts", "all"))
+                            "alerts", "compare", "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -59,7 +56,10 @@ def main() -> int:
     p.add_argument("--log-size", type=int, default=200, help="logs: bytes per line")
     p.add_argument("--log-duration", type=float, default=30, help="logs: seconds of writing")
     p.add_argument("--log-rotate-every", type=float, default=5, help="logs: seconds between rename rotations")
-    p.add_argument("--products-idle", type=float, default=20, help="products: seconds of idle per configuration")
+    p.add_argument("--products-idle", type=float, default=130,
+                   help="products: seconds of idle per configuration (two reconcile passes at the default)")
+    p.add_argument("--products-reconcile", type=int, default=60,
+                   help="products: --security_products_reconcile_interval while idle (60: the shipped default)")
     p.add_argument("--products-tampers", type=int, default=20, help="products: kill -9 tampers timed")
     p.add_argument("--compare-rounds", type=int, default=3,
                    help="compare: rounds of vajrad, auditd (execve), auditd (coverage), no monitor")
