@@ -886,3 +886,27 @@ def test_a_change_found_just_before_stop_is_written(workdir):
     db = sqlite3.connect(d.database)
     rows = db.execute("SELECT name, change, actor_found FROM security_product_events").fetchall()
     assert ("stop-product", "binary_replaced", 0) in rows
+
+
+def test_a_burst_of_product_execs_is_evaluated_in_few_rounds(products):
+    """Each exec and exit of a watched executable asks for a round; a busy
+    host must not buy one per event (collector.MIN_ROUND_INTERVAL_S)."""
+    def rounds():
+        return products.daemon.call("status")["collectors"]["products"]["rounds"]
+    # a quiet moment first: no round pending from earlier tests
+    before = rounds()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        time.sleep(1)
+        now = rounds()
+        if now == before:
+            break
+        before = now
+    t0 = time.monotonic()
+    for _ in range(40):                      # 40 starts and 40 exits of the product, in about a second
+        subprocess.run([products.sleeper, "0.01"], check=True)
+    burst = time.monotonic() - t0
+    time.sleep(1.5)                          # the rounds the burst asked for are done
+    done = rounds() - before
+    # at most one round per 0.5 s of burst, plus the one after it (and a reconcile, at most)
+    assert 1 <= done <= burst / 0.5 + 3, (done, burst)
