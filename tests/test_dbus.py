@@ -206,7 +206,7 @@ def test_update_alert_and_open_alerts_over_dbus(daemon_factory, private_bus, wor
     transition names the field. The alert comes from file_events (inotify),
     so no BPF is needed."""
     import pwd
-    gid = ensure_group()
+    gid = private_bus.ensure_group()      # and the bus re-reads its policy
     watched = os.path.join(workdir, "watched")
     os.mkdir(watched)
     rules = os.path.join(workdir, "rules.d")
