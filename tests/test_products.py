@@ -910,3 +910,16 @@ def test_a_burst_of_product_execs_is_evaluated_in_few_rounds(products):
     done = rounds() - before
     # at most one round per 0.5 s of burst, plus the one after it (and a reconcile, at most)
     assert 1 <= done <= burst / 0.5 + 3, (done, burst)
+
+
+def test_a_tamper_tool_counts_only_with_arguments_that_make_the_change():
+    """`auditctl -w` or `nft add rule` run just before a flush is not who flushed."""
+    from vajrad.collectors.products.collector import TOOL_ARGUMENTS
+    flushes_audit = TOOL_ARGUMENTS[("auditctl", "audit_rules_flushed")]
+    assert flushes_audit(["-D"]) and not flushes_audit(["-w", "/tmp/x", "-p", "wa"])
+    disables = TOOL_ARGUMENTS[("auditctl", "audit_disabled")]
+    assert disables(["-e", "0"]) and disables(["-e0"]) and not disables(["-e", "1"])
+    nft = TOOL_ARGUMENTS[("nft", "firewall_flushed")]
+    assert nft(["flush", "ruleset"]) and not nft(["add", "rule", "inet", "t", "c", "accept"])
+    assert TOOL_ARGUMENTS[("iptables", "firewall_flushed")](["-F"])
+    assert not TOOL_ARGUMENTS[("iptables", "firewall_flushed")](["-A", "INPUT", "-j", "ACCEPT"])

@@ -837,6 +837,21 @@ class ProductsCollector(Collector):
         return None
 
 
+def _audit_disables(args: list[str]) -> bool:
+    return "-e0" in args or any(a == "-e" and b == "0" for a, b in zip(args, args[1:]))
+
+
+_FLUSHES = frozenset({"-F", "--flush", "-X", "--delete-chain", "-P", "--policy"})
+# Which invocations of a tamper tool make a change (the rest of its uses do not).
+TOOL_ARGUMENTS = {
+    ("auditctl", "audit_rules_flushed"): lambda args: "-D" in args,
+    ("auditctl", "audit_disabled"): _audit_disables,
+    ("nft", "firewall_flushed"): lambda args: bool({"flush", "delete", "-f"} & set(args)),
+    **{(tool, "firewall_flushed"): (lambda args: bool(_FLUSHES & set(args)))
+       for tool in ("iptables", "iptables-nft", "iptables-legacy", "ip6tables", "xtables-nft-multi")},
+}
+
+
 def _script_tool(cmdline: str) -> bool:
     """`sh /etc/init.d/auditd stop`: a shell running an init script."""
     parts = cmdline.split()
@@ -857,9 +872,12 @@ def _systemctl_cannot_cause(tool: str, args: list[str], change: str) -> bool:
 def _causes(exec_row: dict, change: Change) -> bool:
     """Whether this command could have caused the change: it names the
     product (or the target pid), or it is a tool whose effect is that change."""
-    if change.change in TAMPER_TOOLS.get(exec_row["tool"], ()):
-        return True
     args = exec_row["cmdline"].split()[1:]
+    if change.change in TAMPER_TOOLS.get(exec_row["tool"], ()):
+        # the tool's effect, if these arguments make it: `auditctl -w` or
+        # `nft add rule` just before a flush did not flush
+        can = TOOL_ARGUMENTS.get((exec_row["tool"], change.change))
+        return can is None or can(args)
     if _systemctl_cannot_cause(exec_row["tool"], args, change.change):
         return False
     names = set()
