@@ -17,15 +17,6 @@ pytestmark = needs_root
 DEST, PATH, IFACE = "org.vajra.Vajra1", "/org/vajra/Vajra1", "org.vajra.Vajra1"
 
 
-def ensure_group(name="vajra") -> int:
-    import grp
-    try:
-        return grp.getgrnam(name).gr_gid
-    except KeyError:
-        subprocess.run(["groupadd", "--system", name], check=True)
-        return grp.getgrnam(name).gr_gid
-
-
 @pytest.fixture
 def dbus_daemon(daemon_factory, private_bus):
     flags = [f"--dbus={private_bus.address}"]
@@ -113,8 +104,8 @@ def test_list_events_bad_input_names_the_field(dbus_daemon, private_bus):
     assert private_bus.busctl("call", DEST, PATH, IFACE, "Ping").stdout.strip() == 's "pong"'
 
 
-def test_policy_who_may_do_what(dbus_daemon, private_bus):
-    gid = ensure_group()
+def test_policy_who_may_do_what(vajra_group, dbus_daemon, private_bus):
+    gid = vajra_group
     nobody = private_bus.busctl("call", DEST, PATH, IFACE, "Ping", user="nobody", check=False)
     assert nobody.returncode != 0 and "denied" in nobody.stderr.lower()
     prop = private_bus.busctl("get-property", DEST, PATH, IFACE, "Version", user="nobody", check=False)
