@@ -46,6 +46,25 @@ def bpf_daemon():
 
 
 @pytest.fixture
+def vajra_group():
+    """Group vajra, as the package makes it; removed after the test if the
+    test added it. Request it before the daemon's fixture: the daemon gives
+    its socket to the group when it creates it."""
+    import grp
+    import subprocess
+    try:
+        yield grp.getgrnam("vajra").gr_gid
+        return
+    except KeyError:
+        pass
+    subprocess.run(["groupadd", "--system", "vajra"], check=True)
+    try:
+        yield grp.getgrnam("vajra").gr_gid
+    finally:
+        subprocess.run(["groupdel", "vajra"], check=False)
+
+
+@pytest.fixture
 def private_bus():
     bus = PrivateBus()
     yield bus

@@ -259,11 +259,11 @@ class Daemon:
         return rc
 
     def wait_events(self, predicate, table: str = "bpf_process_events", timeout: float = 30,
-                    want: int = 1, since_time: int = 0) -> list[dict]:
+                    want: int = 1, since_time: int = 0, settle: float = 0.0) -> list[dict]:
         """The rows of `table` matching predicate, once there are `want` of them
-        (or what there is at the timeout). The table is read once from
-        since_time, then only past the last eid seen: a busy table is not
-        rescanned every poll."""
+        (or what there is at the timeout), plus any that come within `settle`
+        seconds after. The table is read once from since_time, then only past
+        the last eid seen: a busy table is not rescanned every poll."""
         deadline = time.monotonic() + timeout
         found: list[dict] = []
         flt: dict = {"start_time": since_time}
@@ -273,6 +273,10 @@ class Daemon:
                     flt = {"start_eid": e["eid"] + 1}
                     if predicate(e):
                         found.append(e)
+                if len(found) >= want and settle:
+                    time.sleep(settle)          # what else comes: the only wait on absence
+                    settle = 0.0
+                    continue
                 if len(found) >= want or time.monotonic() > deadline:
                     return found
                 time.sleep(0.1)

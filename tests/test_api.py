@@ -161,14 +161,27 @@ def test_notifications_get_no_reply(api):
     assert replies == [{"jsonrpc": "2.0", "result": "pong", "id": 1}]
 
 
+def as_user(*groups: int) -> list[str]:
+    """A prefix running a command as nobody, with only the given groups."""
+    return ["setpriv", "--reuid=nobody", "--regid=nogroup",
+            f"--groups={','.join(map(str, groups))}" if groups else "--clear-groups"]
+
+
+PING = [sys.executable, "-c", "import socket, sys\ns = socket.socket(socket.AF_UNIX)\ns.settimeout(20)\n"
+        "s.connect(sys.argv[1])\ns.sendall(b'{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"ping\"}\\n')\n"
+        "print(s.makefile().readline())"]
+
+
 @needs_root
-def test_socket_mode_and_group(api):
+def test_socket_mode_and_group(vajra_group, api):
     st = os.stat(api.socket)
-    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_uid == 0
-    try:
-        assert st.st_gid == grp.getgrnam("vajra").gr_gid
-    except KeyError:
-        assert st.st_gid == 0
+    assert stat.S_IMODE(st.st_mode) == 0o660 and st.st_uid == 0 and st.st_gid == vajra_group
+    # a member of vajra who is not root gets answers; anybody else is refused
+    member = subprocess.run(as_user(vajra_group) + PING + [api.socket], capture_output=True, text=True,
+                            cwd="/", timeout=30)
+    assert member.returncode == 0 and json.loads(member.stdout)["result"] == "pong", member.stderr
+    other = subprocess.run(as_user() + PING + [api.socket], capture_output=True, text=True, cwd="/", timeout=30)
+    assert other.returncode != 0 and "PermissionError" in other.stderr
 
 
 @needs_root

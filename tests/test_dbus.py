@@ -51,15 +51,16 @@ def test_list_events_finds_exec(dbus_daemon, private_bus, workdir):
     prog = unique_program(workdir, f"vajra-dbus-{uuid.uuid4().hex[:8]}")
     p = subprocess.Popen([prog, "via", "dbus"], cwd=workdir)
     p.wait()
-    assert dbus_daemon.wait_events(lambda e: e["path"] == prog and e["syscall"] == "exec")
-    start = int(time.time()) - 60
+    [stored] = dbus_daemon.wait_events(lambda e: e["path"] == prog and e["syscall"] == "exec")
+    # by its eid: a busy host has more than a page of events in any time window
+    eid = str(stored["eid"])
     out = private_bus.busctl("--json=short", "call", DEST, PATH, IFACE, "ListEvents", "a{sv}sus",
-                             "1", "start_time", "x", str(start), "bpf_process_events", "0", "").stdout
+                             "2", "start_eid", "x", eid, "end_eid", "x", eid, "bpf_process_events", "0", "").stdout
     reply = json.loads(out)
     assert reply["type"] == "aa{sv}s"
     events, cursor = reply["data"]
     mine = [e for e in events if e["path"]["data"] == prog and e["syscall"]["data"] == "exec"]
-    assert len(mine) == 1 and cursor
+    assert len(mine) == 1 and len(events) == 1 and cursor
     e = mine[0]
     assert e["pid"] == {"type": "x", "data": p.pid}
     assert e["parent"]["data"] == os.getpid()
@@ -68,9 +69,9 @@ def test_list_events_finds_exec(dbus_daemon, private_bus, workdir):
     assert e["is_open"] == {"type": "b", "data": False}
     # the cursor pages on: nothing newer than what we just read for this filter
     out = private_bus.busctl("--json=short", "call", DEST, PATH, IFACE, "ListEvents", "a{sv}sus",
-                             "1", "start_time", "x", str(start), "bpf_process_events", "0", cursor).stdout
-    later = json.loads(out)["data"][0]
-    assert all(ev["eid"]["data"] > max(x["eid"]["data"] for x in events) for ev in later)
+                             "2", "start_eid", "x", eid, "end_eid", "x", eid, "bpf_process_events", "0",
+                             cursor).stdout
+    assert json.loads(out)["data"][0] == []
     # plain busctl output is readable too
     text = private_bus.busctl("call", DEST, PATH, IFACE, "ListEvents", "a{sv}sus", "1", "is_open", "s", "f",
                               "", "5", "").stdout
@@ -188,8 +189,9 @@ def test_properties_changed_is_emitted_at_a_bounded_rate(dbus_daemon, private_bu
     assert seen, "no PropertiesChanged"
     iface, changed, _ = seen[-1][1]
     assert iface == IFACE and changed["EventsCaptured"].value > 0 and "EventsLost" in changed
-    gaps = [b[0] - a[0] for a, b in zip(seen, seen[1:])]
-    assert len(seen) <= 7 and all(g > 0.5 for g in gaps), gaps    # about once a second at most
+    # about once a second at most: over the 5.2 s watched, 7 even if the
+    # receiving end bunches them (arrival gaps say nothing on a loaded host)
+    assert len(seen) <= 7, len(seen)
 
 
 def test_no_bus_means_a_warning_not_a_failure(daemon_factory, workdir):

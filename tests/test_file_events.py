@@ -32,6 +32,7 @@ class Fim:
 
     def __init__(self):
         self.root = private_directory("vajra-fim-")
+        self.since = int(time.time()) - 5        # the waits read the tables from here on
         self.W, self.L, self.A, self.U, self.N = (os.path.join(self.root, d) for d in "WLAUN")
         for d in (self.W, self.L, self.A, self.U, self.N, self.L + "/sub"):
             os.makedirs(d)
@@ -53,21 +54,12 @@ class Fim:
                              capture_output=True, text=True).stdout
         return int(out.split()[0])
 
-    def rows(self, table: str, predicate, want: int = 1, timeout: float = 10, settle: float = 0.0):
-        deadline = time.monotonic() + timeout
-        found: list[dict] = []
-        with self.daemon.client() as c:
-            while time.monotonic() < deadline:
-                found = [e for e in c.iter_events({"start_time": 0}, table) if predicate(e)]
-                if len(found) >= want:
-                    if settle:
-                        time.sleep(settle)
-                        found = [e for e in c.iter_events({"start_time": 0}, table) if predicate(e)]
-                    break
-                time.sleep(0.1)
+    def rows(self, table: str, predicate, want: int = 1, timeout: float = 60, settle: float = 0.0):
+        found = self.daemon.wait_events(predicate, table, timeout=timeout, want=want, since_time=self.since,
+                                        settle=settle)
         return sorted(found, key=lambda e: e["eid"])
 
-    def under(self, table: str, prefix: str, want: int = 1, timeout: float = 10, settle: float = 1.5):
+    def under(self, table: str, prefix: str, want: int = 1, timeout: float = 60, settle: float = 1.5):
         """Rows about paths under prefix; for bpf_file_events, not the test's own set-up writes."""
         if table == "file_events":
             def inside(e):
@@ -351,21 +343,30 @@ def test_file_accesses_must_name_a_category(daemon_factory, workdir):
 
 
 def test_running_out_of_inotify_watches_is_reported(daemon_factory, workdir):
+    """The limit is lowered in a user namespace of the daemon's own
+    (user.max_inotify_watches counts per namespace, and the tighter of it and
+    every parent's applies), never the host's fs.inotify.max_user_watches."""
     tree = Path(workdir, "many")
     for i in range(40):
         (tree / f"d{i}").mkdir(parents=True)
     cfg = Path(workdir, "fim.conf")
     cfg.write_text(json.dumps({"file_paths": {"many": [str(tree) + "/%%"]}}))
-    limit = Path("/proc/sys/fs/inotify/max_user_watches")
-    old = limit.read_text()
-    limit.write_text("10\n")
-    try:
-        d = daemon_factory(f"--config_path={cfg}", "--enable_bpf_events=false")
-        status = d.call("status")["collectors"]["fim"]
-    finally:
-        limit.write_text(old)
+    host_limit = Path("/proc/sys/fs/inotify/max_user_watches").read_text()
+    d = daemon_factory(f"--config_path={cfg}", "--enable_bpf_events=false", start=False,
+                       prefix=[sys.executable, str(Path(__file__).parent / "userns_exec.py"), "10"])
+    d.start(wait_ready=False)
+    deadline = time.monotonic() + 30
+    while os.readlink(f"/proc/{d.proc.pid}/ns/user") == os.readlink("/proc/self/ns/user"):
+        assert time.monotonic() < deadline and d.proc.poll() is None, d.log
+        time.sleep(0.01)
+    for kind in ("uid_map", "gid_map"):
+        Path(f"/proc/{d.proc.pid}/{kind}").write_text("0 0 65536\n")
+    d.notify.wait_for("READY=1", 30, d.proc)
+    status = d.call("status")["collectors"]["fim"]
     assert status["watch_limit_reached"] is True and status["watch_failures"] > 0
+    assert status["watches"] <= 10
     assert "inotify watch limit reached" in d.log
+    assert Path("/proc/sys/fs/inotify/max_user_watches").read_text() == host_limit
 
 
 def test_perf_buffer_output_carries_file_events(daemon_factory, workdir):

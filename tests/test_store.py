@@ -174,6 +174,8 @@ def test_shared_values_go_when_no_row_points_at_them(tmp_path, monkeypatch):
 
 def test_wal_and_full_sync(tmp_path):
     s = open_store(tmp_path / "e.db")
+    # synchronous is a property of the writer's connection, not of the file
+    assert s._conn.execute("PRAGMA synchronous").fetchone()[0] == 2         # FULL
     s.stop()
     con = sqlite3.connect(tmp_path / "e.db")
     assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
