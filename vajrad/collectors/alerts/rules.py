@@ -143,24 +143,28 @@ def connect_checked(path: str, tables: dict[str, Table]) -> tuple[sqlite3.Connec
     return conn, guard
 
 
-def _balanced(sql: str) -> str | None:
-    """What is wrong with the parentheses of an expression (outside strings,
-    quoted names and comments), so that it cannot close the clause it is put in."""
-    depth, i, n = 0, 0, len(sql)
+class _Unterminated(Exception):
+    """A string, quoted name or comment that the expression never closes."""
+
+
+def _code(sql: str):
+    """(position, character) of the SQL outside strings, quoted names and
+    comments, in order; one left open raises _Unterminated naming it."""
+    i, n = 0, len(sql)
     while i < n:
         c = sql[i]
         if c in "'\"`[":
-            end = {"[": "]"}.get(c, c)
+            end = "]" if c == "[" else c
             j = i + 1
             while j < n:
                 if sql[j] == end:
-                    if end != "]" and j + 1 < n and sql[j + 1] == end:
+                    if end != "]" and j + 1 < n and sql[j + 1] == end:     # a doubled quote
                         j += 2
                         continue
                     break
                 j += 1
             if j >= n:
-                return f"unterminated {c}"
+                raise _Unterminated(f"unterminated {c}")
             i = j + 1
             continue
         if sql.startswith("--", i):
@@ -170,18 +174,29 @@ def _balanced(sql: str) -> str | None:
         if sql.startswith("/*", i):
             j = sql.find("*/", i + 2)
             if j < 0:
-                return "unterminated /* comment"
+                raise _Unterminated("unterminated /* comment")
             i = j + 2
             continue
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-            if depth < 0:
-                return "a ')' closes more than the expression opened"
-        elif c == ";":
-            return "';' ends the statement: a rule is one expression"
+        yield i, c
         i += 1
+
+
+def _balanced(sql: str) -> str | None:
+    """What is wrong with the parentheses of an expression (outside strings,
+    quoted names and comments), so that it cannot close the clause it is put in."""
+    depth = 0
+    try:
+        for _, c in _code(sql):
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+                if depth < 0:
+                    return "a ')' closes more than the expression opened"
+            elif c == ";":
+                return "';' ends the statement: a rule is one expression"
+    except _Unterminated as e:
+        return str(e)
     return None if depth == 0 else "a '(' is not closed"
 
 
@@ -291,36 +306,24 @@ _WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*")
 
 def _top_level_words(sql: str):
     """(position, WORD) of the words outside parentheses, strings, quoted
-    names and comments."""
-    depth, i, n = 0, 0, len(sql)
-    while i < n:
-        c = sql[i]
-        if c in "'\"`[":
-            end = {"[": "]"}.get(c, c)
-            j = i + 1
-            while j < n and not (sql[j] == end and not (end != "]" and j + 1 < n and sql[j + 1] == end)):
-                j += 2 if end != "]" and sql[j] == end else 1
-            i = j + 1
-            continue
-        if sql.startswith("--", i):
-            j = sql.find("\n", i)
-            i = n if j < 0 else j + 1
-            continue
-        if sql.startswith("/*", i):
-            j = sql.find("*/", i + 2)
-            i = n if j < 0 else j + 2
-            continue
-        if c == "(":
-            depth += 1
-        elif c == ")":
-            depth -= 1
-        elif depth == 0:
-            m = _WORD.match(sql, i)
-            if m:
-                yield i, m.group(0).upper()
-                i = m.end()
+    names and comments (the text is a validated expression: an unclosed
+    string or comment just ends it)."""
+    depth, after_word = 0, 0
+    try:
+        for i, c in _code(sql):
+            if i < after_word:
                 continue
-        i += 1
+            if c == "(":
+                depth += 1
+            elif c == ")":
+                depth -= 1
+            elif depth == 0:
+                m = _WORD.match(sql, i)
+                if m:
+                    yield i, m.group(0).upper()
+                    after_word = m.end()
+    except _Unterminated:
+        return
 
 
 def leading_term(where: str) -> tuple[str, str] | None:
