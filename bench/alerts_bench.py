@@ -128,7 +128,7 @@ def store_only_cost(rows: int = 60_000) -> dict:
         top = conn.execute(f'SELECT MAX(eid) FROM "{table}"').fetchone()[0]
 
         def cost(rules) -> float:
-            sql, _ = rule_files.combined_sql(table, rules)
+            sql, _ = rule_files.combined_sql(TABLES[table], rules)
             t0 = time.perf_counter()
             conn.execute(sql, (0, top)).fetchall()
             return round((time.perf_counter() - t0) * 1e6 / top, 3)

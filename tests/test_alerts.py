@@ -420,7 +420,57 @@ def test_shared_leading_terms_match_as_each_rule_alone(tmp_path):
     assert not errors
     ordered = [rules[f"r{i}"] for i in range(len(wheres))]
     alone = [[r[0] for r in conn.execute(rule.sql, (0, 100))] for rule in ordered]
-    sql, columns = rule_files.combined_sql(P, ordered)
+    sql, columns = rule_files.combined_sql(TABLES[P], ordered)
+    together = [[] for _ in ordered]
+    for row in conn.execute(sql, (0, 100)):
+        for i in range(len(ordered)):
+            if row[len(columns) + i]:
+                together[i].append(row[0])
+    assert together == alone and all(alone), alone
+
+
+@pytest.mark.parametrize("pattern, literal", [
+    ("/bench-3[a-z]+$", "/bench-3"),
+    ("^/tmp/.*\\.sh$", "/tmp/"),          # the longer run wins; an escaped dot is a plain character
+    ("ab+cdef", "cdef"),                  # a quantifier takes the character before it out of the run
+    ("(?i)/tmp/evil", None),              # case ignored: no substring is sure
+    ("(/tmp/|/dev/shm/)x", None),         # an alternation is not one literal
+    ("ab", None),                         # too short to be worth a test
+    ("[", None),                          # does not compile: no shortcut, the rule's own error stands
+])
+def test_a_regexp_shortcut_is_a_substring_every_match_contains(pattern, literal):
+    assert rule_files.required_literal(pattern) == literal
+
+
+def test_the_combined_query_looks_up_equalities_together_and_guards_regexps(tmp_path):
+    """The combined query's shortcuts (one IN lookup for the equalities on a
+    column, a substring test before a REGEXP) pick the same rows as each rule
+    alone, on NULLs, quoted names, integer columns and look-alike values."""
+    wheres = ["syscall = 'exec' AND path = '/usr/bin/a'", "syscall = 'exec' AND path IN ('/usr/bin/b', '/x')",
+              "syscall = 'exec' AND \"path\" == '/usr/bin/c' AND uid = 0", "uid = '7' AND cmdline LIKE '%z%'",
+              "uid IN (1, 2) AND path REGEXP 'bin/[ab]$'", "path REGEXP '^/tmp/.+\\.sh$'",
+              "syscall = 'exit' AND path REGEXP '(?i)/TMP/'", "cmdline REGEXP 'it''s'"]
+    write_rules(tmp_path / "r", "a.yml", "".join(
+        f"- id: r{i}\n  name: n\n  table: bpf_process_events\n  where: \"{w.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}\"\n"
+        for i, w in enumerate(wheres)))
+    store = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0)
+    store.open()
+    store.start()
+    store.submit(P, [proc(p, c, pid=n, uid=u, syscall=s) for n, (p, c, u, s) in enumerate([
+        ("/usr/bin/a", "a", 1, "exec"), ("/usr/bin/b", "b", 1, "exec"), ("/usr/bin/c", "c", 0, "exec"),
+        ("/usr/bin/c", "c", 1, "exec"), ("/x", "z z", 7, "exec"), ("/usr/bin/a", "a", 2, "fork"),
+        ("/tmp/a.sh", "it's", None, "exit"), ("/tmp/a.shx", "its", 0, "exec"), ("/usr/bin/b", None, None, "exec"),
+        ("/usr/bin/ab", "a", 1, "exec"), (None, None, 7, None)])])
+    store.stop()
+    conn, guard = rule_files.connect_checked(store.path, TABLES)
+    rules, errors = rule_files.load([str(tmp_path / "r")], TABLES, conn, guard)
+    assert not errors
+    ordered = [rules[f"r{i}"] for i in range(len(wheres))]
+    alone = [[r[0] for r in conn.execute(rule.sql, (0, 100))] for rule in ordered]
+    sql, columns = rule_files.combined_sql(TABLES[P], ordered)
+    assert "\"path\" IN ('/usr/bin/a', '/usr/bin/b', '/usr/bin/c', '/x')" in sql
+    assert "instr(\"path\", '/tmp/') > 0" in sql and "instr(\"cmdline\", 'it''s') > 0" in sql
+    assert "instr(\"path\", '/TMP/')" not in sql
     together = [[] for _ in ordered]
     for row in conn.execute(sql, (0, 100)):
         for i in range(len(ordered)):

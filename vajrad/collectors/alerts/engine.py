@@ -296,7 +296,7 @@ class AlertEngine(Collector):
         key = tuple(rule.sql for rule in rules)        # a reload may change a rule, not its id
         sql, columns = self._combined_sql.get(table, (None, None))
         if sql is None or self._combined_key.get(table) != key:
-            sql, columns = rule_files.combined_sql(table, rules)
+            sql, columns = rule_files.combined_sql(self.all_tables[table], rules)
             self._combined_sql[table], self._combined_key[table] = (sql, columns), key
         lo_all = min(lo for _, lo, _ in items)
         hi_all = max(hi for _, _, hi in items)

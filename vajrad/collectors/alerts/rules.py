@@ -326,44 +326,159 @@ def _top_level_words(sql: str):
         return
 
 
-def leading_term(where: str) -> tuple[str, str] | None:
-    """(first term, the rest) when `where` is a plain conjunction at its top
-    level (no OR, BETWEEN or CASE there, where an AND would not join terms);
-    None otherwise."""
+def conjuncts(where: str) -> list[str] | None:
+    """The terms of `where` when it is a plain conjunction at its top level
+    (no OR, BETWEEN or CASE there, where an AND would not join terms), in
+    order; None otherwise. A single term is a conjunction of one."""
     words = list(_top_level_words(where))
     if any(w in ("OR", "BETWEEN", "CASE") for _, w in words):
         return None
+    terms, start = [], 0
     for at, word in words:
         if word == "AND":
-            return where[:at].strip(), where[at + 3:].strip()
-    return None
+            terms.append(where[start:at].strip())
+            start = at + 3
+    terms.append(where[start:].strip())
+    return terms if all(terms) else None
 
 
-def combined_sql(table: str, rules: list[Rule]) -> tuple[str, list[str]]:
+def leading_term(where: str) -> tuple[str, str] | None:
+    """(first term, the rest) of a plain conjunction of two terms or more."""
+    terms = conjuncts(where)
+    if not terms or len(terms) < 2:
+        return None
+    first = terms[0]
+    rest = where[where.index(first) + len(first):].lstrip()
+    return first, rest[3:].strip()       # past the AND
+
+
+# The term shapes the combined query can serve cheaply: `column = literal`,
+# `column IN (literal, ...)` (answered together, for every rule holding one,
+# by one IN over all their literals: SQLite looks a value up in a constant
+# list at once instead of comparing it with each) and `column REGEXP 'pattern'`
+# (put behind a C-level substring test of the literal every match contains,
+# so most rows never call the Python function).
+_NAME = r'(?:"(?P<q>[A-Za-z_][A-Za-z0-9_]*)"|(?P<n>[A-Za-z_][A-Za-z0-9_]*))'
+_LITERAL = r"(?:'(?:[^']|'')*'|-?\d+)"
+_EQUALS = re.compile(rf"^{_NAME}\s*==?\s*(?P<v>{_LITERAL})$", re.S)
+_IN_LIST = re.compile(rf"^{_NAME}\s+IN\s*\(\s*(?P<v>{_LITERAL}(?:\s*,\s*{_LITERAL})*)\s*\)$", re.S | re.I)
+_REGEXP = re.compile(rf"^{_NAME}\s+REGEXP\s+(?P<v>'(?:[^']|'')*')$", re.S | re.I)
+_LITERALS = re.compile(_LITERAL)
+MIN_REQUIRED = 3                 # shorter literals are in nearly every value: not worth a test
+
+
+def _column(m: re.Match, columns: dict) -> str | None:
+    name = m.group("q") or m.group("n")
+    return name if name in columns else None
+
+
+def equality(term: str, columns: dict) -> tuple[str, list[str]] | None:
+    """(column, its literals as SQL) when the term is `column = literal` or
+    `column IN (literals)` on a column of the table."""
+    m = _EQUALS.match(term) or _IN_LIST.match(term)
+    column = m and _column(m, columns)
+    if not column:
+        return None
+    return column, _LITERALS.findall(m.group("v"))
+
+
+def required_literal(pattern: str) -> str | None:
+    """A substring every string the pattern matches contains: the longest run
+    of plain characters at the pattern's top level (a quantifier, a group or an
+    alternation ends a run). None when there is no such run of MIN_REQUIRED or
+    more, or the pattern ignores case."""
+    try:
+        from re import _parser as sre_parse          # Python's own parse of the pattern
+        parsed = sre_parse.parse(pattern)
+        literal = sre_parse.LITERAL
+    except Exception:       # noqa: BLE001 - any failure only costs the shortcut
+        return None
+    if parsed.state.flags & re.IGNORECASE:
+        return None
+    best, run = "", []
+    for op, arg in list(parsed) + [(None, None)]:
+        if op is literal:
+            run.append(chr(arg))
+            continue
+        if len(run) > len(best):
+            best = "".join(run)
+        run = []
+    return best if len(best) >= MIN_REQUIRED and "\x00" not in best else None
+
+
+def _guarded(term: str, columns: dict) -> str:
+    """The term, behind a substring test when it is a REGEXP on a text column
+    with a literal every match contains (the test never holds where the term
+    could: both are NULL on NULL, and a value without the literal cannot match)."""
+    m = _REGEXP.match(term)
+    column = m and _column(m, columns)
+    if not column or not columns[column].type == "TEXT":
+        return term
+    literal = required_literal(m.group("v")[1:-1].replace("''", "'"))
+    if literal is None:
+        return term
+    return f"instr({quote(column)}, '{literal.replace(chr(39), chr(39) * 2)}') > 0 AND {term}"
+
+
+def _all_of(terms: list[str], columns: dict) -> str:
+    return " AND ".join(f"(\n{_guarded(t, columns)}\n)" for t in terms) if terms else "1"
+
+
+def _any_of(conjunctions: list[list[str]], columns: dict) -> str:
+    """SQL that holds for a row exactly when every term of one of the
+    conjunctions does. Conjunctions that start with the same term share its
+    evaluation (a row it fails for costs one test, not one per rule), and
+    those holding an equality on the same column share one IN lookup."""
+    if any(not c for c in conjunctions):
+        return "1"
+    by_lead: dict[str, list[list[str]]] = {}
+    for c in conjunctions:
+        by_lead.setdefault(c[0], []).append(c)
+    parts, single = [], []
+    for lead, group in by_lead.items():
+        if len(group) > 1:
+            parts.append(f"((\n{_guarded(lead, columns)}\n) AND ({_any_of([c[1:] for c in group], columns)}))")
+        else:
+            single.append(group[0])
+    # Of the rest, those with an equality on the same column (the column most
+    # of them test first) are looked up together.
+    while single:
+        tests: dict[str, list[tuple[list[str], list[str]]]] = {}
+        for c in single:
+            for term in c:
+                found = equality(term, columns)
+                if found:
+                    tests.setdefault(found[0], []).append((c, found[1]))
+        column, members = max(tests.items(), key=lambda kv: len(kv[1]), default=(None, []))
+        chosen = {id(c) for c, _ in members}
+        if len(chosen) < 2:
+            break
+        values = sorted({v for _, vs in members for v in vs})
+        inner = " OR ".join(f"({_all_of(c, columns)})" for c in single if id(c) in chosen)
+        parts.append(f"({quote(column)} IN ({', '.join(values)}) AND ({inner}))")
+        single = [c for c in single if id(c) not in chosen]
+    parts += [f"({_all_of(c, columns)})" for c in single]
+    return " OR ".join(parts)
+
+
+def combined_sql(table: Table, rules: list[Rule]) -> tuple[str, list[str]]:
     """One query for every rule of a table (see AlertEngine._combined): eid,
     time, the group_by columns of any of them, then one flag per rule; only
-    rows where some rule's where holds come back."""
+    rows where some rule's where holds come back (the flags are each rule's
+    exact test, exceptions included; the WHERE only picks the rows cheaply)."""
     columns = ["eid", "time"] + sorted({c for r in rules for c in r.group_by} - {"eid", "time"})
     flags = []
     for rule in rules:
         clauses = [f"IFNULL((\n{rule.where}\n), 0)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in rule.exceptions]
         flags.append("(" + " AND ".join(clauses) + ")")
-    # Rules that start with the same term (syscall = 'exec' AND ...) share
-    # its evaluation: a row it fails for costs one comparison, not one per rule.
-    groups: dict[str, list[str]] = {}
-    alone: list[str] = []
-    for rule in rules:
-        split = leading_term(rule.where)
-        if split is None:
-            alone.append(rule.where)
-        else:
-            groups.setdefault(split[0], []).append(split[1])
-    terms = [f"(\n{w}\n)" for w in alone]
-    for lead, rests in groups.items():
-        terms.append(f"((\n{lead}\n) AND (" + " OR ".join(f"(\n{r}\n)" for r in rests) + "))")
-    any_rule = " OR ".join(terms)
-    sql = (f"SELECT {', '.join(quote(c) for c in columns)}, {', '.join(flags)} FROM {quote(read_view(table))} "
-           f"WHERE eid > ? AND eid <= ? AND ({any_rule}) ORDER BY eid")
+    known = {c.name: c for c in table.columns}
+    conjunctions = [conjuncts(rule.where) for rule in rules]
+    plain = [c for c in conjunctions if c is not None]
+    terms = [f"(\n{rule.where}\n)" for rule, c in zip(rules, conjunctions) if c is None]
+    if plain:
+        terms.append(f"({_any_of(plain, known)})")
+    sql = (f"SELECT {', '.join(quote(c) for c in columns)}, {', '.join(flags)} FROM {quote(read_view(table.name))} "
+           f"WHERE eid > ? AND eid <= ? AND ({' OR '.join(terms)}) ORDER BY eid")
     return sql, columns
 
 
