@@ -4,7 +4,7 @@ import os
 import time
 
 from harness import proc_ancestors
-from vajrad.enrich.process_cache import ProcessCache, TICK_NS
+from vajrad.enrich.process_cache import Process, ProcessCache, TICK_NS, key
 
 
 def test_describe_reads_an_unknown_process_from_proc():
@@ -13,6 +13,20 @@ def test_describe_reads_an_unknown_process_from_proc():
     assert found["process"]["pid"] == os.getpid()
     assert [a["pid"] for a in found["ancestry"]] == proc_ancestors(os.getpid())
     assert cache.describe(4_000_000) is None
+
+
+def test_a_parent_seeded_from_proc_takes_the_exact_start_its_child_knows():
+    """pid 1 and other processes older than the daemon come from /proc, their
+    start known to the clock tick; a child whose kernel events gave the exact
+    start (pproc_time_hr) must find the same value as its parent's
+    proc_time_hr in its ancestry (seen: a line up to pid 1 differing by 0.8 ms)."""
+    cache = ProcessCache(size=10, proc="/nonexistent")
+    exact_init = 5 * TICK_NS + 786_000                       # inside tick 5
+    init = Process(1, 0, 5 * TICK_NS, 0, "/sbin/init", "init", coarse=True)
+    cache._insert(key(1, init.start_ns), init)
+    cache.executed(50, 9 * TICK_NS, 1, exact_init, "/usr/bin/agent", "agent")
+    [agent, top] = json.loads(cache.ancestry(50, 9 * TICK_NS))
+    assert top["pid"] == 1 and agent["pproc_time_hr"] == top["proc_time_hr"] == cache.clock.unix_ns(exact_init)
 
 
 def test_reused_pid_is_another_process():

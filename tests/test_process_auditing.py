@@ -38,7 +38,12 @@ SINCE = int(time.time()) - 5
 def rows_of(d, pred, want=1, timeout=60):
     """The matching rows once there are `want` of them (or what there is at
     the timeout, for the assertion to show)."""
-    return d.wait_events(pred, want=want, timeout=timeout, since_time=SINCE)
+    rows = d.wait_events(pred, want=want, timeout=timeout, since_time=SINCE)
+    if len(rows) < want:        # shown with the failure: lost, or never seen?
+        status = d.call("status")
+        print("rows_of: timed out; events:", status["events"], "process:", status["collectors"].get("process"),
+              "store:", status.get("store"))
+    return rows
 
 
 def execs_of(d, prog, want=1):

@@ -409,7 +409,14 @@ class ProcessCache:
             if proc.pid == 1:
                 proc = None
                 break
-            proc = self._parent(proc)
+            parent = self._parent(proc)
+            if parent is not None and parent.coarse and proc.parent_start_ns:
+                # A parent seeded from /proc (start known to the tick) takes
+                # the exact start its child's kernel events gave, so that the
+                # child's pproc_time_hr is the parent's proc_time_hr in the
+                # same line; a changed parent drops its node and is rebuilt.
+                parent.adopt_times(proc.parent_start_ns)
+            proc = parent
         self.counters["cache_hits"] += len(chain)
         rest = proc._node if proc is not None else None
         clock, depth = self.clock, self.max_depth
