@@ -9,6 +9,19 @@ BPF_OK, BPF_WHY = can_bpf()
 needs_bpf = pytest.mark.skipif(not BPF_OK, reason=BPF_WHY)
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 
+# `./quickstart test` runs the suite as two streams side by side (pytest-xdist,
+# `-n 2 --dist loadgroup`): the packaging and booted-system tests, which spend
+# their time building .debs and in apt and systemd inside a container, and
+# everything else on the host. Each stream runs its tests in order, one at a
+# time, as a plain run would.
+PACKAGING_STREAM = {"test_packaging.py", "test_packaging_booted.py", "test_products_booted.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        stream = "packaging" if item.path.name in PACKAGING_STREAM else "host"
+        item.add_marker(pytest.mark.xdist_group(stream))
+
 
 @pytest.fixture
 def workdir():
