@@ -67,7 +67,7 @@ def one_run(args, rules: bool, tag: str) -> dict:
                 "rules_enabled": a["rules_enabled"], "rules_refused": a["rules_refused"],
                 "evaluations": a["evaluations"], "alerts_opened": a["alerts_opened"],
                 "rules_time_ms": round(total_ms, 1),
-                # the rules' queries as the engine times them, over the window's wall time
+                # the rules' queries as the engine times them (CPU of its thread), over the window's wall time
                 "rules_cpu_percent_by_engine_timing": round(100 * total_ms / 1000 / wall, 3),
                 "rows_evaluated_per_rule": max(r["rows_evaluated"] for r in per_rule.values()),
                 "us_per_row_per_rule": {"min": costs[0][0], "median": costs[len(costs) // 2][0],
