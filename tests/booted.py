@@ -248,10 +248,14 @@ class BootedSystem:
         """`apt install ./vajra_*.deb`: the package and everything it depends
         on (and recommends) come from Debian's archive."""
         inside = self.copy_in(deb, "/root/" + os.path.basename(deb))
-        self.run("apt-get", "update", "-qq", timeout=timeout)
-        return self.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
-                        "-o", "Dpkg::Options::=--force-confold",
-                        inside, timeout=timeout)
+        # Booted systems of concurrent runs share CACHE/archives, whose apt
+        # lock fails at once when held ("held by process 0": another pid
+        # namespace): they take turns on a lock of the host's.
+        with _locked(CACHE / "archives.lock"):
+            self.run("apt-get", "update", "-qq", timeout=timeout)
+            return self.run("apt-get", "install", "-y", "-q", "-o", "Dpkg::Options::=--force-confdef",
+                            "-o", "Dpkg::Options::=--force-confold",
+                            inside, timeout=timeout)
 
     def journal(self, unit: str | None = None, since_cursor: str | None = None) -> str:
         args = ["journalctl", "--no-pager", "-o", "short-monotonic"]

@@ -36,7 +36,7 @@ def _installed() -> str | None:
     missing = [p for p, b in (("podman", "podman"), ("runc", "runc"), ("busybox-static", BUSYBOX))
                if not shutil.which(b) and not os.path.exists(b)]
     if missing:
-        r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600", *missing],
                            capture_output=True, text=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         if r.returncode:
             return f"cannot install {missing}: {r.stderr[-300:]}"

@@ -25,7 +25,7 @@ FLAGS = ("--enable_bpf_events=false", "--enable_file_events=false", "--events_ma
 def logrotate():
     path = shutil.which("logrotate") or "/usr/sbin/logrotate"
     if not os.path.exists(path):
-        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "logrotate"],
+        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600", "logrotate"],
                            capture_output=True, env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         if r.returncode != 0:
             pytest.skip(f"logrotate cannot be installed: {r.stderr.decode()[-300:]}")
@@ -418,7 +418,7 @@ def journal_tools():
     try:
         import systemd.journal  # noqa: F401
     except ImportError:
-        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "python3-systemd",
+        r = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", "-o", "DPkg::Lock::Timeout=600", "python3-systemd",
                             "systemd-journal-remote"], capture_output=True,
                            env=dict(os.environ, DEBIAN_FRONTEND="noninteractive"))
         if r.returncode != 0:
