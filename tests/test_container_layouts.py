@@ -116,7 +116,8 @@ def test_resolver_and_late_fill():
     assert host_row[1:8] == list(HOST)
     assert resolver.filled_late == 2 and resolver.fill_timeouts == 0
     stats = resolver.stats()
-    assert stats["fill_p99_ms"] >= 0 and stats["metadata_lag_p99_ms"] > 0      # looked up before it was known
+    # looked up before it was known: a lag, though status may round it to 0.0 ms
+    assert stats["fill_p99_ms"] >= 0 and len(resolver.metadata_lags_ms) == 1 and resolver.metadata_lags_ms[0] > 0
     assert resolver.lookup(77) == ((ID, "web", "localhost/img:1", "podman", "p", "ns", UID), True)
 
 
