@@ -1,13 +1,13 @@
-"""Runtime metadata decoding and the clients, without a runtime daemon:
-Docker Engine does not run on the test machines, so its answers are recorded
-responses (tests/data/runtime_responses.json) and a small asyncio server on a
-Unix socket in the test's directory stands in for dockerd, serving them as
-dockerd does (Content-Length bodies, a chunked /events stream), plus the
-failures: HTTP 500, a socket that never answers, a missing socket. CRI:
-protobuf bytes containerd answered (tests/data/cri_responses.json), and a gRPC
-server standing in for a runtime that has GetContainerEvents (containerd 1.6,
-Debian 12's, has not: tests/test_containerd.py covers polling for real).
-podman's own API is exercised for real in test_containers.py."""
+"""Runtime metadata decoding and the clients, without a runtime daemon: the
+Docker Engine answers recorded in tests/data/runtime_responses.json, served
+by a small asyncio server on a Unix socket in the test's directory as dockerd
+serves them (Content-Length bodies, a chunked /events stream), plus the
+failures a real dockerd will not show on demand: HTTP 500, a socket that
+never answers, a missing socket. CRI: protobuf bytes containerd answered
+(tests/data/cri_responses.json), and a gRPC server standing in for a runtime
+that has GetContainerEvents (containerd 1.6, Debian 12's, has not). The real
+runtimes run in test_containers.py (podman), test_docker.py (dockerd) and
+test_containerd.py (containerd's CRI)."""
 from __future__ import annotations
 
 import asyncio

@@ -343,6 +343,11 @@ class ContainerResolver:
             return HOST, True
         return self.lookup(cgroup_id, pid)
 
+    def known(self, container_id: str) -> ContainerInfo | None:
+        """What the runtimes told of a container (live or deleted), or None."""
+        with self.lock:
+            return self.containers.get(container_id) or self.deleted.get(container_id)
+
     def by_id(self, container_id: str) -> tuple[tuple, bool] | None:
         with self.lock:
             info = self.containers.get(container_id) or self.deleted.get(container_id)

@@ -195,12 +195,16 @@ class ContainersCollector(BpfCollector):
 
     async def _event(self, client: rt.Runtime, action: str | None, info: ContainerInfo, code: int,
                      when: int) -> None:
-        known = self.resolver.by_id(info.id)
-        if not info.complete and (known is None or not known[1]) and action in ("create", "start"):
-            full = await client.inspect(info.id) if client.connected else None
-            if full is not None:
-                info.merge(full)
-                info.complete = True
+        if action in ("create", "start") and not info.image_id and client.connected:
+            # Events name the container and its image but not the image id,
+            # pid or privileges: inspected once, while it still exists (a
+            # /bin/true container may be gone already: its event data stays).
+            known = self.resolver.known(info.id)
+            if known is None or not known.image_id:
+                full = await client.inspect(info.id)
+                if full is not None:
+                    info.merge(full)
+                    info.complete = True
         info = await self._learn(client, info)
         if action is None:
             return
