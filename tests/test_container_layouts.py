@@ -19,6 +19,7 @@ MATCHING = [
     # (layout, path, runtime, id, pod uid)
     ("docker-cgroupfs", f"/docker/{ID}", "docker", ID, ""),
     ("docker-systemd", f"/system.slice/docker-{ID}.scope", "docker", ID, ""),
+    ("containerd-cgroupfs", f"/k8s.io/{ID}", "containerd", ID, ""),        # CRI without a cgroup parent
     ("cri-containerd-systemd", f"/kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{UID_}.slice/"
                                f"cri-containerd-{ID}.scope", "containerd", ID, UID),
     ("cri-containerd-slice", f"/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/"

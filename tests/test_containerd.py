@@ -97,6 +97,8 @@ class Containerd:
         self.cgroup_parents: list[str] = []
         # The shims' sockets go to /run/containerd/s whatever the config says.
         self.made_run_dir = not os.path.exists(RUN_DIR)
+        # runc's cgroups of pods without a cgroup parent: /k8s.io/<id>
+        self.made_namespace_cgroup = not any(os.path.isdir(os.path.join(r, "k8s.io")) for r in _cgroup_roots())
 
     def start(self) -> None:
         config = os.path.join(self.workdir, "config.toml")
@@ -134,11 +136,14 @@ class Containerd:
         except OSError:
             return ""
 
-    def pod(self, name: str, namespace: str = "shop") -> tuple[str, bytes, dict]:
-        """A pod sandbox as kubelet makes one with the cgroupfs driver: (id, its config, its identity)."""
+    def pod(self, name: str, namespace: str = "shop", kubelet_cgroup: bool = True) -> tuple[str, bytes, dict]:
+        """A pod sandbox as kubelet makes one with the cgroupfs driver (or
+        with no cgroup parent, as other CRI clients may): (id, its config,
+        its identity)."""
         uid = str(uuid.uuid4())
-        parent = f"/kubepods/besteffort/pod{uid}"
-        self.cgroup_parents.append(parent)
+        parent = f"/kubepods/besteffort/pod{uid}" if kubelet_cgroup else ""
+        if parent:
+            self.cgroup_parents.append(parent)
         config = self.cri.sandbox_config(name, namespace, uid, parent)
         sid = self.cri.run_pod_sandbox(config)
         self.sandboxes.append(sid)
@@ -175,6 +180,12 @@ class Containerd:
                 pass
         _unmount_under(self.workdir)
         _remove_cgroups(self.cgroup_parents)
+        if self.made_namespace_cgroup:
+            for root in _cgroup_roots():
+                try:
+                    os.rmdir(os.path.join(root, "k8s.io"))
+                except OSError:
+                    pass
         if self.made_run_dir:            # only the empty directories the shims left
             for d in sorted((os.path.join(r, n) for r, dirs, _ in os.walk(RUN_DIR) for n in dirs),
                             key=len, reverse=True) + [RUN_DIR]:
@@ -206,12 +217,15 @@ def _unmount_under(directory: str) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True)
 
 
+def _cgroup_roots() -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split(" - ")[1].split()[0] in ("cgroup", "cgroup2")]
+
+
 def _remove_cgroups(parents: list[str]) -> None:
     """The pods' cgroups (and /kubepods/besteffort, /kubepods when empty) in
     every hierarchy runc made them in."""
-    with open("/proc/self/mountinfo") as f:
-        roots = [line.split()[4] for line in f if line.split(" - ")[1].split()[0] in ("cgroup", "cgroup2")]
-    for root in roots:
+    for root in _cgroup_roots():
         for parent in parents:
             path = root + parent
             for d in (path, os.path.dirname(path), os.path.dirname(os.path.dirname(path))):
@@ -347,6 +361,21 @@ def test_long_running_cri_container_and_its_sandbox(daemon, containerd):
     actions = {e["action"] for e in daemon.wait_events(lambda e: e["container_id"] == cid,
                                                         table="container_events")}
     assert {"create", "start", "die", "delete"} <= actions, actions
+
+
+def test_cri_pod_without_a_cgroup_parent(daemon, containerd):
+    """A pod made by a CRI client that gives no cgroup parent: containerd puts
+    its containers at /k8s.io/<id> (its namespace), which resolves to
+    containerd; the pod comes from the labels."""
+    sandbox = containerd.pod("plain", namespace="tools", kubelet_cgroup=False)
+    cid = containerd.run(sandbox, "once", ["/bin/true"])
+    rows = daemon.wait_events(lambda e: e["syscall"] == "exec" and e["container_id"] == cid
+                              and e["cmdline"] == "/bin/true", timeout=20)
+    assert rows and (rows[0]["container_name"], rows[0]["container_runtime"], rows[0]["pod_name"],
+                     rows[0]["pod_uid"]) == ("once", "containerd", "plain", sandbox[2]["uid"])
+    live = containers_row(daemon, cid)
+    assert live["cgroup_path"] == f"/k8s.io/{cid}"
+    assert parse_cgroup_path(live["cgroup_path"]).layout == "containerd-cgroupfs"
 
 
 def test_containerd_away_rows_flow_with_the_id_alone(daemon_factory, containerd, workdir):

@@ -8,7 +8,8 @@ from a busybox rootfs and `docker load`ed (no registry is reachable).
 
 Everything made here is removed at the end: containers, the image, dockerd
 and its containerd, mounts under its roots, the /docker cgroups runc made,
-and the trust key dockerd writes to /etc/docker when there was none. The last
+the shims' empty /run/containerd/s, and the trust key dockerd writes to
+/etc/docker when there was none. The last
 test checks that the host's iptables rules are as they were."""
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ pytestmark = [needs_bpf, needs_root]
 
 TAG = uuid.uuid4().hex[:8]
 IMAGE = f"localhost/vajra-test-busybox:{TAG}"
+SHIM_RUN_DIR = "/run/containerd"
 TRUST_KEY = "/etc/docker/key.json"      # dockerd 20.10 writes it whatever its other paths
 
 
@@ -64,6 +66,8 @@ class Dockerd:
         self.had_docker_cgroup = os.path.isdir("/sys/fs/cgroup/unified/docker") or \
             os.path.isdir("/sys/fs/cgroup/docker")
         self.firewall = _iptables()
+        # The shims of dockerd's containerd put their sockets in /run/containerd/s whatever its paths.
+        self.made_run_dir = not os.path.exists(SHIM_RUN_DIR)
 
     def start(self) -> None:
         config = os.path.join(self.workdir, "daemon.json")
@@ -136,6 +140,13 @@ class Dockerd:
                         os.rmdir(d)
                     except OSError:
                         pass
+        if self.made_run_dir:            # only the empty directories the shims left
+            for d in sorted((os.path.join(r, n) for r, dirs, _ in os.walk(SHIM_RUN_DIR) for n in dirs),
+                            key=len, reverse=True) + [SHIM_RUN_DIR]:
+                try:
+                    os.rmdir(d)
+                except OSError:
+                    pass
         if not self.had_trust_key:
             try:
                 os.unlink(TRUST_KEY)

@@ -64,6 +64,9 @@ class Layout:
 LAYOUTS: tuple[Layout, ...] = (
     Layout("docker-systemd", "docker", re.compile(r"docker-" + _HEX64 + r"\.scope")),
     Layout("docker-cgroupfs", "docker", re.compile(_HEX64), parent="docker"),
+    # containerd with the cgroupfs driver and no cgroup parent (a CRI client
+    # other than kubelet, nerdctl, ctr): /<namespace>/<id>; CRI's namespace is k8s.io.
+    Layout("containerd-cgroupfs", "containerd", re.compile(_HEX64), parent="k8s.io"),
     Layout("cri-containerd-systemd", "containerd", re.compile(r"cri-containerd-" + _HEX64 + r"\.scope")),
     Layout("cri-containerd-slice", "containerd", re.compile(r".*:cri-containerd:" + _HEX64)),
     Layout("nerdctl", "containerd", re.compile(r"nerdctl-" + _HEX64 + r"\.scope")),
