@@ -101,12 +101,19 @@ class Containerd:
         self.made_namespace_cgroup = not any(os.path.isdir(os.path.join(r, "k8s.io")) for r in _cgroup_roots())
 
     def start(self) -> None:
-        config = os.path.join(self.workdir, "config.toml")
-        with open(config, "w") as f:
+        with open(os.path.join(self.workdir, "config.toml"), "w") as f:
             f.write(CONFIG.format(w=self.workdir, image=IMAGE))
-        with open(self.log, "wb") as log:
-            self.process = subprocess.Popen(["containerd", "--config", config], stdout=log, stderr=log,
-                                            start_new_session=True)
+        self.start_daemon()
+        root = busybox_rootfs(os.path.join(self.workdir, "rootfs"))
+        archive = docker_archive(root, os.path.join(self.workdir, "image.tar"), IMAGE, ["/bin/sleep", "1000000"])
+        self.ctr("images", "import", archive)
+        from cri_pods import CriClient
+        self.cri = CriClient(self.socket)
+
+    def start_daemon(self) -> None:
+        with open(self.log, "ab") as log:
+            self.process = subprocess.Popen(["containerd", "--config", os.path.join(self.workdir, "config.toml")],
+                                            stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -114,16 +121,20 @@ class Containerd:
             try:
                 with socket.socket(socket.AF_UNIX) as s:
                     s.connect(self.socket)
-                    break
+                    return
             except OSError:
                 time.sleep(0.05)
-        else:
-            raise AssertionError(f"containerd did not come up: {self.tail()}")
-        root = busybox_rootfs(os.path.join(self.workdir, "rootfs"))
-        archive = docker_archive(root, os.path.join(self.workdir, "image.tar"), IMAGE, ["/bin/sleep", "1000000"])
-        self.ctr("images", "import", archive)
-        from cri_pods import CriClient
-        self.cri = CriClient(self.socket)
+        raise AssertionError(f"containerd did not come up: {self.tail()}")
+
+    def stop_daemon(self) -> None:
+        """containerd alone: its shims, and so the containers, keep running."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
 
     def ctr(self, *args) -> subprocess.CompletedProcess:
         return subprocess.run(["ctr", "--address", self.socket, "--namespace", "k8s.io", *args],
@@ -164,13 +175,7 @@ class Containerd:
                     except Exception:       # noqa: BLE001 - cleanup goes on; what is left is swept below
                         pass
             self.cri.close()
-        if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        self.stop_daemon()
         # Shims outlive containerd by design: any of ours still there (its
         # -address is our socket) is ended, by pid.
         for pid in _pids_with_argument(self.socket):
@@ -390,3 +395,30 @@ def test_containerd_away_rows_flow_with_the_id_alone(daemon_factory, containerd,
     assert rows and (rows[0]["container_runtime"], rows[0]["container_name"]) == ("cri", "")
     stats = d.call("status")["collectors"]["containers"]["runtimes"]["containerd"]
     assert stats["available"] is False and stats["connected"] is False
+
+
+def test_containerd_back_fills_rows_of_a_running_container(daemon_factory, containerd):
+    """vajrad started while containerd is stopped (its containers running on
+    under their shims): the container's rows flow at once with its id and
+    `cri`, nothing held; when containerd is back, vajrad connects, lists it,
+    and its next rows carry its name and pod. Last in the module: it
+    restarts the module's containerd."""
+    sandbox = containerd.pod("survivor", namespace="ops")
+    cid = containerd.run(sandbox, "loop", ["/bin/sh", "-c", "while true; do sleep 0.2; done"])
+    containerd.stop_daemon()
+    try:
+        d = daemon_factory(f"--containerd_socket={containerd.socket}", "--podman_socket=", "--docker_socket=",
+                           "--crio_socket=")
+        alone = d.wait_events(lambda e: e["syscall"] == "exec" and e["container_id"] == cid
+                              and e["cmdline"] == "sleep 0.2", timeout=20)
+        assert alone and (alone[0]["container_runtime"], alone[0]["container_name"], alone[0]["pod_uid"]) == \
+            ("cri", "", sandbox[2]["uid"])                  # the pod uid from the kubepods path
+        stats = d.call("status")["collectors"]["containers"]
+        assert stats["runtimes"]["containerd"]["connected"] is False and stats["fill_timeouts"] == 0
+    finally:
+        containerd.start_daemon()
+    wait_connected(d)
+    filled = d.wait_events(lambda e: e["syscall"] == "exec" and e["container_id"] == cid
+                           and e["cmdline"] == "sleep 0.2" and e["container_name"] == "loop", timeout=20)
+    assert filled and (filled[0]["container_runtime"], filled[0]["pod_name"], filled[0]["pod_namespace"]) == \
+        ("containerd", "survivor", "ops")
