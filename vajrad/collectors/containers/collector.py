@@ -201,7 +201,11 @@ class ContainersCollector(BpfCollector):
             # /bin/true container may be gone already: its event data stays).
             known = self.resolver.known(info.id)
             if known is None or not known.image_id:
-                full = await client.inspect(info.id)
+                try:
+                    full = await client.inspect(info.id)
+                except rt.RuntimeApiError as e:   # counted by the client; the event stands on its own
+                    log.debug("%s", e)
+                    full = None
                 if full is not None:
                     info.merge(full)
                     info.complete = True
