@@ -220,6 +220,24 @@ def test_short_lived_docker_container_exec_row(daemon, dockerd):
     assert events and events[0]["exit_code"] == 0 and events[0]["container_name"] == info["Name"].lstrip("/")
 
 
+def test_removed_at_once_container_is_named_from_the_events(daemon, dockerd):
+    """`docker run --rm`: the container is gone before anyone could inspect
+    it; its exec row still has its name and image (from the event stream),
+    and its delete event comes."""
+    name = dockerd.name("rm")
+    cid = dockerd.docker("run", "--rm", "--network", "none", "--name", name, "--cidfile",
+                         os.path.join(dockerd.workdir, f"{name}.cid"), IMAGE, "/bin/true").stdout.strip() or \
+        open(os.path.join(dockerd.workdir, f"{name}.cid")).read().strip()
+    assert dockerd.docker("inspect", name, check=False).returncode != 0          # gone
+    rows = daemon.wait_events(lambda e: e["syscall"] == "exec" and e["container_id"] == cid
+                              and e["cmdline"] == "/bin/true", timeout=20)
+    assert rows and (rows[0]["container_name"], rows[0]["container_image"], rows[0]["container_runtime"]) == \
+        (name, IMAGE, "docker")
+    deleted = daemon.wait_events(lambda e: e["container_id"] == cid and e["action"] == "delete",
+                                 table="container_events", timeout=20)
+    assert deleted and deleted[0]["container_name"] == name
+
+
 def test_host_firewall_untouched(dockerd):
     """dockerd ran (and still runs) without changing the host's iptables rules."""
     assert dockerd.process.poll() is None
