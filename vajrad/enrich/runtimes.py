@@ -307,13 +307,16 @@ class Runtime:
     def decode_inspect(self, doc: dict) -> ContainerInfo:
         raise NotImplementedError
 
-    async def get(self, path: str):
+    async def get(self, path: str, missing_ok: bool = False):
+        """GET path's JSON. Failures are counted, except a 404 the caller
+        expects (a container removed already: `--rm` ones are, at once)."""
         self.calls += 1
         try:
             return await http_json(self.socket, path, self.name)
         except RuntimeApiError as e:
-            self.errors += 1
-            self.last_error = str(e)
+            if not (missing_ok and e.status == 404):
+                self.errors += 1
+                self.last_error = str(e)
             raise
 
     async def list(self) -> list[ContainerInfo]:
@@ -321,7 +324,7 @@ class Runtime:
 
     async def inspect(self, cid: str) -> ContainerInfo | None:
         try:
-            return self.decode_inspect(await self.get(self.inspect_path(cid)))
+            return self.decode_inspect(await self.get(self.inspect_path(cid), missing_ok=True))
         except RuntimeApiError as e:
             if e.status == 404:         # gone already: its events say what it was
                 return None

@@ -195,12 +195,11 @@ class ContainersCollector(BpfCollector):
 
     async def _event(self, client: rt.Runtime, action: str | None, info: ContainerInfo, code: int,
                      when: int) -> None:
+        inspect_later = False
         if action in ("create", "start") and not info.image_id and client.connected:
-            # Events name the container and its image but not the image id,
-            # pid or privileges: inspected once, while it still exists (a
-            # /bin/true container may be gone already: its event data stays).
             known = self.resolver.known(info.id)
-            if known is None or not known.image_id:
+            if not info.complete and (known is None or not known.complete):
+                # No name or image yet: the event row needs them now.
                 try:
                     full = await client.inspect(info.id)
                 except rt.RuntimeApiError as e:   # counted by the client; the event stands on its own
@@ -209,7 +208,16 @@ class ContainersCollector(BpfCollector):
                 if full is not None:
                     info.merge(full)
                     info.complete = True
+            elif action == "start" and (known is None or not known.image_id):
+                # Events name the container and its image, not the image id,
+                # pid or privileges: one inspect at its start, off the stream,
+                # so that a busy runtime's slow answers do not delay the events
+                # behind (a /bin/true container may be gone already: its event
+                # data stays).
+                inspect_later = True
         info = await self._learn(client, info)
+        if inspect_later:
+            self._inspect_soon(info.id, client.name)
         if action is None:
             return
         actor = await self._actor(info.id)
