@@ -122,6 +122,12 @@ def test_cri_container_events_decode():
     assert (action, info.state, code) == ("delete", "removed", 0) and info.deleted == when
     created = rt.decode_cri_event(pw.parse(pw.string(1, cid)), "containerd")    # type 0 is not sent
     assert created[0] == "create"
+    # A sandbox's own event: the pod's columns, complete without a name or image.
+    sid = "a" * 64
+    action, info, _, _ = rt.decode_cri_event(pw.parse(pw.string(1, sid) + pw.uint(2, 1) + pw.message(4, sandbox)),
+                                             "containerd")
+    assert (action, info.id, info.name, info.pod_name, info.pod_uid, info.state, info.complete) == \
+        ("start", sid, "", "web-0", "u-9", "running", True)
 
 
 class FakeDockerd:

@@ -503,7 +503,11 @@ def decode_cri_event(fields: dict, runtime: str) -> tuple[str | None, ContainerI
         if pw.text(status, 1) == cid:
             info, code, _ = decode_cri_status(status, runtime)
     if 4 in fields:
-        apply_sandbox(info, decode_cri_sandbox(pw.sub(fields, 4)))
+        sandbox = decode_cri_sandbox(pw.sub(fields, 4))
+        if sandbox["id"] == cid:            # the sandbox's own event (containerd sends them too)
+            info = sandbox_info(sandbox, runtime)
+        else:
+            apply_sandbox(info, sandbox)
     if action == "delete":
         info.deleted, info.state = when, "removed"
     return action, info, code if action == "die" else 0, when
@@ -624,9 +628,9 @@ class Cri(Runtime):
         return {info.id: info for info in entries if info.id}
 
     async def list(self) -> list[ContainerInfo]:
-        """Every container, each as ContainerStatus tells it. Containers known
-        before and missing now (removed while the runtime was away) are
-        queued as delete events."""
+        """Every pod sandbox not seen before, and every container as
+        ContainerStatus tells it. Containers known before and missing now
+        (removed while the runtime was away) are queued as delete events."""
         out = await self._new_sandboxes()
         entries = await self._list_entries()
         for cid in entries:
