@@ -550,16 +550,18 @@ class Cri(Runtime):
         if channel is not None:
             await channel.close()
 
-    def _error(self, method: str, e: Exception, missing_ok: bool = False) -> RuntimeApiError:
-        """The typed error of a failed call, counted unless it is a NOT_FOUND
-        the caller expects (an id that is a sandbox, a container just removed)."""
+    def _error(self, method: str, e: Exception, expected: tuple[int, ...] = ()) -> RuntimeApiError:
+        """The typed error of a failed call, counted unless its gRPC status is
+        one the caller expects: NOT_FOUND for an id that is a sandbox or a
+        container just removed, UNIMPLEMENTED for GetContainerEvents on a
+        runtime that predates it."""
         if grpc is not None and isinstance(e, grpc.aio.AioRpcError):
             err = RuntimeApiError(self.name, f"{method}: {e.code().name}: {e.details()}", e.code().value[0])
         elif isinstance(e, asyncio.TimeoutError):
             err = RuntimeApiError(self.name, f"{method}: no answer in {CALL_TIMEOUT_S}s")
         else:
             err = RuntimeApiError(self.name, f"{method}: {e!r}")
-        if not (missing_ok and err.status == GRPC_NOT_FOUND):
+        if err.status not in expected:
             self.errors += 1
             self.last_error = str(err)
         return err
@@ -575,7 +577,7 @@ class Cri(Runtime):
             raise self._error(method, e) from e
         except Exception as e:
             if grpc is not None and isinstance(e, grpc.aio.AioRpcError):
-                raise self._error(method, e, missing_ok) from e
+                raise self._error(method, e, (GRPC_NOT_FOUND,) if missing_ok else ()) from e
             raise
 
     async def _status(self, cid: str) -> tuple[ContainerInfo, int] | None:
@@ -657,8 +659,6 @@ class Cri(Runtime):
             except RuntimeApiError as e:
                 if e.status != GRPC_UNIMPLEMENTED:
                     raise
-                self.errors -= 1        # not a failure: the runtime predates the call
-                self.last_error = ""
                 self.event_source = "polling"
                 log.info("%s: no GetContainerEvents; polling ListContainers every %.1fs", self.name, CRI_POLL_S)
         while True:
@@ -681,7 +681,7 @@ class Cri(Runtime):
             raise self._error("GetContainerEvents", e) from e
         except Exception as e:
             if grpc is not None and isinstance(e, grpc.aio.AioRpcError):
-                raise self._error("GetContainerEvents", e) from e
+                raise self._error("GetContainerEvents", e, (GRPC_UNIMPLEMENTED,)) from e
             raise
 
     async def _new_sandboxes(self) -> list[ContainerInfo]:
