@@ -45,7 +45,9 @@ def main() -> int:
                    help="fim: iterations of exec, read, write and rename in the watched dir")
     p.add_argument("--fim-opens", type=int, default=1_000_000, help="fim: opens of unwatched files")
     p.add_argument("--fim-rounds", type=int, default=3, help="fim: runs per configuration (median)")
-    p.add_argument("--container-rate", type=int, default=20, help="containers: podman runs per second")
+    p.add_argument("--container-rate", type=int, default=20, help="containers: containers started per second")
+    p.add_argument("--container-runtime", default="podman", choices=("podman", "docker", "containerd"),
+                   help="containers: the runtime that starts them (containerd: through CRI)")
     p.add_argument("--container-duration", type=float, default=30, help="containers: seconds of each window")
     p.add_argument("--kills", type=int, default=10, help="crash: SIGKILLs, one per storm")
     p.add_argument("--crash-storm-min", type=float, default=2.0, help="crash: shortest storm before a kill, s")

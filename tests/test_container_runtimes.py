@@ -1,10 +1,13 @@
-"""Runtime metadata decoding and the HTTP-over-Unix-socket client, without a
-runtime: Docker Engine and containerd/CRI-O do not run on the test machines,
-so their answers are recorded responses (tests/data/runtime_responses.json)
-and a small asyncio server on a Unix socket in the test's directory stands in
-for dockerd, serving them as dockerd does (Content-Length bodies, a chunked
-/events stream), plus the failures: HTTP 500, a socket that never answers, a
-missing socket. podman's own API is exercised for real in test_containers.py."""
+"""Runtime metadata decoding and the clients, without a runtime daemon: the
+Docker Engine answers recorded in tests/data/runtime_responses.json, served
+by a small asyncio server on a Unix socket in the test's directory as dockerd
+serves them (Content-Length bodies, a chunked /events stream), plus the
+failures a real dockerd will not show on demand: HTTP 500, a socket that
+never answers, a missing socket. CRI: protobuf bytes containerd answered
+(tests/data/cri_responses.json), and a gRPC server standing in for a runtime
+that has GetContainerEvents (containerd 1.6, Debian 12's, has not). The real
+runtimes run in test_containers.py (podman), test_docker.py (dockerd) and
+test_containerd.py (containerd's CRI)."""
 from __future__ import annotations
 
 import asyncio
@@ -13,12 +16,14 @@ import os
 
 import pytest
 
+from vajrad.enrich import protowire as pw
 from vajrad.enrich import runtimes as rt
 from vajrad.enrich.containers import CgroupMap, ContainerResolver
 
 DATA = json.load(open(os.path.join(os.path.dirname(__file__), "data", "runtime_responses.json")))
 WEB = DATA["docker_inspect"]["Id"]
 QUICK = DATA["docker_events"][0]["Actor"]["ID"]
+CRI = json.load(open(os.path.join(os.path.dirname(__file__), "data", "cri_responses.json")))
 
 
 def test_unix_time():
@@ -51,13 +56,78 @@ def test_docker_events():
     assert decoded[4][1].deleted == 1700000101
 
 
-def test_cri_status_with_its_sandbox():
-    info = rt.decode_cri_status(DATA["cri_container_status"], DATA["cri_sandbox_status"])
-    assert (info.name, info.image, info.state, info.runtime) == ("app", "registry.k8s.io/pause:3.9", "running",
-                                                                  "containerd")
-    assert (info.pod_name, info.pod_namespace, info.pod_uid) == \
-        ("api-5c9f7", "prod", "7a1b2c3d-4e5f-6789-abcd-ef0123456789")
-    assert (info.created, info.started) == (1700000200, 1700000201)
+def test_cri_decoding_of_recorded_containerd_answers():
+    """Protobuf bytes containerd 1.6's CRI plugin answered (recorded from
+    tests/test_containerd.py's private containerd)."""
+    cid, sid, uid, image = CRI["container_id"], CRI["sandbox_id"], CRI["uid"], CRI["image"]
+    version = pw.parse(bytes.fromhex(CRI["Version"]))
+    assert (pw.text(version, 2), pw.text(version, 4)) == ("containerd", "v1")
+
+    listed = [rt.decode_cri_container(c, "containerd")
+              for c in pw.repeated(pw.parse(bytes.fromhex(CRI["ListContainers"])), 1)]
+    assert len(listed) == 1
+    entry, sandbox_id = listed[0]
+    assert (entry.id, entry.name, entry.image, entry.state, sandbox_id) == (cid, "app", image, "exited", sid)
+    assert (entry.pod_name, entry.pod_namespace, entry.pod_uid) == ("api-5c9f7", "prod", uid)
+    assert entry.image_id.startswith("sha256:") and entry.created > 1_700_000_000
+
+    reply = pw.parse(bytes.fromhex(CRI["ContainerStatus"]))
+    info, code, no_sandbox = rt.decode_cri_status(pw.sub(reply, 1), "containerd")
+    assert (info.id, info.name, info.image, info.state, info.runtime, code, no_sandbox) == \
+        (cid, "app", image, "exited", "containerd", 0, "")
+    assert info.complete and info.started >= info.created > 1_700_000_000
+    assert info.labels["io.kubernetes.container.name"] == "app" and info.pod_uid == uid
+
+    sandbox = rt.decode_cri_sandbox(pw.sub(pw.parse(bytes.fromhex(CRI["PodSandboxStatus"])), 1))
+    assert (sandbox["id"], sandbox["name"], sandbox["namespace"], sandbox["uid"], sandbox["ready"]) == \
+        (sid, "api-5c9f7", "prod", uid, True)
+    items = pw.repeated(pw.parse(bytes.fromhex(CRI["ListPodSandbox"])), 1)
+    assert [rt.decode_cri_pod_sandbox(i) for i in items] == [sandbox]
+    pause = rt.sandbox_info(sandbox, "containerd")
+    assert (pause.id, pause.name, pause.image, pause.pod_name, pause.pod_uid, pause.complete) == \
+        (sid, "", "", "api-5c9f7", uid, True)
+
+
+def test_cri_verbose_info_and_labels_missing():
+    """The verbose info JSON (containerd's shape, CRI-O's "privileged") gives
+    pid, privileged and the sandbox; a container whose labels do not name its
+    pod gets it from the sandbox."""
+    status = pw.parse(pw.string(1, "c" * 64) + pw.message(2, pw.string(1, "job")) + pw.uint(3, 2)
+                      + pw.uint(7, -1 & 0xFFFFFFFFFFFFFFFF) + pw.message(8, pw.string(1, "busybox:1.36")))
+    verbose = {"sandboxID": "s" * 64, "pid": 4321,
+               "config": {"linux": {"security_context": {"privileged": True}}}}
+    info, code, sandbox_id = rt.decode_cri_status(status, "cri-o", verbose)
+    assert (info.name, info.image, info.state, info.pid, info.privileged, code, sandbox_id) == \
+        ("job", "busybox:1.36", "exited", 4321, 1, -1, "s" * 64)
+    assert rt.decode_cri_status(status, "cri-o", {"privileged": True})[0].privileged == 1
+    rt.apply_sandbox(info, {"name": "cron-1", "namespace": "ops", "uid": "u-1"})
+    assert (info.pod_name, info.pod_namespace, info.pod_uid) == ("cron-1", "ops", "u-1")
+
+
+def test_cri_container_events_decode():
+    """ContainerEventResponse (GetContainerEvents, containerd >= 1.7): the
+    container's status among the pod's, the pod from its sandbox status."""
+    cid = "e" * 64
+    status = pw.string(1, cid) + pw.message(2, pw.string(1, "web")) + pw.uint(3, 2) + pw.uint(7, 3) \
+        + pw.message(8, pw.string(1, "nginx:1.25"))
+    other = pw.string(1, "f" * 64) + pw.message(2, pw.string(1, "sidecar"))
+    sandbox = pw.string(1, "a" * 64) + pw.message(2, pw.string(1, "web-0") + pw.string(2, "u-9")
+                                                   + pw.string(3, "shop"))
+    event = pw.string(1, cid) + pw.uint(2, 2) + pw.uint(3, 1_700_000_300_000_000_000) + pw.message(4, sandbox) \
+        + pw.message(5, other) + pw.message(5, status)
+    action, info, code, when = rt.decode_cri_event(pw.parse(event), "containerd")
+    assert (action, info.name, info.image, info.pod_name, info.pod_namespace, info.pod_uid, code, when) == \
+        ("die", "web", "nginx:1.25", "web-0", "shop", "u-9", 3, 1_700_000_300)
+    action, info, code, when = rt.decode_cri_event(pw.parse(pw.string(1, cid) + pw.uint(2, 3)), "containerd")
+    assert (action, info.state, code) == ("delete", "removed", 0) and info.deleted == when
+    created = rt.decode_cri_event(pw.parse(pw.string(1, cid)), "containerd")    # type 0 is not sent
+    assert created[0] == "create"
+    # A sandbox's own event: the pod's columns, complete without a name or image.
+    sid = "a" * 64
+    action, info, _, _ = rt.decode_cri_event(pw.parse(pw.string(1, sid) + pw.uint(2, 1) + pw.message(4, sandbox)),
+                                             "containerd")
+    assert (action, info.id, info.name, info.pod_name, info.pod_uid, info.state, info.complete) == \
+        ("start", sid, "", "web-0", "u-9", "running", True)
 
 
 class FakeDockerd:
@@ -130,7 +200,7 @@ def test_docker_client_against_recorded_dockerd(tmp_path):
     assert [c.id for c in listed] == [WEB] and inspected.name == "web-1" and gone is None
     assert [e["Action"] for e in events] == ["create", "start", "connect", "die", "destroy"]
     assert broken.status == 500 and "runtime exploded" in str(broken)
-    assert client.errors == 2 and client.calls == 4          # the 404 and the 500 are counted
+    assert client.errors == 1 and client.calls == 4          # the 500; a 404 (gone already) is not a failure
 
 
 def test_slow_and_missing_sockets_are_bounded_errors(tmp_path):
@@ -164,3 +234,112 @@ def test_events_fill_the_resolver():
     assert complete and values[:4] == (QUICK, "quick", "busybox:1.36", "docker")
     # deleted, and still resolvable (for REMOVED_TTL_S)
     assert QUICK not in resolver.containers and resolver.by_id(QUICK)[0][1] == "quick"
+
+
+class FakeCri:
+    """A CRI runtime on a Unix socket (grpcio, raw bytes): GetContainerEvents
+    streams `events` when `streams`, else answers UNIMPLEMENTED as
+    containerd 1.6 does; ContainerStatus of "slow" never answers in time."""
+
+    def __init__(self, path: str, events: list[bytes], streams: bool):
+        self.path, self.events, self.streams = path, events, streams
+        self.server = None
+
+    async def start(self):
+        import grpc
+
+        async def empty_list(request, context):
+            return b""
+
+        async def status(request, context):
+            cid = pw.text(pw.parse(request), 1)
+            if cid == "slow":
+                await asyncio.sleep(30)
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"container {cid} not found")
+
+        async def events(request, context):
+            if not self.streams:
+                await context.abort(grpc.StatusCode.UNIMPLEMENTED, "method GetContainerEvents not implemented")
+            for ev in self.events:
+                yield ev
+            await asyncio.sleep(30)     # the stream stays open, as a runtime's does
+
+        handlers = {name: grpc.unary_unary_rpc_method_handler(fn) for name, fn in
+                    (("ListContainers", empty_list), ("ListPodSandbox", empty_list), ("ContainerStatus", status),
+                     ("PodSandboxStatus", status))}
+        handlers["GetContainerEvents"] = grpc.unary_stream_rpc_method_handler(events)
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("runtime.v1.RuntimeService",
+                                                                                   handlers),))
+        self.server.add_insecure_port(f"unix://{self.path}")
+        await self.server.start()
+
+    async def stop(self):
+        await self.server.stop(None)
+
+
+needs_grpc = pytest.mark.skipif(rt.grpc is None, reason=rt.GRPC_MISSING)
+
+
+@needs_grpc
+@pytest.mark.parametrize("streams", [True, False])
+def test_cri_client_event_stream_or_polling(tmp_path, streams):
+    """With GetContainerEvents the client follows it; without (UNIMPLEMENTED)
+    it polls, and the missing method is not counted as an error. Unknown ids
+    (NOT_FOUND) are None, not errors; a call that hangs is bounded."""
+    cid = "d" * 64
+    status = pw.string(1, cid) + pw.message(2, pw.string(1, "web")) + pw.uint(3, 1) \
+        + pw.message(8, pw.string(1, "nginx:1.25"))
+    events = [pw.string(1, cid) + pw.message(5, status),
+              pw.string(1, cid) + pw.uint(2, 1) + pw.message(5, status)]
+
+    async def scenario():
+        fake = FakeCri(str(tmp_path / "cri.sock"), events, streams)
+        await fake.start()
+        client = rt.Cri("containerd", fake.path)
+        try:
+            listed = await client.list()
+            got = []
+
+            async def follow():
+                async for ev in client.follow_events():
+                    got.append(ev)
+                    if len(got) == 2:
+                        return
+            if streams:
+                await asyncio.wait_for(follow(), 10)
+            else:
+                with pytest.raises(asyncio.TimeoutError):      # polling an empty runtime: nothing comes
+                    await asyncio.wait_for(follow(), rt.CRI_POLL_S * 2.5)
+            missing = await client.inspect("f" * 64)
+            loop = asyncio.get_running_loop()
+            t0 = loop.time()
+            with pytest.raises(rt.RuntimeApiError, match="DEADLINE_EXCEEDED|no answer"):
+                await client.inspect("slow")
+            took = loop.time() - t0
+        finally:
+            await client.close()
+            await fake.stop()
+        return client, listed, got, missing, took
+
+    client, listed, got, missing, took = run(scenario())
+    assert listed == [] and missing is None and took < rt.CALL_TIMEOUT_S + 1
+    assert client.errors == 1 and client.last_error.startswith("containerd: ContainerStatus:")   # the slow call
+    if streams:
+        assert client.event_source == "GetContainerEvents"
+        assert [(a, i.name, i.image, i.state) for a, i, _, _ in got] == \
+            [("create", "web", "nginx:1.25", "running"), ("start", "web", "nginx:1.25", "running")]
+    else:
+        assert client.event_source == "polling" and got == []
+
+
+def test_cri_without_grpcio_is_unavailable_with_the_reason(monkeypatch, tmp_path):
+    """python3-grpcio is installed here; its absence is simulated: CRI is off
+    and status says why."""
+    sock = tmp_path / "containerd.sock"
+    sock.touch()
+    monkeypatch.setattr(rt, "grpc", None)
+    monkeypatch.setattr(rt, "GRPC_MISSING", "python3-grpcio is not installed (test)")
+    client = rt.Cri("containerd", str(sock))
+    assert client.available() is False
+    assert client.stats()["last_error"] == "python3-grpcio is not installed (test)"

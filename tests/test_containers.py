@@ -12,7 +12,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import tarfile
 import tempfile
 import time
 import uuid
@@ -21,12 +20,12 @@ import pytest
 
 from conftest import needs_bpf, needs_root
 from harness import unique_program
+from images import BUSYBOX, busybox_rootfs, rootfs_tar
 
 pytestmark = [needs_bpf, needs_root]
 
 PODMAN = ["podman", "--runtime=runc", "--cgroup-manager=cgroupfs"]
 LIMITS = ["--ulimit", "nofile=20000:20000", "--ulimit", "nproc=1000:1000"]
-BUSYBOX = "/bin/busybox"
 TAG = uuid.uuid4().hex[:8]
 IMAGE = f"localhost/vajra-test-busybox:{TAG}"
 
@@ -60,16 +59,8 @@ class Runtime:
         self.pods: list[str] = []
 
     def build_image(self) -> None:
-        root = os.path.join(self.workdir, "rootfs")
-        for d in ("bin", "etc", "proc", "sys", "dev", "tmp", "run"):
-            os.makedirs(os.path.join(root, d))
-        shutil.copy(BUSYBOX, os.path.join(root, "bin", "busybox"))
-        for applet in ("sh", "true", "sleep", "cat", "nc", "echo", "touch"):
-            os.symlink("busybox", os.path.join(root, "bin", applet))
-        tar = os.path.join(self.workdir, "rootfs.tar")
-        with tarfile.open(tar, "w") as t:
-            t.add(root, arcname=".")
-        podman("import", tar, IMAGE)
+        root = busybox_rootfs(os.path.join(self.workdir, "rootfs"))
+        podman("import", rootfs_tar(root, os.path.join(self.workdir, "rootfs.tar")), IMAGE)
 
     def start_service(self) -> None:
         self.service = subprocess.Popen([*PODMAN, "system", "service", "--time=0", f"unix://{self.socket}"],

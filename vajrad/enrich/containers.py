@@ -64,6 +64,9 @@ class Layout:
 LAYOUTS: tuple[Layout, ...] = (
     Layout("docker-systemd", "docker", re.compile(r"docker-" + _HEX64 + r"\.scope")),
     Layout("docker-cgroupfs", "docker", re.compile(_HEX64), parent="docker"),
+    # containerd with the cgroupfs driver and no cgroup parent (a CRI client
+    # other than kubelet, nerdctl, ctr): /<namespace>/<id>; CRI's namespace is k8s.io.
+    Layout("containerd-cgroupfs", "containerd", re.compile(_HEX64), parent="k8s.io"),
     Layout("cri-containerd-systemd", "containerd", re.compile(r"cri-containerd-" + _HEX64 + r"\.scope")),
     Layout("cri-containerd-slice", "containerd", re.compile(r".*:cri-containerd:" + _HEX64)),
     Layout("nerdctl", "containerd", re.compile(r"nerdctl-" + _HEX64 + r"\.scope")),
@@ -342,6 +345,11 @@ class ContainerResolver:
         except OSError:
             return HOST, True
         return self.lookup(cgroup_id, pid)
+
+    def known(self, container_id: str) -> ContainerInfo | None:
+        """What the runtimes told of a container (live or deleted), or None."""
+        with self.lock:
+            return self.containers.get(container_id) or self.deleted.get(container_id)
 
     def by_id(self, container_id: str) -> tuple[tuple, bool] | None:
         with self.lock:

@@ -1,6 +1,7 @@
 """Containers unit: which container and Kubernetes pod each process is in
 (cgroup id -> cgroup path -> container id, bpf/cgroup.bpf.c keeping the map),
-metadata from podman's and Docker's APIs, the `containers` and
+metadata from podman's and Docker's APIs and from containerd and CRI-O
+through CRI, the `containers` and
 `container_events` tables, and the "container_resolver" service the process,
 socket and file collectors fill their container columns from. It is built
 before them (registry order)."""
@@ -16,6 +17,8 @@ def _build(ctx: UnitContext):
     resolver = ContainerResolver(fill_wait_ms=cfg.container_fill_wait_ms)
     clients = [runtimes.Podman(cfg.podman_socket)] if cfg.podman_socket else []
     clients += [runtimes.Docker(cfg.docker_socket)] if cfg.docker_socket else []
+    clients += [runtimes.Cri("containerd", cfg.containerd_socket)] if cfg.containerd_socket else []
+    clients += [runtimes.Cri("cri-o", cfg.crio_socket)] if cfg.crio_socket else []
     collector = ContainersCollector(ctx.need("kernel"), cfg.bpf_output, resolver, clients,
                                     lambda: ctx.services.find("process_cache"))
     ctx.provide("container_resolver", resolver)
@@ -24,7 +27,7 @@ def _build(ctx: UnitContext):
 
 UNIT = Unit(
     name="containers",
-    description="Container and Kubernetes pod context for every event (cgroups, podman and Docker APIs).",
+    description="Container and Kubernetes pod context for every event (cgroups; podman, Docker and CRI APIs).",
     tables=("containers", "container_events"),
     factory=_build,
     wanted=lambda cfg: cfg.enable_bpf_events and cfg.enable_containers and not cfg.disable_events,
@@ -38,6 +41,11 @@ UNIT = Unit(
                "podman's API socket (podman system service); used whenever it exists, empty: never."),
         Option("docker_socket", str, "/run/docker.sock",
                "Docker Engine's API socket; used whenever it exists, empty: never."),
+        Option("containerd_socket", str, "/run/containerd/containerd.sock",
+               "containerd's socket, spoken to through its CRI plugin (gRPC, needs python3-grpcio); used "
+               "whenever it exists, empty: never."),
+        Option("crio_socket", str, "/run/crio/crio.sock",
+               "CRI-O's CRI socket (gRPC, needs python3-grpcio); used whenever it exists, empty: never."),
         Option("container_fill_wait_ms", int, 2000,
                "How long a row of a container whose name and image the runtime has not told yet is held "
                "before it is stored with the container ID alone (counted as fill_timeouts in status).",

@@ -46,7 +46,7 @@ class ContainersCollector(BpfCollector):
         self.runtimes = {r.name: r for r in runtimes}
         self.process_cache = process_cache          # () -> the process unit's ProcessCache, or None
         self._tasks: list[asyncio.Task] = []
-        self._inspecting: set[str] = set()
+        self._inspecting: set[tuple[str, str]] = set()     # (runtime client, container id)
         self._pods: dict[str, str] = {}
         self._actors: dict[str, tuple] = {}         # container id -> (pid, start_ns, ktime) of who made its cgroup
         self._drained = threading.Condition()
@@ -115,17 +115,20 @@ class ContainersCollector(BpfCollector):
 
     def _wanted(self, cid: str, runtime: str) -> None:
         """A container met in an event before its metadata (polling thread)."""
-        if self._loop is not None and runtime in self.runtimes:
+        if self._loop is not None and any(r.serves(runtime) for r in self.runtimes.values()):
             self._loop.call_soon_threadsafe(self._inspect_soon, cid, runtime)
 
     def _inspect_soon(self, cid: str, runtime: str) -> None:
-        client = self.runtimes[runtime]
-        if cid in self._inspecting or not client.connected:
-            return              # the list and the replayed events on reconnect will tell
-        self._inspecting.add(cid)
-        task = asyncio.create_task(self._inspect(client, cid))
-        self._tasks.append(task)
-        task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
+        for client in self.runtimes.values():
+            if not client.serves(runtime) or not client.connected:
+                continue        # the list and the replayed events on reconnect will tell
+            key = (client.name, cid)
+            if key in self._inspecting:
+                continue
+            self._inspecting.add(key)
+            task = asyncio.create_task(self._inspect(client, cid))
+            self._tasks.append(task)
+            task.add_done_callback(lambda t: self._tasks.remove(t) if t in self._tasks else None)
 
     async def _inspect(self, client: rt.Runtime, cid: str) -> None:
         try:
@@ -135,7 +138,7 @@ class ContainersCollector(BpfCollector):
         except rt.RuntimeApiError as e:
             log.debug("%s", e)
         finally:
-            self._inspecting.discard(cid)
+            self._inspecting.discard((client.name, cid))
 
     async def _learn(self, client: rt.Runtime, info: ContainerInfo) -> ContainerInfo:
         if info.runtime == "podman" and info.pod_uid and not info.pod_name \
@@ -149,8 +152,9 @@ class ContainersCollector(BpfCollector):
         return self.resolver.learn(info)
 
     async def _follow(self, client: rt.Runtime) -> None:
-        """List, then follow the event stream; on any failure, count it, wait
-        and start over (events missed meanwhile are replayed with since=)."""
+        """List, then follow the runtime's events; on any failure, count it,
+        wait and start over (events missed meanwhile are replayed: since= on
+        the /events streams, a fresh list against the last one for CRI)."""
         warned = False
         while True:
             if not client.available():
@@ -160,10 +164,8 @@ class ContainersCollector(BpfCollector):
                 for info in await client.list():
                     await self._learn(client, info)
                 self._source_up(client)
-
-                async for ev in rt.http_stream(client.socket, client.stream_path(), client.name):
-                    await self._event(client, ev)
-                client.last_error = "event stream ended"
+                async for action, info, code, when in client.follow_events():
+                    await self._event(client, action, info, code, when)
             except rt.RuntimeApiError as e:
                 client.errors += 1
                 client.last_error = str(e)
@@ -172,11 +174,13 @@ class ContainersCollector(BpfCollector):
                     warned = True
             except asyncio.CancelledError:
                 client.connected = False
+                await client.close()
                 raise
             except Exception:           # a malformed answer must not end the follower
                 client.errors += 1
                 log.exception("%s: unexpected failure following the runtime", client.name)
             client.connected = False
+            await client.close()
             await asyncio.sleep(rt.RETRY_S)
 
     def _source_up(self, client: rt.Runtime) -> None:
@@ -184,23 +188,36 @@ class ContainersCollector(BpfCollector):
         if not client.ever_connected:
             client.ever_connected = True
             self.resolver.sources[client.name] = client
+            for alias in client.aliases:            # CRI: kubepods cgroups that name no runtime
+                self.resolver.sources.setdefault(alias, client)
             self.resolver.forget_answers()
             log.info("%s: metadata from %s", client.name, client.socket)
 
-    async def _event(self, client: rt.Runtime, ev: dict) -> None:
-        client.events += 1
-        client.last_event_ns = int(ev.get("timeNano") or 0) or client.last_event_ns
-        decoded = rt.decode_event(client.name, ev)
-        if decoded is None:
-            return
-        action, info, code = decoded
-        known = self.resolver.by_id(info.id)
-        if not info.complete and (known is None or not known[1]) and action in ("create", "start"):
-            full = await client.inspect(info.id) if client.connected else None
-            if full is not None:
-                info.merge(full)
-                info.complete = True
+    async def _event(self, client: rt.Runtime, action: str | None, info: ContainerInfo, code: int,
+                     when: int) -> None:
+        inspect_later = False
+        if action in ("create", "start") and not info.image_id and client.connected:
+            known = self.resolver.known(info.id)
+            if not info.complete and (known is None or not known.complete):
+                # No name or image yet: the event row needs them now.
+                try:
+                    full = await client.inspect(info.id)
+                except rt.RuntimeApiError as e:   # counted by the client; the event stands on its own
+                    log.debug("%s", e)
+                    full = None
+                if full is not None:
+                    info.merge(full)
+                    info.complete = True
+            elif action == "start" and (known is None or not known.image_id):
+                # Events name the container and its image, not the image id,
+                # pid or privileges: one inspect at its start, off the stream,
+                # so that a busy runtime's slow answers do not delay the events
+                # behind (a /bin/true container may be gone already: its event
+                # data stays).
+                inspect_later = True
         info = await self._learn(client, info)
+        if inspect_later:
+            self._inspect_soon(info.id, client.name)
         if action is None:
             return
         actor = await self._actor(info.id)
@@ -211,7 +228,7 @@ class ContainersCollector(BpfCollector):
             pod_uid=info.pod_uid, exit_code=code if action == "die" else None,
             pid=actor.get("pid"), path=proc.get("path", ""),
             cmdline=proc.get("cmdline", ""), ancestry=json.dumps(actor.get("ancestry", [])),
-            time=int(ev.get("time") or time.time()))
+            time=when)
         if self._queue is not None:
             self._enqueue((EVENTS_TABLE, [row]))
 
