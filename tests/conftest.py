@@ -17,6 +17,7 @@ needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root")
 PACKAGING_STREAM = {"test_packaging.py", "test_packaging_booted.py", "test_products_booted.py"}
 
 
+@pytest.hookimpl(tryfirst=True)        # before pytest-xdist's, which tags node ids with the group
 def pytest_collection_modifyitems(config, items):
     for item in items:
         stream = "packaging" if item.path.name in PACKAGING_STREAM else "host"

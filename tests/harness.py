@@ -551,3 +551,35 @@ class OsqueryCore:
             self.shim.kill()
             self.shim.wait()
         self.server.stop()
+
+
+def private_runtime(problem, make, prefix: str, prepare=("start",)):
+    """A test module's own container runtime (for a module-scoped fixture to
+    `yield from`): skipped with problem()'s reason when it cannot run here,
+    made in a temporary directory, prepared (prepare: its methods, in order),
+    and cleaned up with the directory afterwards."""
+    import pytest
+    why = problem()
+    if why:
+        pytest.skip(why)
+    workdir = tempfile.mkdtemp(prefix=prefix)
+    runtime = make(workdir)
+    try:
+        for step in prepare:
+            getattr(runtime, step)()
+        yield runtime
+    finally:
+        runtime.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def wait_runtime_connected(d, runtime: str, timeout: float = 30) -> dict:
+    """The containers unit's status once it is connected to `runtime`."""
+    deadline = time.monotonic() + timeout
+    stats: dict = {}
+    while time.monotonic() < deadline:
+        stats = d.call("status")["collectors"]["containers"]
+        if stats["runtimes"][runtime]["connected"]:
+            return stats
+        time.sleep(0.1)
+    raise AssertionError(f"never connected to {runtime}: {stats}")

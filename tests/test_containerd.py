@@ -20,13 +20,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 
 import pytest
 
 from conftest import needs_bpf, needs_root
+from harness import private_runtime, wait_runtime_connected
 from images import BUSYBOX, busybox_rootfs, docker_archive
 from vajrad.enrich.containers import parse_cgroup_path
 
@@ -251,27 +251,11 @@ def _remove_cgroups(parents: list[str]) -> None:
 
 @pytest.fixture(scope="module")
 def containerd():
-    why = _installed()
-    if why:
-        pytest.skip(why)
-    workdir = tempfile.mkdtemp(prefix="vajra-containerd-")
-    runtime = Containerd(workdir)
-    try:
-        runtime.start()
-        yield runtime
-    finally:
-        runtime.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from private_runtime(_installed, Containerd, "vajra-containerd-")
 
 
 def wait_connected(d, timeout=30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = d.call("status")["collectors"]["containers"]
-        if stats["runtimes"]["containerd"]["connected"]:
-            return stats
-        time.sleep(0.1)
-    raise AssertionError(f"never connected to containerd: {stats}")
+    return wait_runtime_connected(d, "containerd", timeout)
 
 
 @pytest.fixture
@@ -349,7 +333,8 @@ def test_long_running_cri_container_and_its_sandbox(daemon, containerd):
     pause = daemon.wait_events(lambda e: e["syscall"] == "exec" and e["container_id"] == sid, timeout=20)
     assert pause and (pause[0]["container_name"], pause[0]["pod_name"], pause[0]["pod_uid"],
                       pause[0]["container_runtime"]) == ("", "worker-0", pod["uid"], "containerd")
-    assert daemon.call("status")["collectors"]["containers"]["fill_timeouts"] == 0
+    # (not the unit's fill_timeouts: rows of other cgroups that look like
+    # containers, from whatever else runs on the host, may count there)
 
     containerd.cri.stop_pod_sandbox(sid)
     # Polled: a stop and a removal within one interval would show as the delete alone.

@@ -12,14 +12,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 import uuid
 
 import pytest
 
 from conftest import needs_bpf, needs_root
-from harness import unique_program
+from harness import private_runtime, unique_program, wait_runtime_connected
 from images import BUSYBOX, busybox_rootfs, rootfs_tar
 
 pytestmark = [needs_bpf, needs_root]
@@ -107,28 +106,11 @@ class Runtime:
 
 @pytest.fixture(scope="module")
 def runtime():
-    why = _installed()
-    if why:
-        pytest.skip(why)
-    workdir = tempfile.mkdtemp(prefix="vajra-containers-")
-    rt = Runtime(workdir)
-    try:
-        rt.build_image()
-        rt.start_service()
-        yield rt
-    finally:
-        rt.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from private_runtime(_installed, Runtime, "vajra-containers-", prepare=('build_image', 'start_service'))
 
 
 def wait_connected(d, timeout=30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        stats = d.call("status")["collectors"]["containers"]
-        if stats["runtimes"]["podman"]["connected"]:
-            return stats
-        time.sleep(0.1)
-    raise AssertionError(f"never connected to podman: {stats}")
+    return wait_runtime_connected(d, "podman", timeout)
 
 
 @pytest.fixture

@@ -18,13 +18,13 @@ import os
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 import uuid
 
 import pytest
 
 from conftest import needs_bpf, needs_root
+from harness import private_runtime
 from images import BUSYBOX, busybox_rootfs, docker_archive
 
 pytestmark = [needs_bpf, needs_root]
@@ -169,17 +169,7 @@ def _pids_mentioning(directory: str) -> list[int]:
 
 @pytest.fixture(scope="module")
 def dockerd():
-    why = _installed()
-    if why:
-        pytest.skip(why)
-    workdir = tempfile.mkdtemp(prefix="vajra-dockerd-")
-    runtime = Dockerd(workdir)
-    try:
-        runtime.start()
-        yield runtime
-    finally:
-        runtime.cleanup()
-        shutil.rmtree(workdir, ignore_errors=True)
+    yield from private_runtime(_installed, Dockerd, "vajra-dockerd-")
 
 
 @pytest.fixture
