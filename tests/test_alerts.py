@@ -479,6 +479,52 @@ def test_the_combined_query_looks_up_equalities_together_and_guards_regexps(tmp_
     assert together == alone and all(alone), alone
 
 
+def test_one_element_of_ancestry_is_read_without_the_whole_line(tmp_path):
+    """`json_extract(ancestry, '$[k]...')` is evaluated from the k-th side
+    row of the chain (shared_json_shortcuts), with the same result as through
+    the view's whole array: on chained lines of every length, lines cut at
+    max_depth, a whole value, an empty array and NULL."""
+    from vajrad.enrich.process_cache import ProcessCache, TICK_NS
+    cache = ProcessCache(size=100, max_depth=3, proc="/nonexistent")
+    lines = []
+    for n in range(1, 6):                   # pid n's parent is n - 1: lines of 1..3 entries, cut at 3
+        cache.executed(n, n * TICK_NS, n - 1, (n - 1) * TICK_NS if n > 1 else 0, f"/usr/bin/p{n}", f"p{n}")
+        lines.append(cache.ancestry(n, n * TICK_NS))
+    assert any(hasattr(text, "node") for text in lines)
+    whole = '[{"exe_name": "w0", "pid": 70}, {"exe_name": "w1", "pid": 71}]'
+    wheres = ["json_extract(ancestry, '$[0].exe_name') = 'p2'", "json_extract(\"ancestry\", '$[2].pid') = 1",
+              "json_extract(ancestry, '$[1]') IS NOT NULL", "json_extract(ancestry, '$[1].exe_name') = 'w1'",
+              "json_extract(ancestry, '$[3].pid') IS NULL AND path = '/x'",
+              "cmdline = 'json_extract(ancestry, ''$[0].pid'')'"]
+    write_rules(tmp_path / "r", "a.yml", "".join(
+        f"- id: r{i}\n  name: n\n  table: bpf_process_events\n  where: \"{w.replace(chr(34), chr(92) + chr(34))}\"\n"
+        for i, w in enumerate(wheres)))
+    store = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0)
+    store.open()
+    store.start()
+    rows = [TABLES[P].row(path="/x", cmdline=f"c{i}", pid=100 + i, syscall="exec", time=int(time.time()),
+                          ancestry=a) for i, a in enumerate(lines + [whole, "[]", None])]
+    store.submit(P, rows)
+    store.stop()
+    conn, guard = rule_files.connect_checked(store.path, TABLES)
+    rules, errors = rule_files.load([str(tmp_path / "r")], TABLES, conn, guard)
+    assert not errors
+    ordered = [rules[f"r{i}"] for i in range(len(wheres))]
+    assert all("WITH RECURSIVE" not in r.where_sql and r.where_sql != r.where for r in ordered[:5])
+    assert ordered[5].where_sql == ordered[5].where            # inside a string: left alone
+    through_view = [[r[0] for r in conn.execute(
+        f"SELECT eid FROM bpf_process_events__read WHERE eid > ? AND eid <= ? AND ({w}) ORDER BY eid", (0, 100))]
+        for w in wheres]
+    alone = [[r[0] for r in conn.execute(rule.sql, (0, 100))] for rule in ordered]
+    sql, columns = rule_files.combined_sql(TABLES[P], ordered)
+    together = [[] for _ in ordered]
+    for row in conn.execute(sql, (0, 100)):
+        for i in range(len(ordered)):
+            if row[len(columns) + i]:
+                together[i].append(row[0])
+    assert alone == through_view == together and all(through_view[:5]), through_view
+
+
 def test_a_reloaded_rule_with_the_same_id_is_evaluated_anew(tmp_path):
     two = TMP_RULE + "\n- id: test.cmd\n  name: cmd\n  table: bpf_process_events\n  where: cmdline = 'first'\n"
 

@@ -67,6 +67,10 @@ class Rule:
     enabled: bool
     path: str
     sql: str = ""                   # the evaluation query: (lo, hi] eid range as parameters
+    # where and exceptions as evaluated: the same expressions, with reads of
+    # one element of a shared JSON array made cheap (shared_json_shortcuts)
+    where_sql: str = ""
+    exceptions_sql: tuple[str, ...] = ()
     stats: dict = field(default_factory=lambda: {"rows_evaluated": 0, "time_ms": 0.0, "evaluations": 0,
                                                  "matches": 0, "alerts": 0, "errors": 0, "last_error": None})
 
@@ -288,15 +292,63 @@ def parse_rule(raw, path: str, index: int, tables: dict[str, Table], conn: sqlit
         check_expression(conn, guard, table, exc, path, label, f"exceptions[{i}]")
     rule = Rule(rule_id, version, name, description, table_name, where, severity, tuple(mitre),
                 tuple(group_by), suppress_for, tuple(exceptions), enabled, path)
+    rule.where_sql = shared_json_shortcuts(where, table)
+    rule.exceptions_sql = tuple(shared_json_shortcuts(e, table) for e in exceptions)
     rule.sql = evaluation_sql(rule)
     return rule
+
+
+# `json_extract(ancestry, '$[2].exe_name')`: one element of a shared JSON
+# array. Through the view, the column is the whole array, put together from
+# its side rows for every row the expression is evaluated on (a recursive
+# query over the whole line); the element alone is a few lookups by key.
+_SHARED_ELEMENT = re.compile(
+    r"""json_extract\s*\(\s*(?:"(?P<q>[A-Za-z_][A-Za-z0-9_]*)"|(?P<n>[A-Za-z_][A-Za-z0-9_]*))\s*,\s*"""
+    r"""'\$\[(?P<k>\d+)\](?P<rest>(?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)'\s*\)""", re.I)
+SHORTCUT_MAX_INDEX = 16
+
+
+def _element_sql(table: Table, column: str, k: int) -> str:
+    """Element k of the shared column's array, for the row of the view the
+    expression is evaluated on: from the chain of side rows (node k's entry),
+    else from a whole value (a side row of depth 0, or the text kept in the
+    row itself from before the column was shared)."""
+    t, side, view = quote(table.name), quote(side_table(table.name, column)), quote(read_view(table.name))
+    ref = quote(column + "_ref")
+    joins = "".join(f" JOIN {side} s{i} ON s{i}.id = s{i - 1}.parent" for i in range(1, k + 1))
+    chained = (f"(SELECT s{k}.value FROM {t} r JOIN {side} s0 ON s0.id = r.{ref}{joins} "
+               f"WHERE r.eid = {view}.eid AND s0.depth > {k})")
+    whole = (f"(SELECT json_extract(COALESCE(s0.value, r.{quote(column)}), '$[{k}]') FROM {t} r "
+             f"LEFT JOIN {side} s0 ON s0.id = r.{ref} WHERE r.eid = {view}.eid AND COALESCE(s0.depth, 0) = 0)")
+    return f"COALESCE({chained}, {whole})"
+
+
+def shared_json_shortcuts(sql: str, table: Table) -> str:
+    """The expression with each `json_extract(<shared column>, '$[k]...')`
+    (outside strings and comments, k up to SHORTCUT_MAX_INDEX) reading
+    element k alone: the same value, without assembling the whole array."""
+    try:
+        code = {i for i, _ in _code(sql)}
+    except _Unterminated:
+        return sql
+    out, at = [], 0
+    for m in _SHARED_ELEMENT.finditer(sql):
+        name = m.group("q") or m.group("n")
+        k = int(m.group("k"))
+        if m.start() not in code or name not in table.column_names or not table.column(name).shared \
+                or k > SHORTCUT_MAX_INDEX:
+            continue
+        out += [sql[at:m.start()], f"json_extract({_element_sql(table, name, k)}, '${m.group('rest')}')"]
+        at = m.end()
+    return "".join(out) + sql[at:] if out else sql
 
 
 def evaluation_sql(rule: Rule) -> str:
     """Matching rows in an eid range: eid, time, then the group_by values.
     An exception that is NULL for a row does not except it."""
     columns = ", ".join(["eid", "time", *(quote(c) for c in rule.group_by)])
-    clauses = [f"(\n{rule.where}\n)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in rule.exceptions]
+    where, exceptions = rule.where_sql or rule.where, rule.exceptions_sql or rule.exceptions
+    clauses = [f"(\n{where}\n)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in exceptions]
     return (f"SELECT {columns} FROM {quote(read_view(rule.table))} WHERE eid > ? AND eid <= ? AND "
             + " AND ".join(clauses) + " ORDER BY eid")
 
@@ -468,13 +520,15 @@ def combined_sql(table: Table, rules: list[Rule]) -> tuple[str, list[str]]:
     exact test, exceptions included; the WHERE only picks the rows cheaply)."""
     columns = ["eid", "time"] + sorted({c for r in rules for c in r.group_by} - {"eid", "time"})
     flags = []
-    for rule in rules:
-        clauses = [f"IFNULL((\n{rule.where}\n), 0)"] + [f"NOT IFNULL((\n{exc}\n), 0)" for exc in rule.exceptions]
+    wheres = [rule.where_sql or rule.where for rule in rules]
+    for rule, where in zip(rules, wheres):
+        clauses = [f"IFNULL((\n{where}\n), 0)"] + [f"NOT IFNULL((\n{exc}\n), 0)"
+                                                     for exc in rule.exceptions_sql or rule.exceptions]
         flags.append("(" + " AND ".join(clauses) + ")")
     known = {c.name: c for c in table.columns}
-    conjunctions = [conjuncts(rule.where) for rule in rules]
+    conjunctions = [conjuncts(where) for where in wheres]
     plain = [c for c in conjunctions if c is not None]
-    terms = [f"(\n{rule.where}\n)" for rule, c in zip(rules, conjunctions) if c is None]
+    terms = [f"(\n{where}\n)" for where, c in zip(wheres, conjunctions) if c is None]
     if plain:
         terms.append(f"({_any_of(plain, known)})")
     sql = (f"SELECT {', '.join(quote(c) for c in columns)}, {', '.join(flags)} FROM {quote(read_view(table.name))} "
