@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -229,5 +230,6 @@ def run(args) -> dict:
         }
     finally:
         d.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 

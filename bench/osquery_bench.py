@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import tempfile
 import time
 
@@ -107,3 +108,4 @@ def run(events: int, span_s: int, queries: int, window_s: int = 60) -> dict:
     finally:
         core.stop()
         d.stop()
+        shutil.rmtree(work, ignore_errors=True)

@@ -107,6 +107,13 @@ def rows_by_syscall(db: str, pid: int) -> dict:
 
 def run(args) -> dict:
     work = tempfile.mkdtemp(prefix="vajra-bench-")
+    try:
+        return _run(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _run(args, work: str) -> dict:
     os.chmod(work, 0o755)
     workloads = close_workloads(work)
     count, rounds = args.closes, 5
