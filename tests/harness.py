@@ -583,3 +583,43 @@ def wait_runtime_connected(d, runtime: str, timeout: float = 30) -> dict:
             return stats
         time.sleep(0.1)
     raise AssertionError(f"never connected to {runtime}: {stats}")
+
+
+def wait_unix_socket(path: str, alive=lambda: True, timeout: float = 30, what: str = "the service") -> None:
+    """Returns once `path` accepts a connection; fails when alive() turns
+    false (the server exited) or at the timeout."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise AssertionError(f"{what} exited before its socket {path} answered")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(path)
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{what} did not come up on {path}")
+
+
+def remove_empty_dirs(top: str) -> None:
+    """The empty directories under top, deepest first, and top itself if it
+    ends up empty: what runtimes' shims leave; anything with content stays."""
+    for d, _, _ in sorted(os.walk(top), key=lambda e: len(e[0]), reverse=True):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+def pids_whose_cmdline(predicate) -> list[int]:
+    """pids whose /proc/PID/cmdline (the raw bytes) satisfies predicate."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    if predicate(f.read()):
+                        found.append(int(entry))
+            except OSError:
+                pass
+    return found

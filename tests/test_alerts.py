@@ -400,25 +400,27 @@ def test_leading_terms_are_split_only_from_plain_conjunctions(where, split):
     assert rule_files.leading_term(where) == split
 
 
-def test_shared_leading_terms_match_as_each_rule_alone(tmp_path):
-    wheres = ["syscall = 'exec' AND path LIKE '/tmp/%'", "syscall = 'exec' AND cmdline LIKE '%evil%'",
-              "syscall = 'exec' AND uid = 0 OR pid = 7", "pid BETWEEN 2 AND 3 AND syscall = 'exit'",
-              "syscall = 'exit' AND path REGEXP 'b$'"]
+def rules_over_rows(tmp_path, wheres, rows, group_by=""):
+    """Rules r0, r1, ... (one per where, in order) loaded over a store holding
+    rows: the checked connection and the rules."""
+    def quoted(w):
+        return w.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))
     write_rules(tmp_path / "r", "a.yml", "".join(
-        f"- id: r{i}\n  name: n\n  table: bpf_process_events\n  where: \"{w}\"\n  group_by: [pid]\n"
-        for i, w in enumerate(wheres)))
+        f"- id: r{i}\n  name: n\n  table: bpf_process_events\n  where: \"{quoted(w)}\"\n"
+        + (f"  group_by: [{group_by}]\n" if group_by else "") for i, w in enumerate(wheres)))
     store = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0)
     store.open()
     store.start()
-    store.submit(P, [proc(p, c, pid=n, uid=u, syscall=s) for n, (p, c, u, s) in enumerate([
-        ("/tmp/a", "a", 1, "exec"), ("/usr/b", "evil b", 1, "exec"), ("/usr/c", "c", 0, "exec"),
-        ("/tmp/d", "evil", 0, "exit"), ("/usr/b", "b", 1, "exit"), ("/usr/e", "e", 1, "fork"),
-        ("/usr/f", "f", 1, "exit"), ("/tmp/g", "g", 7, "fork")])])
+    store.submit(P, rows)
     store.stop()
     conn, guard = rule_files.connect_checked(store.path, TABLES)
     rules, errors = rule_files.load([str(tmp_path / "r")], TABLES, conn, guard)
     assert not errors
-    ordered = [rules[f"r{i}"] for i in range(len(wheres))]
+    return conn, [rules[f"r{i}"] for i in range(len(wheres))]
+
+
+def alone_and_together(conn, ordered):
+    """The eids each rule matches evaluated alone, and as the combined query flags them."""
     alone = [[r[0] for r in conn.execute(rule.sql, (0, 100))] for rule in ordered]
     sql, columns = rule_files.combined_sql(TABLES[P], ordered)
     together = [[] for _ in ordered]
@@ -426,6 +428,19 @@ def test_shared_leading_terms_match_as_each_rule_alone(tmp_path):
         for i in range(len(ordered)):
             if row[len(columns) + i]:
                 together[i].append(row[0])
+    return alone, together
+
+
+def test_shared_leading_terms_match_as_each_rule_alone(tmp_path):
+    wheres = ["syscall = 'exec' AND path LIKE '/tmp/%'", "syscall = 'exec' AND cmdline LIKE '%evil%'",
+              "syscall = 'exec' AND uid = 0 OR pid = 7", "pid BETWEEN 2 AND 3 AND syscall = 'exit'",
+              "syscall = 'exit' AND path REGEXP 'b$'"]
+    rows = [proc(p, c, pid=n, uid=u, syscall=s) for n, (p, c, u, s) in enumerate([
+        ("/tmp/a", "a", 1, "exec"), ("/usr/b", "evil b", 1, "exec"), ("/usr/c", "c", 0, "exec"),
+        ("/tmp/d", "evil", 0, "exit"), ("/usr/b", "b", 1, "exit"), ("/usr/e", "e", 1, "fork"),
+        ("/usr/f", "f", 1, "exit"), ("/tmp/g", "g", 7, "fork")])]
+    conn, ordered = rules_over_rows(tmp_path, wheres, rows, group_by="pid")
+    alone, together = alone_and_together(conn, ordered)
     assert together == alone and all(alone), alone
 
 
@@ -450,32 +465,17 @@ def test_the_combined_query_looks_up_equalities_together_and_guards_regexps(tmp_
               "syscall = 'exec' AND \"path\" == '/usr/bin/c' AND uid = 0", "uid = '7' AND cmdline LIKE '%z%'",
               "uid IN (1, 2) AND path REGEXP 'bin/[ab]$'", "path REGEXP '^/tmp/.+\\.sh$'",
               "syscall = 'exit' AND path REGEXP '(?i)/TMP/'", "cmdline REGEXP 'it''s'"]
-    write_rules(tmp_path / "r", "a.yml", "".join(
-        f"- id: r{i}\n  name: n\n  table: bpf_process_events\n  where: \"{w.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}\"\n"
-        for i, w in enumerate(wheres)))
-    store = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0)
-    store.open()
-    store.start()
-    store.submit(P, [proc(p, c, pid=n, uid=u, syscall=s) for n, (p, c, u, s) in enumerate([
+    rows = [proc(p, c, pid=n, uid=u, syscall=s) for n, (p, c, u, s) in enumerate([
         ("/usr/bin/a", "a", 1, "exec"), ("/usr/bin/b", "b", 1, "exec"), ("/usr/bin/c", "c", 0, "exec"),
         ("/usr/bin/c", "c", 1, "exec"), ("/x", "z z", 7, "exec"), ("/usr/bin/a", "a", 2, "fork"),
         ("/tmp/a.sh", "it's", None, "exit"), ("/tmp/a.shx", "its", 0, "exec"), ("/usr/bin/b", None, None, "exec"),
-        ("/usr/bin/ab", "a", 1, "exec"), (None, None, 7, None)])])
-    store.stop()
-    conn, guard = rule_files.connect_checked(store.path, TABLES)
-    rules, errors = rule_files.load([str(tmp_path / "r")], TABLES, conn, guard)
-    assert not errors
-    ordered = [rules[f"r{i}"] for i in range(len(wheres))]
-    alone = [[r[0] for r in conn.execute(rule.sql, (0, 100))] for rule in ordered]
-    sql, columns = rule_files.combined_sql(TABLES[P], ordered)
+        ("/usr/bin/ab", "a", 1, "exec"), (None, None, 7, None)])]
+    conn, ordered = rules_over_rows(tmp_path, wheres, rows)
+    sql, _ = rule_files.combined_sql(TABLES[P], ordered)
     assert "\"path\" IN ('/usr/bin/a', '/usr/bin/b', '/usr/bin/c', '/x')" in sql
     assert "instr(\"path\", '/tmp/') > 0" in sql and "instr(\"cmdline\", 'it''s') > 0" in sql
     assert "instr(\"path\", '/TMP/')" not in sql
-    together = [[] for _ in ordered]
-    for row in conn.execute(sql, (0, 100)):
-        for i in range(len(ordered)):
-            if row[len(columns) + i]:
-                together[i].append(row[0])
+    alone, together = alone_and_together(conn, ordered)
     assert together == alone and all(alone), alone
 
 
@@ -496,32 +496,15 @@ def test_one_element_of_ancestry_is_read_without_the_whole_line(tmp_path):
               "json_extract(ancestry, '$[1]') IS NOT NULL", "json_extract(ancestry, '$[1].exe_name') = 'w1'",
               "json_extract(ancestry, '$[3].pid') IS NULL AND path = '/x'",
               "cmdline = 'json_extract(ancestry, ''$[0].pid'')'"]
-    write_rules(tmp_path / "r", "a.yml", "".join(
-        f"- id: r{i}\n  name: n\n  table: bpf_process_events\n  where: \"{w.replace(chr(34), chr(92) + chr(34))}\"\n"
-        for i, w in enumerate(wheres)))
-    store = EventStore(str(tmp_path / "e.db"), TABLES, expiry=0, max_rows=0)
-    store.open()
-    store.start()
     rows = [TABLES[P].row(path="/x", cmdline=f"c{i}", pid=100 + i, syscall="exec", time=int(time.time()),
                           ancestry=a) for i, a in enumerate(lines + [whole, "[]", None])]
-    store.submit(P, rows)
-    store.stop()
-    conn, guard = rule_files.connect_checked(store.path, TABLES)
-    rules, errors = rule_files.load([str(tmp_path / "r")], TABLES, conn, guard)
-    assert not errors
-    ordered = [rules[f"r{i}"] for i in range(len(wheres))]
+    conn, ordered = rules_over_rows(tmp_path, wheres, rows)
     assert all("WITH RECURSIVE" not in r.where_sql and r.where_sql != r.where for r in ordered[:5])
     assert ordered[5].where_sql == ordered[5].where            # inside a string: left alone
     through_view = [[r[0] for r in conn.execute(
         f"SELECT eid FROM bpf_process_events__read WHERE eid > ? AND eid <= ? AND ({w}) ORDER BY eid", (0, 100))]
         for w in wheres]
-    alone = [[r[0] for r in conn.execute(rule.sql, (0, 100))] for rule in ordered]
-    sql, columns = rule_files.combined_sql(TABLES[P], ordered)
-    together = [[] for _ in ordered]
-    for row in conn.execute(sql, (0, 100)):
-        for i in range(len(ordered)):
-            if row[len(columns) + i]:
-                together[i].append(row[0])
+    alone, together = alone_and_together(conn, ordered)
     assert alone == through_view == together and all(through_view[:5]), through_view
 
 

@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -26,7 +25,8 @@ import uuid
 import pytest
 
 from conftest import needs_bpf, needs_root
-from harness import private_runtime, wait_runtime_connected
+from harness import (pids_whose_cmdline, private_runtime, remove_empty_dirs, wait_runtime_connected,
+                     wait_unix_socket)
 from images import BUSYBOX, busybox_rootfs, docker_archive
 from vajrad.enrich.containers import parse_cgroup_path
 
@@ -114,17 +114,10 @@ class Containerd:
         with open(self.log, "ab") as log:
             self.process = subprocess.Popen(["containerd", "--config", os.path.join(self.workdir, "config.toml")],
                                             stdout=log, stderr=log, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"containerd exited {self.process.returncode}: {self.tail()}")
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(self.socket)
-                    return
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError(f"containerd did not come up: {self.tail()}")
+        try:
+            wait_unix_socket(self.socket, lambda: self.process.poll() is None, what="containerd")
+        except AssertionError as e:
+            raise AssertionError(f"{e}: {self.tail()}") from None
 
     def stop_daemon(self) -> None:
         """containerd alone: its shims, and so the containers, keep running."""
@@ -178,7 +171,7 @@ class Containerd:
         self.stop_daemon()
         # Shims outlive containerd by design: any of ours still there (its
         # -address is our socket) is ended, by pid.
-        for pid in _pids_with_argument(self.socket):
+        for pid in pids_whose_cmdline(lambda cmdline: self.socket.encode() in cmdline.split(b"\0")):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -192,25 +185,7 @@ class Containerd:
                 except OSError:
                     pass
         if self.made_run_dir:            # only the empty directories the shims left
-            for d in sorted((os.path.join(r, n) for r, dirs, _ in os.walk(RUN_DIR) for n in dirs),
-                            key=len, reverse=True) + [RUN_DIR]:
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
-
-
-def _pids_with_argument(argument: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if argument.encode() in f.read().split(b"\0"):
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
+            remove_empty_dirs(RUN_DIR)
 
 
 def _unmount_under(directory: str) -> None:

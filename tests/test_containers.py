@@ -18,7 +18,7 @@ import uuid
 import pytest
 
 from conftest import needs_bpf, needs_root
-from harness import private_runtime, unique_program, wait_runtime_connected
+from harness import private_runtime, unique_program, wait_runtime_connected, wait_unix_socket
 from images import BUSYBOX, busybox_rootfs, rootfs_tar
 
 pytestmark = [needs_bpf, needs_root]
@@ -65,15 +65,7 @@ class Runtime:
         self.service = subprocess.Popen([*PODMAN, "system", "service", "--time=0", f"unix://{self.socket}"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                         start_new_session=True)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.connect(self.socket)
-                    return
-            except OSError:
-                time.sleep(0.1)
-        raise AssertionError("podman system service did not come up")
+        wait_unix_socket(self.socket, what="podman system service")
 
     def stop_service(self) -> None:
         if self.service is not None:

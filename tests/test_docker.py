@@ -24,7 +24,7 @@ import uuid
 import pytest
 
 from conftest import needs_bpf, needs_root
-from harness import private_runtime
+from harness import pids_whose_cmdline, private_runtime, remove_empty_dirs
 from images import BUSYBOX, busybox_rootfs, docker_archive
 
 pytestmark = [needs_bpf, needs_root]
@@ -121,7 +121,7 @@ class Dockerd:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait()
-        for pid in _pids_mentioning(self.workdir):          # a containerd or shim left behind
+        for pid in pids_whose_cmdline(lambda cmdline: self.workdir.encode() in cmdline):  # a containerd or shim left
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -134,37 +134,14 @@ class Dockerd:
             with open("/proc/self/mountinfo") as f:
                 roots = [line.split()[4] for line in f if line.split(" - ")[1].split()[0] in ("cgroup", "cgroup2")]
             for root in roots:
-                top = os.path.join(root, "docker")
-                for d, _, _ in sorted(os.walk(top), key=lambda e: len(e[0]), reverse=True):
-                    try:
-                        os.rmdir(d)
-                    except OSError:
-                        pass
+                remove_empty_dirs(os.path.join(root, "docker"))
         if self.made_run_dir:            # only the empty directories the shims left
-            for d in sorted((os.path.join(r, n) for r, dirs, _ in os.walk(SHIM_RUN_DIR) for n in dirs),
-                            key=len, reverse=True) + [SHIM_RUN_DIR]:
-                try:
-                    os.rmdir(d)
-                except OSError:
-                    pass
+            remove_empty_dirs(SHIM_RUN_DIR)
         if not self.had_trust_key:
             try:
                 os.unlink(TRUST_KEY)
             except FileNotFoundError:
                 pass
-
-
-def _pids_mentioning(directory: str) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if directory.encode() in f.read():
-                        found.append(int(entry))
-            except OSError:
-                pass
-    return found
 
 
 @pytest.fixture(scope="module")
