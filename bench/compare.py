@@ -49,50 +49,21 @@ import tempfile
 import time
 from pathlib import Path
 
+import audit_state
 import exec_bench
 import fim_bench
 import socket_bench
+from audit_state import audit_rules, audit_status, auditctl, lift_never_task
 from exec_bench import Daemon, cpu_seconds, wait_drained
 
 AUDIT_KEY = "vajra-bench-compare"
 MONITORS = ("vajrad", "auditd_execve", "auditd_coverage", "none")
 WORKLOADS = ("exec", "socket", "fim")
-NEVER_TASK = "-a never,task"
 AUDIT_BACKLOG = 8192
 
 
-def auditctl(*args: str, check: bool = True) -> str:
-    r = subprocess.run(["auditctl", *args], capture_output=True, text=True)
-    if check and r.returncode != 0:
-        raise RuntimeError(f"auditctl {' '.join(args)}: {r.stderr.strip() or r.stdout.strip()}")
-    return r.stdout
-
-
-def audit_status() -> dict[str, str]:
-    out = {}
-    for line in auditctl("-s").splitlines():
-        key, _, value = line.partition(" ")
-        out[key] = value.strip()
-    return out
-
-
-def audit_rules() -> list[str]:
-    return [r for r in auditctl("-l").splitlines() if r.strip() and r.strip() != "No rules"]
-
-
 def restore_audit(before: dict[str, str]) -> None:
-    """Our rules gone, auditing off, never,task loaded, the backlog limit and
-    (when it was 0) the lost counter as they were. Safe to call twice."""
-    auditctl("-D", "-k", AUDIT_KEY, check=False)
-    auditctl("-e", "0", check=False)
-    if "backlog_limit" in before:
-        auditctl("-b", before["backlog_limit"], check=False)
-    if before.get("lost") == "0":
-        auditctl("--reset-lost", check=False)
-    if before.get("backlog_wait_time_actual") == "0":
-        auditctl("--reset_backlog_wait_time_actual", check=False)
-    if NEVER_TASK not in audit_rules():
-        auditctl(*NEVER_TASK.split())
+    audit_state.restore_audit(before, AUDIT_KEY)
 
 
 def children_cpu() -> float:
@@ -119,8 +90,7 @@ class AuditDaemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "AuditDaemon":
-        if NEVER_TASK in audit_rules():
-            auditctl("-d", "never,task")
+        lift_never_task()
         self.proc = subprocess.Popen(["auditd", "-n", "-c", self.conf_dir],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 15

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from audit_state import audit_status, auditctl, lift_never_task, restore_audit
 from exec_bench import Daemon, cpu_seconds, memory_kib, wait_drained
 
 SHELL_PART = r"""
@@ -123,14 +124,18 @@ def kauditd_pid() -> int | None:
 
 
 class Auditd:
-    """auditd in the foreground with the equivalent rules; removed afterwards."""
+    """auditd in the foreground with the equivalent rules; removed afterwards,
+    and the kernel's audit state put back (bench/audit.py)."""
 
     def __init__(self, watched: str):
         self.watched = watched
+        self.before: dict[str, str] = {}
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Auditd":
-        subprocess.run(["auditctl", "-D"], check=True, capture_output=True)
+        self.before = audit_status()
+        auditctl("-D", "-k", AUDIT_KEY, check=False)
+        lift_never_task()
         self.proc = subprocess.Popen(["auditd", "-n"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while f"pid {self.proc.pid}" not in subprocess.run(["auditctl", "-s"], capture_output=True,
@@ -148,10 +153,11 @@ class Auditd:
         return cpu_seconds(self.proc.pid) + (cpu_seconds(k) if k else 0.0)
 
     def stop(self) -> None:
-        subprocess.run(["auditctl", "-D"], capture_output=True)
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(30)
+        # the host as it was: our rules gone, auditing off, never,task loaded
+        restore_audit(self.before, AUDIT_KEY)
 
 
 def ensure_auditd() -> str | None:
