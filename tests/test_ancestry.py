@@ -27,6 +27,14 @@ def test_a_parent_seeded_from_proc_takes_the_exact_start_its_child_knows():
     cache.executed(50, 9 * TICK_NS, 1, exact_init, "/usr/bin/agent", "agent")
     [agent, top] = json.loads(cache.ancestry(50, 9 * TICK_NS))
     assert top["pid"] == 1 and agent["pproc_time_hr"] == top["proc_time_hr"] == cache.clock.unix_ns(exact_init)
+    # a sibling seeded from /proc (it knows init's start to the tick) neither
+    # turns init's start back nor keeps its coarse copy
+    sibling = Process(60, 1, 12 * TICK_NS, 5 * TICK_NS, "/usr/sbin/cron", "cron", coarse=True)
+    cache._insert(key(60, sibling.start_ns), sibling)
+    [cron, top] = json.loads(cache.ancestry(60, 12 * TICK_NS))
+    assert cron["pproc_time_hr"] == top["proc_time_hr"] == cache.clock.unix_ns(exact_init)
+    [agent, top] = json.loads(cache.ancestry(50, 9 * TICK_NS))
+    assert agent["pproc_time_hr"] == top["proc_time_hr"] == cache.clock.unix_ns(exact_init)
 
 
 def test_reused_pid_is_another_process():

@@ -410,12 +410,18 @@ class ProcessCache:
                 proc = None
                 break
             parent = self._parent(proc)
-            if parent is not None and parent.coarse and proc.parent_start_ns:
-                # A parent seeded from /proc (start known to the tick) takes
-                # the exact start its child's kernel events gave, so that the
-                # child's pproc_time_hr is the parent's proc_time_hr in the
-                # same line; a changed parent drops its node and is rebuilt.
-                parent.adopt_times(proc.parent_start_ns)
+            if parent is not None and proc.parent_start_ns and parent.start_ns != proc.parent_start_ns:
+                # One side read the start from /proc, to the clock tick (a
+                # whole number of ticks); the other has the kernel's: both
+                # take the kernel's, so that the child's pproc_time_hr is its
+                # parent's proc_time_hr in the line (a changed parent drops
+                # its node and is rebuilt). Exact values never change back.
+                if proc.parent_start_ns % TICK_NS:
+                    parent.adopt_times(proc.parent_start_ns)
+                elif parent.start_ns % TICK_NS and \
+                        key(proc.ppid, proc.parent_start_ns) == key(parent.pid, parent.start_ns):
+                    proc.parent_start_ns = parent.start_ns
+                    proc.changed()
             proc = parent
         self.counters["cache_hits"] += len(chain)
         rest = proc._node if proc is not None else None
