@@ -4,6 +4,7 @@ JSON and leaves it in bench/results/. `all` leaves out `compare`, which runs aud
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -12,23 +13,27 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parent)]
 
 import exec_bench  # noqa: E402  (puts the repo and tests/ on sys.path)
-import ancestry_bench  # noqa: E402
-import osquery_bench  # noqa: E402
-import socket_bench  # noqa: E402
-import fim_bench  # noqa: E402
-import containers_bench  # noqa: E402
-import crash_bench  # noqa: E402
-import logs_bench  # noqa: E402
-import products_bench  # noqa: E402
-import compare  # noqa: E402
-import alerts_bench  # noqa: E402
+
+# Each bench once: name -> (its module, how its run() is called, part of
+# `all`), in the order `all` runs them. A new bench is one line here.
+BENCHES = {
+    "exec": ("exec_bench", lambda m, a: m.run(a), True),
+    "ancestry": ("ancestry_bench", lambda m, a: m.run(), True),
+    "socket": ("socket_bench", lambda m, a: m.run(a), True),
+    "fim": ("fim_bench", lambda m, a: m.run(a), True),
+    "containers": ("containers_bench", lambda m, a: m.run(a), True),
+    "crash": ("crash_bench", lambda m, a: m.run(a), True),
+    "logs": ("logs_bench", lambda m, a: m.run(a), True),
+    "products": ("products_bench", lambda m, a: m.run(a), True),
+    "compare": ("compare", lambda m, a: m.run(a), False),          # runs auditd
+    "alerts": ("alerts_bench", lambda m, a: m.run(a), True),
+    "osquery": ("osquery_bench", lambda m, a: m.run(a.events, int(a.span_hours * 3600), a.queries), True),
+}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(prog="make bench")
-    p.add_argument("which", nargs="?", default="all",
-                   choices=("exec", "ancestry", "osquery", "socket", "fim", "crash", "logs", "products", "containers",
-                            "alerts", "compare", "all"))
+    p.add_argument("which", nargs="?", default="all", choices=(*BENCHES, "all"))
     p.add_argument("--rate", type=int, default=1000, help="exec: execs per second")
     p.add_argument("--duration", type=float, default=30, help="exec: seconds of load")
     p.add_argument("--latency-seconds", type=float, default=10)
@@ -72,28 +77,9 @@ def main() -> int:
         print("bench: needs root", file=sys.stderr)
         return 2
     results = {}
-    if args.which in ("exec", "all"):
-        results["exec"] = exec_bench.run(args)
-    if args.which in ("ancestry", "all"):
-        results["ancestry"] = ancestry_bench.run()
-    if args.which in ("socket", "all"):
-        results["socket"] = socket_bench.run(args)
-    if args.which in ("fim", "all"):
-        results["fim"] = fim_bench.run(args)
-    if args.which in ("containers", "all"):
-        results["containers"] = containers_bench.run(args)
-    if args.which in ("crash", "all"):
-        results["crash"] = crash_bench.run(args)
-    if args.which in ("logs", "all"):
-        results["logs"] = logs_bench.run(args)
-    if args.which in ("products", "all"):
-        results["products"] = products_bench.run(args)
-    if args.which == "compare":
-        results["compare"] = compare.run(args)
-    if args.which in ("alerts", "all"):
-        results["alerts"] = alerts_bench.run(args)
-    if args.which in ("osquery", "all"):
-        results["osquery"] = osquery_bench.run(args.events, int(args.span_hours * 3600), args.queries)
+    for name, (module, run, in_all) in BENCHES.items():
+        if args.which == name or (args.which == "all" and in_all):
+            results[name] = run(importlib.import_module(module), args)
     out_dir = exec_bench.REPO / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, result in results.items():
